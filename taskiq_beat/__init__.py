@@ -1,0 +1,61 @@
+"""taskiq-beat: a database-backed scheduler for Taskiq."""
+
+from taskiq_beat.app import SchedulerApp
+from taskiq_beat.builders import ChainJobBuilder, SingleJobBuilder
+from taskiq_beat.chain import CHAIN_TASK_NAME, ChainStep, register_chain_orchestrator
+from taskiq_beat.clock import Clock, SystemClock
+from taskiq_beat.config import SchedulerConfig
+from taskiq_beat.dispatch import JOB_ID_LABEL, SCHEDULED_FOR_LABEL, fire_task_id
+from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
+from taskiq_beat.exceptions import (
+    ChainAbortedError,
+    CorruptJobError,
+    InvalidJobError,
+    InvalidTriggerError,
+    JobNotFoundError,
+    TaskiqBeatError,
+    UnknownTaskError,
+)
+from taskiq_beat.models import SchedulerBase, SchedulerJob, SchedulerRun
+from taskiq_beat.triggers import (
+    CrontabTrigger,
+    ImmediateDispatch,
+    IntervalTrigger,
+    OneOffSchedule,
+    PeriodicSchedule,
+    Trigger,
+)
+
+__all__ = [
+    "CHAIN_TASK_NAME",
+    "JOB_ID_LABEL",
+    "SCHEDULED_FOR_LABEL",
+    "ChainAbortedError",
+    "ChainJobBuilder",
+    "ChainStep",
+    "Clock",
+    "CorruptJobError",
+    "CrontabTrigger",
+    "ImmediateDispatch",
+    "IntervalTrigger",
+    "InvalidJobError",
+    "InvalidTriggerError",
+    "JobKind",
+    "JobNotFoundError",
+    "JobStrategy",
+    "OneOffSchedule",
+    "PeriodicSchedule",
+    "RunStatus",
+    "SchedulerApp",
+    "SchedulerBase",
+    "SchedulerConfig",
+    "SchedulerJob",
+    "SchedulerRun",
+    "SingleJobBuilder",
+    "SystemClock",
+    "TaskiqBeatError",
+    "Trigger",
+    "UnknownTaskError",
+    "fire_task_id",
+    "register_chain_orchestrator",
+]

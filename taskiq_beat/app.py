@@ -1,0 +1,505 @@
+"""``SchedulerApp``: the facade that wires store, dispatcher and engine, and manages jobs."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError
+
+from taskiq_beat.builders import (
+    ChainJobBuilder,
+    JobSpec,
+    SingleJobBuilder,
+    chain_spec,
+    single_spec,
+)
+from taskiq_beat.chain import ChainStep, OnFailure, register_chain_orchestrator
+from taskiq_beat.clock import Clock, SystemClock
+from taskiq_beat.config import SchedulerConfig
+from taskiq_beat.dispatch import Dispatcher, fire_task_id
+from taskiq_beat.engine import SchedulerEngine
+from taskiq_beat.enums import RunStatus
+from taskiq_beat.exceptions import InvalidJobError, JobNotFoundError
+from taskiq_beat.models import JOB_ID_MAX_LENGTH, NAME_MAX_LENGTH, SchedulerJob, SchedulerRun
+from taskiq_beat.store import Fire, SchedulerStore
+from taskiq_beat.triggers import (
+    ImmediateDispatch,
+    PeriodicSchedule,
+    Trigger,
+    trigger_from_json,
+    trigger_to_json,
+    validate_trigger,
+)
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+    from taskiq import AsyncBroker
+
+__all__ = ["SchedulerApp"]
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerApp:
+    """A database-backed scheduler for one Taskiq broker.
+
+    ``session_factory`` makes the sessions the engine uses; management calls use the session
+    you pass them, and commit it. Rows returned stay readable after that commit (attributes
+    are not expired, whatever the session's ``expire_on_commit``).
+    """
+
+    def __init__(
+        self,
+        *,
+        broker: AsyncBroker,
+        session_factory: async_sessionmaker[AsyncSession],
+        config: SchedulerConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.broker = broker
+        self.session_factory = session_factory
+        self.config = config or SchedulerConfig()
+        self._clock: Clock = clock or SystemClock()
+        self._store = SchedulerStore(session_factory)
+        self._engine = SchedulerEngine(
+            store=self._store,
+            dispatcher=Dispatcher(
+                broker,
+                concurrency=self.config.dispatch_concurrency,
+                timeout=self.config.dispatch_timeout_seconds,
+            ),
+            config=self.config,
+            clock=self._clock,
+        )
+        self._now_dispatcher = Dispatcher(
+            broker, concurrency=1, timeout=self.config.dispatch_timeout_seconds
+        )
+        register_chain_orchestrator(broker)
+        _enforce_sqlite_foreign_keys(session_factory)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def engine(self) -> SchedulerEngine:
+        """The scheduling loop (for tests and tools: ``await app.engine.tick()``)."""
+        return self._engine
+
+    @property
+    def is_running(self) -> bool:
+        return self._engine.running
+
+    async def start(self) -> None:
+        """Load the due jobs and start the scheduling loop in the background."""
+        await self._engine.start()
+        logger.info("scheduler started (instance %s)", self._engine.owner)
+
+    async def stop(self) -> None:
+        """Stop the loop; fires claimed but not sent are released for the next scheduler."""
+        await self._engine.stop()
+        logger.info("scheduler stopped (instance %s)", self._engine.owner)
+
+    async def __aenter__(self) -> SchedulerApp:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ builders
+
+    def single(
+        self,
+        task: Any,
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> SingleJobBuilder:
+        """A job that sends ``task(*args, **kwargs)``; ``metadata`` goes out as message labels."""
+        return SingleJobBuilder(self, single_spec(self.broker, task, args, kwargs, metadata))
+
+    def chain(
+        self,
+        steps: Sequence[ChainStep],
+        on_failure: OnFailure = "stop",
+        max_chain_attempts: int = 1,
+        default_step_max_attempts: int = 1,
+        default_step_retry_delay_seconds: float = 0.0,
+        default_step_timeout_seconds: float | None = None,
+        wait_poll_interval_seconds: float = 0.5,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChainJobBuilder:
+        """A job that runs ``steps`` in order on a worker (see :mod:`taskiq_beat.chain`)."""
+        spec = chain_spec(
+            self.broker,
+            steps,
+            on_failure=on_failure,
+            max_chain_attempts=max_chain_attempts,
+            default_step_max_attempts=default_step_max_attempts,
+            default_step_retry_delay_seconds=default_step_retry_delay_seconds,
+            default_step_timeout_seconds=default_step_timeout_seconds,
+            wait_poll_interval_seconds=wait_poll_interval_seconds,
+            metadata=metadata,
+        )
+        return ChainJobBuilder(self, spec)
+
+    # ------------------------------------------------------------------ JobWriter
+
+    async def schedule_spec(
+        self,
+        spec: JobSpec,
+        session: AsyncSession,
+        trigger: Trigger | None,
+        *,
+        job_id: str | None,
+        name: str | None,
+        description: str | None,
+        is_enabled: bool,
+    ) -> SchedulerJob:
+        trigger = self._localize(validate_trigger(trigger or ImmediateDispatch()))
+        job_id = _check_job_id(job_id) if job_id is not None else str(uuid.uuid4())
+        now = self._clock.now()
+        job = self._new_job(spec, trigger, job_id, name, description, is_enabled, now)
+        try:
+            if isinstance(trigger, ImmediateDispatch):
+                await self._send_now(session, job.id, spec, job=job)
+            else:
+                await self._store.add_job(session, job)
+        except IntegrityError:
+            await self._store.rollback(session)
+            raise InvalidJobError(
+                "job_id", job_id, "a job with this id exists; use .upsert() to update it"
+            ) from None
+        logger.info(
+            "created job %s (%s, %s), next run at %s",
+            job.id,
+            job.task_name,
+            job.strategy.value,
+            job.next_run_at,
+        )
+        self._notify(job, trigger)
+        return job
+
+    async def upsert_spec(
+        self,
+        spec: JobSpec,
+        session: AsyncSession,
+        *,
+        trigger: Trigger,
+        job_id: str,
+        name: str | None,
+        description: str | None,
+        is_enabled: bool,
+    ) -> SchedulerJob:
+        trigger = self._localize(validate_trigger(trigger))
+        if isinstance(trigger, ImmediateDispatch):
+            raise InvalidJobError(
+                "trigger", trigger, "ImmediateDispatch is only valid with .schedule()"
+            )
+        job_id = _check_job_id(job_id)
+        _check_name(name)
+        for attempt in range(2):
+            now = self._clock.now()
+            job = await self._store.get_job(session, job_id, for_update=True)
+            if job is None:
+                job = self._new_job(spec, trigger, job_id, name, description, is_enabled, now)
+                try:
+                    await self._store.add_job(session, job)
+                except IntegrityError:
+                    if attempt == 0:
+                        continue  # created concurrently: update it instead
+                    raise
+                logger.info("upserted job %s: created, next run at %s", job_id, job.next_run_at)
+                break
+            stored = trigger_to_json(trigger)
+            reschedule = (
+                job.trigger != stored
+                or job.task_name != spec.task_name
+                or job.kind != spec.kind
+                or job.is_enabled != is_enabled
+            )
+            job.name, job.description = name, description
+            job.task_name, job.kind, job.strategy = spec.task_name, spec.kind, trigger.strategy
+            job.args, job.kwargs, job.job_metadata = spec.args, spec.kwargs, spec.metadata
+            job.trigger, job.is_enabled = stored, is_enabled
+            if reschedule:
+                job.next_run_at = trigger.first_run_at(now)
+                job.last_error = None
+            job.revision += 1
+            job.updated_at = now
+            await self._store.save(session, job)
+            logger.info(
+                "upserted job %s: updated, next run at %s (%s)",
+                job_id,
+                job.next_run_at,
+                "rescheduled" if reschedule else "schedule kept",
+            )
+            break
+        assert job is not None
+        self._notify(job, trigger)
+        return job
+
+    # ------------------------------------------------------------------ management
+
+    async def get_job(self, session: AsyncSession, job_id: str) -> SchedulerJob:
+        """Return the job ``job_id``.
+
+        :raises JobNotFoundError: if there is none.
+        """
+        job = await self._store.find_job(session, job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        return job
+
+    async def list_jobs(
+        self,
+        session: AsyncSession,
+        *,
+        is_enabled: bool | None = None,
+        task_name: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[SchedulerJob]:
+        """Jobs ordered by id; filter by enabled state and task name, page with limit/offset."""
+        if limit is not None and (isinstance(limit, bool) or limit < 0):
+            raise InvalidJobError("limit", limit, "expected a non-negative integer")
+        if isinstance(offset, bool) or offset < 0:
+            raise InvalidJobError("offset", offset, "expected a non-negative integer")
+        return await self._store.list_jobs(
+            session, is_enabled=is_enabled, task_name=task_name, limit=limit, offset=offset
+        )
+
+    async def list_runs(
+        self,
+        session: AsyncSession,
+        job_id: str | None = None,
+        *,
+        status: RunStatus | str | None = None,
+        limit: int | None = 100,
+    ) -> list[SchedulerRun]:
+        """Run history, the most recently scheduled first; all jobs when ``job_id`` is None."""
+        if status is not None:
+            try:
+                status = RunStatus(status)
+            except ValueError:
+                raise InvalidJobError("status", status, "unknown run status") from None
+        if limit is not None and (isinstance(limit, bool) or limit < 0):
+            raise InvalidJobError("limit", limit, "expected a non-negative integer")
+        return await self._store.list_runs(session, job_id=job_id, status=status, limit=limit)
+
+    async def pause(self, session: AsyncSession, job_id: str) -> SchedulerJob:
+        """Stop firing the job until :meth:`resume`.
+
+        :raises JobNotFoundError: if there is no such job.
+        """
+        job = await self._locked(session, job_id)
+        if job.is_enabled:
+            job.is_enabled = False
+            job.revision += 1
+            job.updated_at = self._clock.now()
+        await self._store.save(session, job)
+        logger.info("paused job %s", job_id)
+        self._notify(job)
+        return job
+
+    async def resume(self, session: AsyncSession, job_id: str) -> SchedulerJob:
+        """Fire the job again; its next run is computed from now (a past one-off fires at once).
+
+        :raises JobNotFoundError: if there is no such job.
+        """
+        job = await self._locked(session, job_id)
+        trigger = trigger_from_json(job.trigger, job_id=job.id)
+        if not job.is_enabled:
+            now = self._clock.now()
+            job.is_enabled = True
+            job.next_run_at = trigger.first_run_at(now)
+            job.last_error = None
+            job.revision += 1
+            job.updated_at = now
+        await self._store.save(session, job)
+        logger.info("resumed job %s, next run at %s", job_id, job.next_run_at)
+        self._notify(job, trigger)
+        return job
+
+    async def run_now(self, session: AsyncSession, job_id: str) -> SchedulerRun:
+        """Send the job's task at once, outside its schedule (which stays as it is).
+
+        :raises JobNotFoundError: if there is no such job.
+        """
+        job = await self._store.find_job(session, job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        spec = JobSpec(job.task_name, job.kind, job.args, job.kwargs, job.job_metadata)
+        run_id = await self._send_now(session, job_id, spec)
+        logger.info("ran job %s now", job_id)
+        run = await self._store.get_run(session, run_id)
+        assert run is not None
+        return run
+
+    async def delete(self, session: AsyncSession, job_id: str) -> None:
+        """Delete the job and its run history.
+
+        :raises JobNotFoundError: if there is no such job.
+        """
+        if not await self._store.delete_job(session, job_id):
+            raise JobNotFoundError(job_id)
+        self._engine.job_deleted(job_id)
+        logger.info("deleted job %s", job_id)
+
+    # ------------------------------------------------------------------ internals
+
+    def _localize(self, trigger: Trigger) -> Trigger:
+        """Give a crontab without a timezone the configured default timezone."""
+        crontab = trigger.crontab if isinstance(trigger, PeriodicSchedule) else None
+        if crontab is not None and crontab.timezone is None:
+            crontab = crontab.with_timezone(self.config.default_timezone)
+            return trigger.model_copy(update={"crontab": crontab})
+        return trigger
+
+    def _new_job(
+        self,
+        spec: JobSpec,
+        trigger: Trigger,
+        job_id: str,
+        name: str | None,
+        description: str | None,
+        is_enabled: bool,
+        now: datetime,
+    ) -> SchedulerJob:
+        _check_name(name)
+        if not isinstance(is_enabled, bool):
+            raise InvalidJobError("is_enabled", is_enabled, "expected True or False")
+        if description is not None and not isinstance(description, str):
+            raise InvalidJobError("description", description, "expected a string")
+        return SchedulerJob(
+            id=job_id,
+            name=name,
+            description=description,
+            task_name=spec.task_name,
+            kind=spec.kind,
+            strategy=trigger.strategy,
+            trigger=trigger_to_json(trigger),
+            args=spec.args,
+            kwargs=spec.kwargs,
+            job_metadata=spec.metadata,
+            is_enabled=is_enabled,
+            next_run_at=trigger.first_run_at(now),
+            last_run_at=None,
+            last_error=None,
+            revision=1,
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def _send_now(
+        self,
+        session: AsyncSession,
+        job_id: str,
+        spec: JobSpec,
+        *,
+        job: SchedulerJob | None = None,
+    ) -> int:
+        """Claim, send and record one fire of ``job_id`` scheduled for now."""
+        now = self._clock.now()
+        task_id = fire_task_id(job_id, now)
+        run_id = await self._store.add_claimed_run(
+            session,
+            job=job,
+            job_id=job_id,
+            scheduled_for=now,
+            task_id=task_id,
+            owner=self._engine.owner,
+            now=now,
+            lease_until=now + timedelta(seconds=self.config.claim_lease_seconds),
+        )
+        if run_id is None:
+            raise InvalidJobError("job_id", job_id, f"a fire scheduled for {now} exists already")
+        fire = Fire(
+            run_id, job_id, now, task_id, spec.task_name, spec.args, spec.kwargs, spec.metadata
+        )
+        [outcome] = await self._now_dispatcher.send([fire])
+        sent_at = self._clock.now()
+        retry_at = sent_at + timedelta(seconds=self.config.dispatch_retry_seconds)
+        await self._store.record(
+            [outcome], now=sent_at, retry_at=retry_at, keep_runs=self.config.record_runs
+        )
+        if outcome.error is not None:
+            logger.warning(
+                "immediate dispatch of job %s failed: %s; retrying at %s",
+                job_id,
+                outcome.error,
+                retry_at,
+            )
+            self._engine.retry_at(retry_at)
+        else:
+            logger.info("dispatched job %s now as task %s", job_id, task_id)
+        return run_id
+
+    async def _locked(self, session: AsyncSession, job_id: str) -> SchedulerJob:
+        job = await self._store.get_job(session, job_id, for_update=True)
+        if job is None:
+            await self._store.rollback(session)
+            raise JobNotFoundError(job_id)
+        return job
+
+    def _notify(self, job: SchedulerJob, trigger: Trigger | None = None) -> None:
+        if trigger is None:
+            if not job.is_enabled:
+                self._engine.job_deleted(job.id)
+                return
+            trigger = trigger_from_json(job.trigger, job_id=job.id)
+        self._engine.job_changed(
+            job.id,
+            is_enabled=job.is_enabled,
+            next_run_at=job.next_run_at,
+            revision=job.revision,
+            kind=job.kind,
+            trigger=trigger,
+        )
+
+
+def _check_job_id(job_id: Any) -> str:
+    if not isinstance(job_id, str) or not job_id:
+        raise InvalidJobError("job_id", job_id, "expected a non-empty string")
+    if len(job_id) > JOB_ID_MAX_LENGTH:
+        raise InvalidJobError(
+            "job_id", job_id, f"longer than {JOB_ID_MAX_LENGTH} characters ({len(job_id)})"
+        )
+    return job_id
+
+
+def _check_name(name: Any) -> None:
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise InvalidJobError("name", name, "expected a string")
+    if len(name) > NAME_MAX_LENGTH:
+        raise InvalidJobError("name", name, f"longer than {NAME_MAX_LENGTH} characters")
+
+
+def _enforce_sqlite_foreign_keys(session_factory: async_sessionmaker[AsyncSession]) -> None:
+    """Turn on SQLite foreign keys for new connections of the factory's engine."""
+    bind = session_factory.kw.get("bind")
+    sync_engine = getattr(bind, "sync_engine", None)
+    if sync_engine is None or sync_engine.dialect.name != "sqlite":
+        return
+    if not event.contains(sync_engine, "connect", _sqlite_foreign_keys_on):
+        event.listen(sync_engine, "connect", _sqlite_foreign_keys_on)
+
+
+def _sqlite_foreign_keys_on(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

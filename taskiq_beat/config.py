@@ -1,0 +1,58 @@
+"""Scheduler settings, validated when constructed."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from taskiq_beat.triggers import resolve_timezone
+
+__all__ = ["SchedulerConfig"]
+
+
+class SchedulerConfig(BaseModel):
+    """How the scheduler loop behaves. Every field has a working default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    sync_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often the engine reads due and changed jobs from the database."""
+    idle_sleep_seconds: float = Field(default=0.2, gt=0)
+    """Longest pause of the loop when nothing is due; it wakes earlier for due jobs and changes."""
+    dispatch_retry_seconds: float = Field(default=5, gt=0)
+    """Delay before a fire whose ``kiq`` failed is sent again."""
+    dispatch_concurrency: int = Field(default=32, gt=0)
+    """How many ``kiq`` calls of one batch are in flight at once."""
+    dispatch_batch_size: int = Field(default=256, gt=0)
+    """Most due jobs claimed and sent in one batch (one transaction each side)."""
+    record_runs: bool = True
+    """Keep a ``scheduler_run`` row per fire after it was sent (claims are written regardless)."""
+    default_timezone: str = "UTC"
+    """Timezone of a ``CrontabTrigger`` that names none."""
+    lookahead_seconds: float | None = Field(default=None, gt=0)
+    """How far ahead each sync loads jobs; defaults to twice ``sync_interval_seconds``."""
+    claim_lease_seconds: float = Field(default=30.0, gt=0)
+    """How long a claimed fire belongs to its scheduler before another one may send it."""
+    dispatch_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest wait for one ``kiq``; a send that takes longer counts as failed."""
+    shutdown_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long ``stop()`` waits for the batch in flight before giving up on it."""
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        resolve_timezone(value, "default_timezone")
+        return value
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> SchedulerConfig:
+        if self.claim_lease_seconds <= self.dispatch_timeout_seconds:
+            raise ValueError(
+                f"claim_lease_seconds={self.claim_lease_seconds} must be longer than "
+                f"dispatch_timeout_seconds={self.dispatch_timeout_seconds}"
+            )
+        return self
+
+    @property
+    def lookahead(self) -> float:
+        """The look-ahead window of a sync, in seconds."""
+        return self.lookahead_seconds or 2 * self.sync_interval_seconds

@@ -1,0 +1,94 @@
+"""Sending claimed fires to the broker with ``kiq``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from taskiq_beat.store import Fire, SendOutcome
+
+if TYPE_CHECKING:
+    from taskiq import AsyncBroker
+
+__all__ = ["JOB_ID_LABEL", "SCHEDULED_FOR_LABEL", "Dispatcher", "fire_task_id"]
+
+logger = logging.getLogger(__name__)
+
+_TASK_ID_NAMESPACE = uuid.UUID("6f1c3b7e-2a44-4d0e-9a55-3c1f0e8b7d21")
+JOB_ID_LABEL = "taskiq_beat_job_id"
+"""Label carrying the scheduler job id on every message the scheduler sends."""
+SCHEDULED_FOR_LABEL = "taskiq_beat_scheduled_for"
+"""Label carrying the fire's scheduled time (ISO 8601, UTC) on every message."""
+
+
+def fire_task_id(job_id: str, scheduled_for: datetime) -> str:
+    """The Taskiq task id of one fire: the same for every attempt to send that fire."""
+    return uuid.uuid5(_TASK_ID_NAMESPACE, f"{job_id}\x00{scheduled_for.isoformat()}").hex
+
+
+class Dispatcher:
+    """Sends fires with ``kiq``, ``concurrency`` at a time, each bounded by ``timeout`` seconds."""
+
+    def __init__(self, broker: AsyncBroker, *, concurrency: int, timeout: float) -> None:
+        self._broker = broker
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._halted = False
+
+    def halt(self) -> None:
+        """Start no new sends: fires not yet started come back as ``released``."""
+        self._halted = True
+
+    async def send(self, fires: Sequence[Fire]) -> list[SendOutcome]:
+        """Send ``fires``; return one outcome per fire, in order."""
+        if len(fires) <= self._concurrency:
+            return list(await asyncio.gather(*(self._send_one(fire) for fire in fires)))
+        semaphore = asyncio.Semaphore(self._concurrency)
+
+        async def bounded(fire: Fire) -> SendOutcome:
+            async with semaphore:
+                return await self._send_one(fire)
+
+        return list(await asyncio.gather(*(bounded(fire) for fire in fires)))
+
+    async def _send_one(self, fire: Fire) -> SendOutcome:
+        if self._halted:
+            return SendOutcome(fire, released=True)
+        task = self._broker.find_task(fire.task_name)
+        if task is None:
+            return SendOutcome(
+                fire,
+                error=f"task {fire.task_name!r} is not registered on the broker",
+                final=True,
+            )
+        try:
+            args, kwargs, labels = _payload(fire)
+        except ValueError as exc:
+            return SendOutcome(fire, error=str(exc), final=True)
+        try:
+            kicker = task.kicker().with_task_id(fire.task_id).with_labels(**labels)
+            await asyncio.wait_for(kicker.kiq(*args, **kwargs), self._timeout)
+        except asyncio.TimeoutError:
+            return SendOutcome(fire, error=f"kiq timed out after {self._timeout} s")
+        except Exception as exc:
+            logger.debug("kiq of job %s failed", fire.job_id, exc_info=True)
+            return SendOutcome(fire, error=f"{type(exc).__name__}: {exc}")
+        return SendOutcome(fire)
+
+
+def _payload(fire: Fire) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    args, kwargs, metadata = fire.args, fire.kwargs, fire.metadata
+    if not isinstance(args, list):
+        raise ValueError(f"stored args are not a JSON list: {args!r:.200}")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"stored kwargs are not a JSON object: {kwargs!r:.200}")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"stored metadata is not a JSON object: {metadata!r:.200}")
+    labels = dict(metadata)
+    labels[JOB_ID_LABEL] = fire.job_id
+    labels[SCHEDULED_FOR_LABEL] = fire.scheduled_for.isoformat()
+    return args, kwargs, labels

@@ -1,0 +1,398 @@
+"""The scheduler loop: a heap of jobs due soon, fed by a windowed sync from the database.
+
+Each sync loads only the enabled jobs due within the look-ahead window (an indexed range
+scan), so the work per loop grows with the jobs that are due or changed, not with the jobs
+that exist. Due jobs are popped in batches; each batch is claimed in the database
+(compare-and-set), sent with ``kiq``, and recorded. Changes made through the app in this
+process reach the heap at once through :meth:`SchedulerEngine.job_changed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from taskiq_beat.dispatch import fire_task_id
+from taskiq_beat.enums import JobKind
+from taskiq_beat.exceptions import CorruptJobError
+from taskiq_beat.store import Claim, JobRecord
+from taskiq_beat.triggers import Trigger, latest_due_fire, trigger_from_json
+
+if TYPE_CHECKING:
+    from taskiq_beat.clock import Clock
+    from taskiq_beat.config import SchedulerConfig
+    from taskiq_beat.dispatch import Dispatcher
+    from taskiq_beat.store import Fire, SchedulerStore, SendOutcome
+
+__all__ = ["JobSnapshot", "SchedulerEngine"]
+
+logger = logging.getLogger(__name__)
+
+_ERROR_BACKOFF_MAX = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobSnapshot:
+    """A job as the engine holds it: its trigger parsed, its fire time and revision as loaded."""
+
+    id: str
+    kind: JobKind
+    trigger: Trigger
+    next_run_at: datetime
+    revision: int
+
+
+class SchedulerEngine:
+    """Runs the scheduling loop. Knows the store, the dispatcher and the clock, nothing else."""
+
+    def __init__(
+        self,
+        *,
+        store: SchedulerStore,
+        dispatcher: Dispatcher,
+        config: SchedulerConfig,
+        clock: Clock,
+        owner: str | None = None,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._config = config
+        self._clock = clock
+        self.owner = owner or uuid.uuid4().hex
+        self._jobs: dict[str, JobSnapshot] = {}
+        self._heap: list[tuple[datetime, int, str]] = []
+        self._sequence = itertools.count()
+        self._horizon: datetime | None = None
+        self._next_sync_at: datetime | None = None
+        self._next_retry_at: datetime | None = None
+        self._reload: set[str] = set()
+        self._disable: dict[str, str] = {}
+        self._unrecorded: list[tuple[list[SendOutcome], datetime]] = []
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._lease = timedelta(seconds=config.claim_lease_seconds)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Load the due jobs, then run the loop in a background task."""
+        if self.running:
+            return
+        self._stopping = False
+        await self.sync()
+        self._task = asyncio.create_task(self._run(), name="taskiq-beat-engine")
+
+    async def stop(self) -> None:
+        """Stop after the batch in flight: sends already started finish and are recorded,
+        fires claimed but not started are released at once for the next scheduler."""
+        task = self._task
+        if task is None:
+            return
+        self._stopping = True
+        self._dispatcher.halt()
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self._config.shutdown_timeout_seconds)
+        except asyncio.TimeoutError:
+            logger.warning(
+                "scheduler loop did not stop within %s s; cancelling it",
+                self._config.shutdown_timeout_seconds,
+            )
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                await self.tick()
+                failures = 0
+            except Exception:
+                failures += 1
+                delay = min(self._config.idle_sleep_seconds * 2**failures, _ERROR_BACKOFF_MAX)
+                logger.exception("scheduler loop failed; retrying in %.1f s", delay)
+                await self._sleep(delay)
+                continue
+            await self._sleep(self._idle_delay())
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds <= 0 or self._stopping:
+            return
+        self._wakeup.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+
+    def _idle_delay(self) -> float:
+        now = self._clock.now()
+        deadlines = [now + timedelta(seconds=self._config.idle_sleep_seconds)]
+        if self._heap:
+            deadlines.append(self._heap[0][0])
+        if self._next_sync_at is not None:
+            deadlines.append(self._next_sync_at)
+        if self._next_retry_at is not None:
+            deadlines.append(self._next_retry_at)
+        return max(0.0, (min(deadlines) - now).total_seconds())
+
+    # ------------------------------------------------------------------ in-process changes
+
+    def job_changed(
+        self,
+        job_id: str,
+        *,
+        is_enabled: bool,
+        next_run_at: datetime | None,
+        revision: int,
+        kind: JobKind,
+        trigger: Trigger,
+    ) -> None:
+        """Tell the engine a job was created, changed or paused in this process."""
+        self._jobs.pop(job_id, None)
+        if is_enabled and next_run_at is not None and self._within_horizon(next_run_at):
+            self._put(JobSnapshot(job_id, kind, trigger, next_run_at, revision))
+            self._wakeup.set()
+
+    def retry_at(self, when: datetime) -> None:
+        """Tell the engine a fire failed in this process and is due for a resend at ``when``."""
+        if self._next_retry_at is None or when < self._next_retry_at:
+            self._next_retry_at = when
+            self._wakeup.set()
+
+    def job_deleted(self, job_id: str) -> None:
+        """Tell the engine a job was deleted in this process."""
+        self._jobs.pop(job_id, None)
+
+    # ------------------------------------------------------------------ the loop's steps
+
+    async def tick(self) -> int:
+        """One pass: sync if due, resend due retries, claim and send everything due now.
+
+        Returns the number of fires sent to the broker.
+        """
+        if self._unrecorded:
+            await self._record()
+        now = self._clock.now()
+        if self._next_sync_at is None or now >= self._next_sync_at:
+            await self.sync()
+        sent = 0
+        if self._next_retry_at is not None and now >= self._next_retry_at:
+            sent += await self._send_retries()
+        while not self._stopping:
+            now = self._clock.now()
+            batch = self._pop_due(now)
+            if not batch:
+                break
+            sent += await self._dispatch(batch, now)
+        if self._reload or self._disable:
+            await self._apply_pending()
+        return sent
+
+    async def sync(self) -> None:
+        """Load the jobs due within the look-ahead window into the heap."""
+        now = self._clock.now()
+        horizon = now + timedelta(seconds=self._config.lookahead)
+        records = await self._store.load_due(horizon)
+        self._horizon = horizon
+        self._next_sync_at = now + timedelta(seconds=self._config.sync_interval_seconds)
+        added = self._merge(records, now)
+        self._next_retry_at = now  # look for fires left to resend at every sync
+        logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
+
+    def _merge(self, records: list[JobRecord], now: datetime) -> int:
+        added = 0
+        broken: dict[str, str] = {}
+        for record in records:
+            current = self._jobs.get(record.id)
+            if (
+                current is not None
+                and current.revision == record.revision
+                and current.next_run_at == record.next_run_at
+            ):
+                continue
+            try:
+                snapshot = _snapshot(record)
+            except CorruptJobError as exc:
+                broken[record.id] = str(exc)
+                continue
+            if snapshot is None:
+                self._jobs.pop(record.id, None)
+                continue
+            self._put(snapshot)
+            added += 1
+        if broken:
+            self._disable_later(broken)
+        return added
+
+    def _put(self, snapshot: JobSnapshot) -> None:
+        self._jobs[snapshot.id] = snapshot
+        heapq.heappush(self._heap, (snapshot.next_run_at, next(self._sequence), snapshot.id))
+
+    def _within_horizon(self, when: datetime) -> bool:
+        return self._horizon is not None and when <= self._horizon
+
+    def _pop_due(self, now: datetime) -> list[JobSnapshot]:
+        batch: list[JobSnapshot] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now and len(batch) < self._config.dispatch_batch_size:
+            when, _, job_id = heapq.heappop(heap)
+            snapshot = self._jobs.get(job_id)
+            if snapshot is not None and snapshot.next_run_at == when:
+                del self._jobs[job_id]
+                batch.append(snapshot)
+        return batch
+
+    async def _dispatch(self, batch: list[JobSnapshot], now: datetime) -> int:
+        claims: list[Claim] = []
+        following: dict[str, datetime | None] = {}
+        for snapshot in batch:
+            scheduled_for, after = latest_due_fire(snapshot.trigger, snapshot.next_run_at, now)
+            following[snapshot.id] = after
+            claims.append(
+                Claim(
+                    job_id=snapshot.id,
+                    expected_next_run_at=snapshot.next_run_at,
+                    expected_revision=snapshot.revision,
+                    scheduled_for=scheduled_for,
+                    new_next_run_at=after,
+                    task_id=fire_task_id(snapshot.id, scheduled_for),
+                )
+            )
+        try:
+            fires, lost = await self._store.claim(
+                claims, now=now, lease_until=now + self._lease, owner=self.owner
+            )
+        except BaseException:
+            # Nothing was claimed: keep the batch due, unless the job changed meanwhile.
+            for snapshot in batch:
+                self._jobs.setdefault(snapshot.id, snapshot)
+                if self._jobs[snapshot.id] is snapshot:
+                    self._put(snapshot)
+            raise
+        for snapshot in batch:
+            if snapshot.id in lost:
+                self._reload.add(snapshot.id)
+                continue
+            after = following[snapshot.id]
+            changed_meanwhile = snapshot.id in self._jobs
+            if after is not None and self._within_horizon(after) and not changed_meanwhile:
+                self._put(replace(snapshot, next_run_at=after))
+        if lost:
+            logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))
+        return await self._send(fires)
+
+    async def _send(self, fires: list[Fire]) -> int:
+        if not fires:
+            return 0
+        outcomes = await self._dispatcher.send(fires)
+        now = self._clock.now()
+        retry_at = now + timedelta(seconds=self._config.dispatch_retry_seconds)
+        self._unrecorded.append((outcomes, retry_at))
+        await self._record()
+        return self._report(outcomes, retry_at)
+
+    async def _record(self) -> None:
+        """Write the outcomes of sends; kept in memory and retried while the database fails."""
+        while self._unrecorded:
+            outcomes, retry_at = self._unrecorded[0]
+            await self._store.record(
+                outcomes,
+                now=self._clock.now(),
+                retry_at=retry_at,
+                keep_runs=self._config.record_runs,
+            )
+            self._unrecorded.pop(0)
+
+    def _report(self, outcomes: list[SendOutcome], retry_at: datetime) -> int:
+        sent = 0
+        final: dict[str, str] = {}
+        for outcome in outcomes:
+            fire = outcome.fire
+            if outcome.released:
+                continue
+            if outcome.error is None:
+                sent += 1
+                logger.debug(
+                    "dispatched job %s (%s) scheduled for %s as task %s",
+                    fire.job_id,
+                    fire.task_name,
+                    fire.scheduled_for,
+                    fire.task_id,
+                )
+            elif outcome.final:
+                final[fire.job_id] = outcome.error
+            else:
+                logger.warning(
+                    "dispatch of job %s (%s) scheduled for %s failed: %s; retrying at %s",
+                    fire.job_id,
+                    fire.task_name,
+                    fire.scheduled_for,
+                    outcome.error,
+                    retry_at,
+                )
+                self.retry_at(retry_at)
+        if final:
+            self._disable_later(final)
+        if sent:
+            logger.info("dispatched %d fires", sent)
+        return sent
+
+    async def _send_retries(self) -> int:
+        now = self._clock.now()
+        self._next_retry_at = None
+        fires = await self._store.claim_retries(
+            now=now,
+            lease_until=now + self._lease,
+            owner=self.owner,
+            limit=self._config.dispatch_batch_size,
+        )
+        if fires:
+            logger.info("resending %d fires that were not sent yet", len(fires))
+            if len(fires) == self._config.dispatch_batch_size:
+                self._next_retry_at = now
+        return await self._send(fires)
+
+    def _disable_later(self, errors: dict[str, str]) -> None:
+        for job_id, message in errors.items():
+            logger.warning("disabling job %s: %s", job_id, message)
+            self._jobs.pop(job_id, None)
+        self._disable.update(errors)
+
+    async def _apply_pending(self) -> None:
+        """Disable jobs that cannot fire and reload jobs whose claim was lost."""
+        if self._disable:
+            errors, self._disable = self._disable, {}
+            await self._store.disable_jobs(errors, now=self._clock.now())
+        ids, self._reload = self._reload, set()
+        records = await self._store.load_jobs(ids)
+        self._merge(
+            [
+                r
+                for r in records
+                if r.is_enabled
+                and r.next_run_at is not None
+                and self._within_horizon(r.next_run_at)
+            ],
+            self._clock.now(),
+        )
+
+
+def _snapshot(record: JobRecord) -> JobSnapshot | None:
+    if record.next_run_at is None or not record.is_enabled:
+        return None
+    trigger = trigger_from_json(record.trigger, job_id=record.id)
+    return JobSnapshot(
+        record.id, JobKind(record.kind), trigger, record.next_run_at, record.revision
+    )

@@ -1,0 +1,88 @@
+"""Exceptions raised by taskiq-beat.
+
+The hierarchy::
+
+    TaskiqBeatError
+    ├── JobNotFoundError (LookupError)        no job with the given id
+    ├── InvalidJobError (ValueError)          bad input to a builder or a management call
+    │   ├── InvalidTriggerError               a trigger that cannot be built or can never fire
+    │   └── UnknownTaskError                  a task name the broker does not know
+    ├── CorruptJobError (ValueError)          a stored row the scheduler cannot read back
+    └── ChainAbortedError (RuntimeError)      a chain gave up after its retry budget
+
+Every message names the offending field or id and its value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ChainAbortedError",
+    "CorruptJobError",
+    "InvalidJobError",
+    "InvalidTriggerError",
+    "JobNotFoundError",
+    "TaskiqBeatError",
+    "UnknownTaskError",
+]
+
+_MAX_VALUE_REPR = 200
+
+
+def describe_value(value: Any) -> str:
+    """Return a short ``repr`` of ``value`` for an error message."""
+    text = repr(value)
+    if len(text) > _MAX_VALUE_REPR:
+        text = text[: _MAX_VALUE_REPR - 3] + "..."
+    return text
+
+
+class TaskiqBeatError(Exception):
+    """Base class of every exception taskiq-beat raises on purpose."""
+
+
+class JobNotFoundError(TaskiqBeatError, LookupError):
+    """No scheduler job has the given id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"scheduler job not found: job_id={job_id!r}")
+        self.job_id = job_id
+
+
+class InvalidJobError(TaskiqBeatError, ValueError):
+    """A builder or management call got a value it cannot store.
+
+    ``field`` names the argument and ``value`` holds what was given.
+    """
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        super().__init__(f"invalid {field}={describe_value(value)}: {reason}")
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+
+class InvalidTriggerError(InvalidJobError):
+    """A trigger was given an impossible or malformed specification."""
+
+
+class UnknownTaskError(InvalidJobError):
+    """The broker has no task registered under the given name."""
+
+    def __init__(self, task_name: str, field: str = "task") -> None:
+        super().__init__(field, task_name, "no task with this name is registered on the broker")
+        self.task_name = task_name
+
+
+class CorruptJobError(TaskiqBeatError, ValueError):
+    """A stored job row cannot be read back (hand-edited or from an unknown version)."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"scheduler job {job_id!r} cannot be loaded: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+
+class ChainAbortedError(TaskiqBeatError, RuntimeError):
+    """A chain stopped because a step failed after all its attempts."""

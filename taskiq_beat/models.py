@@ -1,0 +1,166 @@
+"""The scheduler tables: ``scheduler_job`` and ``scheduler_run`` on ``SchedulerBase.metadata``.
+
+Include ``SchedulerBase.metadata`` in your Alembic ``target_metadata`` (or run this package's
+own migrations) to create them. Every datetime column holds timezone-aware UTC values on
+every backend; SQLite stores them as UTC text and they are read back aware.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
+
+__all__ = [
+    "JOB_ID_MAX_LENGTH",
+    "NAME_MAX_LENGTH",
+    "TASK_NAME_MAX_LENGTH",
+    "SchedulerBase",
+    "SchedulerJob",
+    "SchedulerRun",
+    "UTCDateTime",
+]
+
+JOB_ID_MAX_LENGTH = 255
+NAME_MAX_LENGTH = 255
+TASK_NAME_MAX_LENGTH = 255
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A ``TIMESTAMP WITH TIME ZONE`` that only accepts and only returns aware UTC datetimes."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r} cannot be stored; use an aware one")
+        value = value.astimezone(timezone.utc)
+        if dialect.name == "sqlite":
+            # SQLite keeps text; store naive UTC so that text order is time order.
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _enum(cls: type[enum.Enum], name: str) -> sa.Enum:
+    """A portable enum column: VARCHAR holding the member values (new members need no DDL)."""
+    return sa.Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=False,
+        length=32,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class SchedulerBase(DeclarativeBase):
+    """Declarative base of the scheduler tables; its ``metadata`` is what Alembic should see."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class SchedulerJob(SchedulerBase):
+    """A scheduled job: what to send (task, args, kwargs) and when (trigger, ``next_run_at``).
+
+    ``revision`` grows with every change made through the API; the engine claims a fire only
+    if ``next_run_at``, ``revision`` and ``is_enabled`` still hold the values it loaded.
+    """
+
+    __tablename__ = "scheduler_job"
+
+    id: Mapped[str] = mapped_column(sa.String(JOB_ID_MAX_LENGTH), primary_key=True)
+    name: Mapped[str | None] = mapped_column(sa.String(NAME_MAX_LENGTH))
+    description: Mapped[str | None] = mapped_column(sa.Text)
+    task_name: Mapped[str] = mapped_column(sa.String(TASK_NAME_MAX_LENGTH), index=True)
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
+    strategy: Mapped[JobStrategy] = mapped_column(_enum(JobStrategy, "job_strategy"))
+    trigger: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    args: Mapped[list[Any]] = mapped_column(sa.JSON)
+    kwargs: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    job_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", sa.JSON)
+    is_enabled: Mapped[bool] = mapped_column(sa.Boolean)
+    next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    revision: Mapped[int] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+    __table_args__ = (
+        # The engine's only scan: enabled jobs due before a horizon.
+        sa.Index("ix_scheduler_job_due", "is_enabled", "next_run_at"),
+    )
+
+    @property
+    def metadata_(self) -> dict[str, Any]:
+        """The job's metadata (the ``metadata`` column; ``metadata`` itself is SQLAlchemy's)."""
+        return self.job_metadata
+
+    def __repr__(self) -> str:
+        return (
+            f"SchedulerJob(id={self.id!r}, task_name={self.task_name!r}, "
+            f"strategy={self.strategy.value if self.strategy else None!r}, "
+            f"next_run_at={self.next_run_at!r}, is_enabled={self.is_enabled!r})"
+        )
+
+
+class SchedulerRun(SchedulerBase):
+    """One fire of a job: at most one row per ``(job_id, scheduled_for)``.
+
+    ``next_attempt_at`` is set while the fire still has to reach the broker: for a
+    ``claimed`` run it is the end of the claim's lease, for a ``failed`` run the time of the
+    retry. It is ``NULL`` once the run is done (dispatched, or failed for good).
+    """
+
+    __tablename__ = "scheduler_run"
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[str] = mapped_column(
+        sa.String(JOB_ID_MAX_LENGTH), sa.ForeignKey(SchedulerJob.id, ondelete="CASCADE")
+    )
+    scheduled_for: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"))
+    task_id: Mapped[str] = mapped_column(sa.String(64))
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    claimed_by: Mapped[str | None] = mapped_column(sa.String(64))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (sa.UniqueConstraint("job_id", "scheduled_for"),)
+
+    def __repr__(self) -> str:
+        return (
+            f"SchedulerRun(job_id={self.job_id!r}, scheduled_for={self.scheduled_for!r}, "
+            f"status={self.status.value if self.status else None!r}, task_id={self.task_id!r})"
+        )

@@ -1,0 +1,568 @@
+"""All SQL of taskiq-beat, behind :class:`SchedulerStore`.
+
+Two kinds of operations live here:
+
+- management operations run in the caller's ``AsyncSession`` (the one passed to
+  ``.schedule()``, ``pause()``...), one short transaction each, committed here;
+- engine operations open their own session from the session factory, one short transaction
+  per call, and work on plain values (:class:`JobRecord`, :class:`Claim`, :class:`Fire`).
+
+The exactly-once contract:
+
+- :meth:`SchedulerStore.claim` advances each job's ``next_run_at`` by compare-and-set on the
+  values the engine loaded (``next_run_at``, ``revision``, ``is_enabled``) and inserts the fire's
+  ``scheduler_run`` row (unique on ``(job_id, scheduled_for)``) in the same transaction. Only
+  fires returned by it may be sent. A job changed, paused, deleted or claimed by another
+  scheduler since it was loaded is not returned.
+- A claimed run carries a lease (``next_attempt_at``). Until it expires no other scheduler
+  touches the fire; after it expires :meth:`SchedulerStore.claim_retries` hands the fire to
+  whoever asks first, under a new lease, with the same task id.
+- :meth:`SchedulerStore.record` closes the fires that were sent, and gives failed or released
+  fires a time at which they are retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from taskiq_beat.enums import JobKind, RunStatus
+from taskiq_beat.models import SchedulerJob, SchedulerRun
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+__all__ = [
+    "Claim",
+    "Fire",
+    "JobRecord",
+    "SchedulerStore",
+    "SendOutcome",
+]
+
+_job = cast("sa.Table", SchedulerJob.__table__)
+_run = cast("sa.Table", SchedulerRun.__table__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobRecord:
+    """What the engine needs of a job row (the trigger still in its stored JSON form)."""
+
+    id: str
+    task_name: str
+    kind: JobKind
+    trigger: Any
+    args: Any
+    kwargs: Any
+    metadata: Any
+    next_run_at: datetime | None
+    revision: int
+    is_enabled: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """A request to claim the fire of ``job_id`` at ``scheduled_for``.
+
+    It succeeds only if the job still has ``expected_next_run_at`` and ``expected_revision``
+    and is enabled; ``next_run_at`` then becomes ``new_next_run_at``.
+    """
+
+    job_id: str
+    expected_next_run_at: datetime
+    expected_revision: int
+    scheduled_for: datetime
+    new_next_run_at: datetime | None
+    task_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fire:
+    """A claimed fire, ready to be sent to the broker."""
+
+    run_id: int
+    job_id: str
+    scheduled_for: datetime
+    task_id: str
+    task_name: str
+    args: Any
+    kwargs: Any
+    metadata: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What happened to a fire: sent, failed (``error``), or never started (``released``)."""
+
+    fire: Fire
+    error: str | None = None
+    released: bool = False
+    final: bool = False
+    """With ``error``: retrying cannot help (e.g. the task does not exist)."""
+
+
+def _insert_for(dialect_name: str) -> Any:
+    if dialect_name == "postgresql":
+        return postgresql.insert
+    if dialect_name == "sqlite":
+        return sqlite.insert
+    raise NotImplementedError(f"taskiq-beat supports SQLite and PostgreSQL, not {dialect_name!r}")
+
+
+def _update_source(dialect_name: str, rows: list[tuple[Any, ...]], columns: list[Any]) -> Any:
+    """A VALUES list usable in ``UPDATE ... FROM`` on this dialect."""
+    values = sa.values(*columns, name="claim").data(rows)
+    # SQLite cannot alias the columns of a VALUES derived table, but accepts a CTE.
+    return values.cte("claim") if dialect_name == "sqlite" else values
+
+
+class SchedulerStore:
+    """The scheduler's database operations. See the module docstring for the contract."""
+
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
+        self._session_factory = session_factory
+
+    # ------------------------------------------------------- management (caller's session)
+
+    @staticmethod
+    async def add_job(session: AsyncSession, job: SchedulerJob) -> SchedulerJob:
+        """Insert ``job`` and commit.
+
+        :raises IntegrityError: if a job with the same id exists.
+        """
+        session.add(job)
+        try:
+            await _commit(session)
+        except IntegrityError:
+            await session.rollback()
+            raise
+        return job
+
+    @staticmethod
+    async def get_job(
+        session: AsyncSession, job_id: str, *, for_update: bool = False
+    ) -> SchedulerJob | None:
+        """Return the job ``job_id`` (fresh from the database) or ``None``."""
+        statement = sa.select(SchedulerJob).where(SchedulerJob.id == job_id)
+        if for_update:
+            statement = statement.with_for_update()
+        statement = statement.execution_options(populate_existing=True)
+        result = await session.execute(statement)
+        return result.scalar_one_or_none()
+
+    @staticmethod
+    async def find_job(session: AsyncSession, job_id: str) -> SchedulerJob | None:
+        """Return the job ``job_id`` or ``None``, ending the read transaction."""
+        job = await SchedulerStore.get_job(session, job_id)
+        await _commit(session)
+        return job
+
+    @staticmethod
+    async def save(session: AsyncSession, job: SchedulerJob) -> SchedulerJob:
+        """Commit the changes made to ``job`` (loaded in ``session``)."""
+        await _commit(session)
+        return job
+
+    @staticmethod
+    async def rollback(session: AsyncSession) -> None:
+        await session.rollback()
+
+    @staticmethod
+    async def delete_job(session: AsyncSession, job_id: str) -> bool:
+        """Delete the job and its runs; return whether it existed."""
+        await session.execute(sa.delete(SchedulerRun).where(SchedulerRun.job_id == job_id))
+        result = await session.execute(sa.delete(SchedulerJob).where(SchedulerJob.id == job_id))
+        await _commit(session)
+        return bool(getattr(result, "rowcount", 0))
+
+    @staticmethod
+    async def list_jobs(
+        session: AsyncSession,
+        *,
+        is_enabled: bool | None = None,
+        task_name: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[SchedulerJob]:
+        """Jobs ordered by id, optionally filtered."""
+        statement = sa.select(SchedulerJob).order_by(SchedulerJob.id)
+        if is_enabled is not None:
+            statement = statement.where(SchedulerJob.is_enabled.is_(is_enabled))
+        if task_name is not None:
+            statement = statement.where(SchedulerJob.task_name == task_name)
+        statement = statement.offset(offset)
+        if limit is not None:
+            statement = statement.limit(limit)
+        result = await session.execute(statement.execution_options(populate_existing=True))
+        jobs = list(result.scalars())
+        await _commit(session)
+        return jobs
+
+    @staticmethod
+    async def list_runs(
+        session: AsyncSession,
+        *,
+        job_id: str | None = None,
+        status: RunStatus | None = None,
+        limit: int | None = 100,
+    ) -> list[SchedulerRun]:
+        """Runs, the most recently scheduled first."""
+        statement = sa.select(SchedulerRun).order_by(
+            SchedulerRun.scheduled_for.desc(), SchedulerRun.id.desc()
+        )
+        if job_id is not None:
+            statement = statement.where(SchedulerRun.job_id == job_id)
+        if status is not None:
+            statement = statement.where(SchedulerRun.status == status)
+        if limit is not None:
+            statement = statement.limit(limit)
+        result = await session.execute(statement.execution_options(populate_existing=True))
+        runs = list(result.scalars())
+        await _commit(session)
+        return runs
+
+    @staticmethod
+    async def get_run(session: AsyncSession, run_id: int) -> SchedulerRun | None:
+        """Return the run ``run_id`` or ``None``, ending the read transaction."""
+        result = await session.execute(
+            sa.select(SchedulerRun)
+            .where(SchedulerRun.id == run_id)
+            .execution_options(populate_existing=True)
+        )
+        run = result.scalar_one_or_none()
+        await _commit(session)
+        return run
+
+    @staticmethod
+    async def add_claimed_run(
+        session: AsyncSession,
+        *,
+        job: SchedulerJob | None,
+        job_id: str,
+        scheduled_for: datetime,
+        task_id: str,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+    ) -> int | None:
+        """Insert ``job`` (if given) and a claimed run for an immediate send; commit.
+
+        Returns the run id, or ``None`` when that fire exists already.
+        """
+        if job is not None:
+            session.add(job)
+            await session.flush()
+        insert = _insert_for(_dialect_name(session))
+        statement = (
+            insert(_run)
+            .values(
+                job_id=job_id,
+                scheduled_for=scheduled_for,
+                status=RunStatus.CLAIMED,
+                task_id=task_id,
+                attempt=1,
+                claimed_by=owner,
+                next_attempt_at=lease_until,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing()
+            .returning(_run.c.id)
+        )
+        run_id = (await session.execute(statement)).scalar_one_or_none()
+        await session.execute(
+            sa.update(_job).where(_job.c.id == job_id).values(last_run_at=scheduled_for)
+        )
+        await _commit(session)
+        return run_id
+
+    # ------------------------------------------------------------------ engine (own sessions)
+
+    async def load_due(self, horizon: datetime) -> list[JobRecord]:
+        """Enabled jobs whose ``next_run_at`` is at or before ``horizon`` (uses the due index)."""
+        statement = _select_records().where(
+            _job.c.is_enabled.is_(True),
+            _job.c.next_run_at.is_not(None),
+            _job.c.next_run_at <= horizon,
+        )
+        async with self._session_factory() as session:
+            result = await session.execute(statement)
+            return [JobRecord(*row) for row in result]
+
+    async def load_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
+        """The current state of the given jobs (missing ones are left out)."""
+        ids = list(job_ids)
+        if not ids:
+            return []
+        async with self._session_factory() as session:
+            result = await session.execute(_select_records().where(_job.c.id.in_(ids)))
+            return [JobRecord(*row) for row in result]
+
+    async def claim(
+        self,
+        claims: Sequence[Claim],
+        *,
+        now: datetime,
+        lease_until: datetime,
+        owner: str,
+    ) -> tuple[list[Fire], set[str]]:
+        """Claim fires by compare-and-set; one transaction, one statement per table.
+
+        Returns the fires to send, and the ids of the jobs whose compare-and-set failed (to be
+        reloaded). A job that was advanced but whose fire already had a run row is in neither:
+        that fire was claimed before and is not sent again.
+        """
+        if not claims:
+            return [], set()
+        async with self._session_factory() as session, session.begin():
+            dialect_name = _dialect_name(session)
+            source = _update_source(
+                dialect_name,
+                [
+                    (
+                        c.job_id,
+                        c.expected_next_run_at,
+                        c.expected_revision,
+                        c.new_next_run_at,
+                        c.scheduled_for,
+                    )
+                    for c in claims
+                ],
+                [
+                    sa.column("job_id", _job.c.id.type),
+                    sa.column("expected", _job.c.next_run_at.type),
+                    sa.column("revision", sa.Integer),
+                    sa.column("new_next", _job.c.next_run_at.type),
+                    sa.column("scheduled_for", _job.c.next_run_at.type),
+                ],
+            )
+            cas = (
+                sa.update(_job)
+                .where(
+                    _job.c.id == source.c.job_id,
+                    _job.c.next_run_at == source.c.expected,
+                    _job.c.revision == source.c.revision,
+                    _job.c.is_enabled.is_(True),
+                )
+                .values(
+                    next_run_at=_typed(dialect_name, source.c.new_next),
+                    last_run_at=source.c.scheduled_for,
+                )
+                .returning(
+                    _job.c.id,
+                    _job.c.task_name,
+                    _job.c.args,
+                    _job.c.kwargs,
+                    _job.c["metadata"],
+                )
+            )
+            won = {row[0]: row for row in await session.execute(cas)}
+            lost = {c.job_id for c in claims if c.job_id not in won}
+            if not won:
+                return [], lost
+            mine = [c for c in claims if c.job_id in won]
+            insert = _insert_for(dialect_name)
+            statement = (
+                insert(_run)
+                .on_conflict_do_nothing()
+                .returning(_run.c.id, _run.c.job_id, sort_by_parameter_order=True)
+            )
+            rows = [
+                {
+                    "job_id": c.job_id,
+                    "scheduled_for": c.scheduled_for,
+                    "status": RunStatus.CLAIMED,
+                    "task_id": c.task_id,
+                    "attempt": 1,
+                    "claimed_by": owner,
+                    "next_attempt_at": lease_until,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for c in mine
+            ]
+            inserted = {job_id: run_id for run_id, job_id in await session.execute(statement, rows)}
+        fires = [
+            Fire(
+                run_id=inserted[c.job_id],
+                job_id=c.job_id,
+                scheduled_for=c.scheduled_for,
+                task_id=c.task_id,
+                task_name=won[c.job_id][1],
+                args=won[c.job_id][2],
+                kwargs=won[c.job_id][3],
+                metadata=won[c.job_id][4],
+            )
+            for c in mine
+            if c.job_id in inserted
+        ]
+        return fires, lost
+
+    async def claim_retries(
+        self, *, now: datetime, lease_until: datetime, owner: str, limit: int
+    ) -> list[Fire]:
+        """Claim fires that still have to be sent and whose lease or retry time has passed."""
+        async with self._session_factory() as session, session.begin():
+            due = (
+                sa.select(_run.c.id)
+                .where(_run.c.next_attempt_at.is_not(None), _run.c.next_attempt_at <= now)
+                .order_by(_run.c.next_attempt_at)
+                .limit(limit)
+            )
+            if _dialect_name(session) == "postgresql":
+                due = due.with_for_update(skip_locked=True)
+            ids = list((await session.execute(due)).scalars())
+            if not ids:
+                return []
+            claimed = (
+                sa.update(_run)
+                .where(
+                    _run.c.id.in_(ids),
+                    _run.c.next_attempt_at.is_not(None),
+                    _run.c.next_attempt_at <= now,
+                )
+                .values(
+                    status=RunStatus.CLAIMED,
+                    attempt=_run.c.attempt + 1,
+                    claimed_by=owner,
+                    next_attempt_at=lease_until,
+                    updated_at=now,
+                )
+                .returning(_run.c.id, _run.c.job_id, _run.c.scheduled_for, _run.c.task_id)
+            )
+            runs = list(await session.execute(claimed))
+            jobs = {
+                row[0]: row[1:]
+                for row in await session.execute(
+                    _select_payloads().where(_job.c.id.in_({run[1] for run in runs}))
+                )
+            }
+        return [
+            Fire(run_id, job_id, scheduled_for, task_id, *jobs[job_id])
+            for run_id, job_id, scheduled_for, task_id in runs
+            if job_id in jobs
+        ]
+
+    async def record(
+        self,
+        outcomes: Sequence[SendOutcome],
+        *,
+        now: datetime,
+        retry_at: datetime,
+        keep_runs: bool,
+    ) -> None:
+        """Close sent fires, schedule failed ones for ``retry_at`` and released ones for now."""
+        sent = [o.fire.run_id for o in outcomes if o.error is None and not o.released]
+        released = [o.fire.run_id for o in outcomes if o.released]
+        failed = [o for o in outcomes if o.error is not None]
+        async with self._session_factory() as session, session.begin():
+            if sent:
+                if keep_runs:
+                    await session.execute(
+                        sa.update(_run)
+                        .where(_run.c.id.in_(sent))
+                        .values(
+                            status=RunStatus.DISPATCHED,
+                            next_attempt_at=None,
+                            dispatched_at=now,
+                            updated_at=now,
+                            error=None,
+                        )
+                    )
+                else:
+                    await session.execute(sa.delete(_run).where(_run.c.id.in_(sent)))
+            if released:
+                await session.execute(
+                    sa.update(_run)
+                    .where(_run.c.id.in_(released))
+                    .values(next_attempt_at=now, claimed_by=None, updated_at=now)
+                )
+            if failed:
+                await session.execute(
+                    sa.update(_run)
+                    .where(_run.c.id == sa.bindparam("run"))
+                    .values(
+                        status=RunStatus.FAILED,
+                        error=sa.bindparam("message"),
+                        next_attempt_at=sa.bindparam("retry"),
+                        updated_at=now,
+                    ),
+                    [
+                        {
+                            "run": o.fire.run_id,
+                            "message": o.error,
+                            "retry": None if o.final else retry_at,
+                        }
+                        for o in failed
+                    ],
+                )
+
+    async def disable_jobs(self, errors: dict[str, str], *, now: datetime) -> None:
+        """Disable jobs that cannot fire, keeping the reason in ``last_error``."""
+        if not errors:
+            return
+        async with self._session_factory() as session, session.begin():
+            await session.execute(
+                sa.update(_job)
+                .where(_job.c.id == sa.bindparam("job"))
+                .values(
+                    is_enabled=False,
+                    last_error=sa.bindparam("message"),
+                    revision=_job.c.revision + 1,
+                    updated_at=now,
+                ),
+                [{"job": job_id, "message": message} for job_id, message in errors.items()],
+            )
+
+
+def _typed(dialect_name: str, column: Any) -> Any:
+    """PostgreSQL types a VALUES column of NULLs as text: cast it back to a timestamp."""
+    if dialect_name == "postgresql":
+        return sa.cast(column, _job.c.next_run_at.type)
+    return column
+
+
+def _select_payloads() -> sa.Select[Any]:
+    return sa.select(_job.c.id, _job.c.task_name, _job.c.args, _job.c.kwargs, _job.c["metadata"])
+
+
+def _select_records() -> sa.Select[Any]:
+    return sa.select(
+        _job.c.id,
+        _job.c.task_name,
+        _job.c.kind,
+        _job.c.trigger,
+        _job.c.args,
+        _job.c.kwargs,
+        _job.c["metadata"],
+        _job.c.next_run_at,
+        _job.c.revision,
+        _job.c.is_enabled,
+    )
+
+
+def _dialect_name(session: AsyncSession) -> str:
+    bind = session.get_bind()
+    return bind.dialect.name
+
+
+async def _commit(session: AsyncSession) -> None:
+    """Commit without expiring loaded objects, so rows we return stay readable afterwards.
+
+    Every attribute of the rows we write is set in Python, so nothing is left for a refresh
+    to load; without this, a session made with ``expire_on_commit=True`` would hand back rows
+    whose attributes need I/O (which async sessions cannot do implicitly).
+    """
+    sync_session = session.sync_session
+    expire = sync_session.expire_on_commit
+    sync_session.expire_on_commit = False
+    try:
+        await session.commit()
+    finally:
+        sync_session.expire_on_commit = expire
