@@ -490,16 +490,22 @@ def _check_name(name: Any) -> None:
 
 
 def _enforce_sqlite_foreign_keys(session_factory: async_sessionmaker[AsyncSession]) -> None:
-    """Turn on SQLite foreign keys for new connections of the factory's engine."""
+    """Turn on SQLite foreign keys on every connection the factory's engine hands out.
+
+    On checkout rather than on connect, so that connections pooled before the app was built
+    get it too (SQLite ignores the pragma inside a transaction; none is open at checkout).
+    """
     bind = session_factory.kw.get("bind")
     sync_engine = getattr(bind, "sync_engine", None)
     if sync_engine is None or sync_engine.dialect.name != "sqlite":
         return
-    if not event.contains(sync_engine, "connect", _sqlite_foreign_keys_on):
-        event.listen(sync_engine, "connect", _sqlite_foreign_keys_on)
+    if not event.contains(sync_engine, "checkout", _sqlite_foreign_keys_on):
+        event.listen(sync_engine, "checkout", _sqlite_foreign_keys_on)
 
 
-def _sqlite_foreign_keys_on(dbapi_connection: Any, connection_record: Any) -> None:
+def _sqlite_foreign_keys_on(
+    dbapi_connection: Any, connection_record: Any, connection_proxy: Any
+) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

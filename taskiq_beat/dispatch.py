@@ -76,8 +76,17 @@ class Dispatcher:
             return SendOutcome(fire, error=f"kiq timed out after {self._timeout} s")
         except Exception as exc:
             logger.debug("kiq of job %s failed", fire.job_id, exc_info=True)
-            return SendOutcome(fire, error=f"{type(exc).__name__}: {exc}")
+            return SendOutcome(fire, error=describe_error(exc))
         return SendOutcome(fire)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message``, followed by the cause Taskiq wraps in ``SendTaskError``."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    return text
 
 
 def _payload(fire: Fire) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:

@@ -83,6 +83,11 @@ class SchedulerEngine:
     # ------------------------------------------------------------------ lifecycle
 
     @property
+    def loaded_jobs(self) -> int:
+        """How many jobs the engine holds in memory (those due within the window)."""
+        return len(self._jobs)
+
+    @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 

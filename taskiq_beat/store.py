@@ -371,7 +371,7 @@ class SchedulerStore:
             statement = (
                 insert(_run)
                 .on_conflict_do_nothing()
-                .returning(_run.c.id, _run.c.job_id, sort_by_parameter_order=True)
+                .returning(_run.c.id, _run.c.job_id)
             )
             rows = [
                 {

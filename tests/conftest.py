@@ -1,0 +1,145 @@
+"""Fixtures: every database test runs on a fresh SQLite file and on a real PostgreSQL.
+
+PostgreSQL tests use one database created for the test session (and dropped after it), with
+the tables created anew for each test. Outside CI they are skipped when no server answers;
+under CI (``CI=true``) an unreachable server fails the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from taskiq_beat import SchedulerApp, SchedulerBase, SchedulerConfig
+from tests.utils import FakeClock, RecordingBroker
+
+PG_HOST = os.environ.get("TASKIQ_BEAT_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("TASKIQ_BEAT_PG_PORT", "5432"))
+PG_USER = os.environ.get("TASKIQ_BEAT_PG_USER", "postgres")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _admin_dsn() -> str:
+    return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/postgres"
+
+
+async def _create_database(name: str) -> None:
+    connection = await asyncpg.connect(_admin_dsn(), timeout=5)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+
+
+async def _drop_database(name: str) -> None:
+    connection = await asyncpg.connect(_admin_dsn(), timeout=5)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database of its own for this test session."""
+    name = f"taskiq_beat_test_{uuid.uuid4().hex[:12]}"
+    try:
+        asyncio.run(_create_database(name))
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required under CI but unreachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {exc}")
+    try:
+        yield f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        asyncio.run(_drop_database(name))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> str:
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'beat.sqlite3'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+async def db_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(SchedulerBase.metadata.drop_all)
+        await connection.run_sync(SchedulerBase.metadata.create_all)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def session_factory(db_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(db_engine, expire_on_commit=False)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[RecordingBroker]:
+    broker = RecordingBroker()
+    executed: list[tuple[Any, ...]] = []
+    broker.state.executed = executed
+
+    @broker.task(task_name="tests.record")
+    async def record(*args: Any, **kwargs: Any) -> int:
+        executed.append((args, kwargs))
+        return len(executed)
+
+    @broker.task(task_name="tests.fail")
+    async def fail(*args: Any, **kwargs: Any) -> None:
+        executed.append(("fail", args, kwargs))
+        raise RuntimeError("step failed (test)")
+
+    await broker.startup()
+    try:
+        yield broker
+    finally:
+        await broker.shutdown()
+
+
+@pytest.fixture
+def config() -> SchedulerConfig:
+    return SchedulerConfig(sync_interval_seconds=1.0, dispatch_retry_seconds=5)
+
+
+@pytest.fixture
+def app(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    config: SchedulerConfig,
+    clock: FakeClock,
+) -> SchedulerApp:
+    return SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
+
+
+@pytest.fixture
+async def session(session_factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    async with session_factory() as session:
+        yield session

@@ -1,0 +1,529 @@
+"""The engine: windowed sync, claim-before-send, coalescing, retries, stop — on both backends.
+
+Time is driven by a fake clock and ``engine.tick()``; nothing here sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta, timezone
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from taskiq_beat import (
+    IntervalTrigger,
+    OneOffSchedule,
+    PeriodicSchedule,
+    RunStatus,
+    SchedulerApp,
+    SchedulerConfig,
+    SchedulerJob,
+    SchedulerRun,
+    fire_task_id,
+)
+from taskiq_beat.store import Claim, SchedulerStore
+from tests.utils import FakeClock, RecordingBroker
+
+UTC = timezone.utc
+
+
+def every(seconds: float) -> PeriodicSchedule:
+    return PeriodicSchedule(interval=IntervalTrigger(seconds=seconds))
+
+
+async def runs_of(session: AsyncSession, job_id: str) -> list[SchedulerRun]:
+    result = await session.execute(
+        sa.select(SchedulerRun)
+        .where(SchedulerRun.job_id == job_id)
+        .order_by(SchedulerRun.scheduled_for)
+        .execution_options(populate_existing=True)
+    )
+    runs = list(result.scalars())
+    await session.commit()
+    return runs
+
+
+async def reload(session: AsyncSession, job_id: str) -> SchedulerJob:
+    result = await session.execute(
+        sa.select(SchedulerJob)
+        .where(SchedulerJob.id == job_id)
+        .execution_options(populate_existing=True)
+    )
+    job = result.scalar_one()
+    await session.commit()
+    return job
+
+
+def second_app(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    clock: FakeClock,
+    config: SchedulerConfig | None = None,
+) -> SchedulerApp:
+    """Another scheduler on the same database (as a second process would be)."""
+    return SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
+
+
+async def test_interval_job_fires_on_schedule_and_stays_on_its_grid(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    start = clock.now()
+    job = await app.single(task="tests.record", args=[1]).schedule(session, trigger=every(10))
+    await app.engine.sync()
+
+    assert await app.engine.tick() == 0
+    clock.advance(10.7)  # a late tick: the next fire still counts from the scheduled time
+    assert await app.engine.tick() == 1
+    clock.advance(9.3)
+    assert await app.engine.tick() == 1
+
+    scheduled = [r.scheduled_for for r in await runs_of(session, job.id)]
+    assert scheduled == [start + timedelta(seconds=10), start + timedelta(seconds=20)]
+    assert (await reload(session, job.id)).next_run_at == start + timedelta(seconds=30)
+    assert [m.task_id for m in broker.sent] == [fire_task_id(job.id, t) for t in scheduled]
+    assert broker.state.executed == [((1,), {}), ((1,), {})]
+
+
+async def test_missed_fires_coalesce_into_the_latest_one(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    start = clock.now()
+    job = await app.single(task="tests.record").schedule(session, trigger=every(5))
+    clock.advance(52)  # ten fires were due while the scheduler was away
+    await app.engine.sync()
+    assert await app.engine.tick() == 1
+    [run] = await runs_of(session, job.id)
+    assert run.scheduled_for == start + timedelta(seconds=50)
+    assert (await reload(session, job.id)).next_run_at == start + timedelta(seconds=55)
+    assert len(broker.sent) == 1
+
+
+async def test_one_off_fires_once(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    job = await app.single(task="tests.record").schedule(
+        session, trigger=OneOffSchedule(run_at=clock.now() + timedelta(seconds=3))
+    )
+    await app.engine.sync()
+    clock.advance(3)
+    assert await app.engine.tick() == 1
+    clock.advance(60)
+    await app.engine.sync()
+    assert await app.engine.tick() == 0
+    assert (await reload(session, job.id)).next_run_at is None
+    assert len(await runs_of(session, job.id)) == 1
+
+
+async def test_past_one_off_fires_at_once(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    await app.single(task="tests.record").schedule(
+        session, trigger=OneOffSchedule(run_at=clock.now() - timedelta(days=1))
+    )
+    await app.engine.sync()
+    assert await app.engine.tick() == 1
+
+
+async def test_end_at_stops_a_periodic_job(
+    app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    trigger = PeriodicSchedule(
+        interval=IntervalTrigger(seconds=10), end_at=clock.now() + timedelta(seconds=25)
+    )
+    job = await app.single(task="tests.record").schedule(session, trigger=trigger)
+    await app.engine.sync()
+    fired = 0
+    for _ in range(5):
+        clock.advance(10)
+        fired += await app.engine.tick()
+    assert fired == 2
+    assert (await reload(session, job.id)).next_run_at is None
+
+
+async def test_sync_loads_only_jobs_due_within_the_window(
+    app: SchedulerApp,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    for index in range(30):
+        await app.single(task="tests.record").upsert(
+            session, trigger=PeriodicSchedule(interval=IntervalTrigger(hours=1)), job_id=f"l{index}"
+        )
+    for index in range(3):
+        await app.single(task="tests.record").upsert(
+            session, trigger=every(1), job_id=f"soon{index}"
+        )
+    # A fresh engine, as after a restart, loads the three jobs due soon and nothing else.
+    other = second_app(app.broker, session_factory, clock)  # type: ignore[arg-type]
+    await other.engine.sync()
+    assert other.engine.loaded_jobs == 3
+
+
+async def test_in_process_changes_reach_the_engine_without_a_sync(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    clock: FakeClock,
+) -> None:
+    app = SchedulerApp(
+        broker=broker,
+        session_factory=session_factory,
+        config=SchedulerConfig(sync_interval_seconds=3600),
+        clock=clock,
+    )
+    await app.engine.sync()
+    async with session_factory() as session:
+        job = await app.single(task="tests.record").schedule(session, trigger=every(2))
+        clock.advance(2)
+        assert await app.engine.tick() == 1
+        await app.pause(session, job.id)
+        clock.advance(2)
+        assert await app.engine.tick() == 0
+        await app.resume(session, job.id)
+        clock.advance(2)
+        assert await app.engine.tick() == 1
+
+
+async def test_claim_loses_to_a_concurrent_edit_and_nothing_is_sent(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    job = await app.single(task="tests.record").schedule(session, trigger=every(10))
+    await app.engine.sync()  # the engine now holds next_run_at = +10 s
+    # Another process moves the job an hour later behind this engine's back.
+    later = clock.now() + timedelta(hours=1)
+    await session.execute(
+        sa.update(SchedulerJob)
+        .where(SchedulerJob.id == job.id)
+        .values(next_run_at=later, revision=SchedulerJob.revision + 1)
+    )
+    await session.commit()
+
+    clock.advance(10)
+    assert await app.engine.tick() == 0
+    assert broker.sent == []
+    assert await runs_of(session, job.id) == []
+    assert (await reload(session, job.id)).next_run_at == later
+
+
+async def test_claim_loses_to_a_pause_from_another_process(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    job = await app.single(task="tests.record").schedule(session, trigger=every(10))
+    await app.engine.sync()
+    other = second_app(broker, session_factory, clock)
+    async with session_factory() as other_session:
+        await other.pause(other_session, job.id)
+    clock.advance(10)
+    assert await app.engine.tick() == 0
+    assert broker.sent == []
+
+
+async def test_two_schedulers_send_each_fire_once(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    other = second_app(broker, session_factory, clock)
+    for index in range(20):
+        await app.single(task="tests.record", args=[index]).upsert(
+            session, trigger=every(1), job_id=f"job-{index}"
+        )
+    for _ in range(5):
+        clock.advance(1)
+        await app.engine.sync()
+        await other.engine.sync()
+        await asyncio.gather(app.engine.tick(), other.engine.tick())
+
+    task_ids = [m.task_id for m in broker.sent]
+    assert len(task_ids) == 100
+    assert len(set(task_ids)) == 100
+    count = await session.execute(sa.select(sa.func.count()).select_from(SchedulerRun))
+    assert count.scalar_one() == 100
+
+
+async def test_failed_send_is_retried_with_the_same_task_id(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    job = await app.single(task="tests.record").schedule(session, trigger=every(60))
+    await app.engine.sync()
+    clock.advance(60)
+    broker.fail_sends = True
+    assert await app.engine.tick() == 0
+    [run] = await runs_of(session, job.id)
+    assert run.status is RunStatus.FAILED
+    assert run.error is not None
+    assert "unreachable" in run.error
+    assert run.next_attempt_at == clock.now() + timedelta(seconds=5)
+    # The schedule itself moved on.
+    assert (await reload(session, job.id)).next_run_at == run.scheduled_for + timedelta(minutes=1)
+
+    broker.fail_sends = False
+    clock.advance(4)
+    assert await app.engine.tick() == 0  # not yet
+    clock.advance(1)
+    assert await app.engine.tick() == 1
+    [run] = await runs_of(session, job.id)
+    assert run.status is RunStatus.DISPATCHED
+    assert run.attempt == 2
+    assert [m.task_id for m in broker.sent] == [fire_task_id(job.id, run.scheduled_for)]
+
+
+async def test_task_unknown_at_dispatch_disables_the_job_once(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @broker.task(task_name="tests.temporary")
+    async def temporary() -> None:
+        return None
+
+    doomed = await app.single(task="tests.temporary").schedule(session, trigger=every(1))
+    healthy = await app.single(task="tests.record").schedule(session, trigger=every(1))
+    del broker.local_task_registry["tests.temporary"]
+    await app.engine.sync()
+    with caplog.at_level(logging.WARNING, logger="taskiq_beat"):
+        for _ in range(4):
+            clock.advance(1)
+            await app.engine.tick()
+            await app.engine.sync()
+
+    job = await reload(session, doomed.id)
+    assert job.is_enabled is False
+    assert job.last_error is not None
+    assert "tests.temporary" in job.last_error
+    [run] = await runs_of(session, doomed.id)
+    assert run.status is RunStatus.FAILED
+    assert run.next_attempt_at is None
+    assert len(await runs_of(session, healthy.id)) == 4
+    disabling = [r for r in caplog.records if "disabling job" in r.getMessage()]
+    assert len(disabling) == 1
+
+
+async def test_corrupt_trigger_disables_only_that_job(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    bad = await app.single(task="tests.record").schedule(session, trigger=every(1))
+    good = await app.single(task="tests.record").schedule(session, trigger=every(1))
+    await session.execute(
+        sa.update(SchedulerJob)
+        .where(SchedulerJob.id == bad.id)
+        .values(trigger={"version": 99, "type": "periodic"})
+    )
+    await session.commit()
+    clock.advance(1)
+    await app.engine.sync()
+    assert await app.engine.tick() == 1
+    job = await reload(session, bad.id)
+    assert job.is_enabled is False
+    assert job.last_error is not None
+    assert "version" in job.last_error
+    assert [m.labels["taskiq_beat_job_id"] for m in broker.sent] == [good.id]
+
+
+async def test_corrupt_args_disable_the_job(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    job = await app.single(task="tests.record").schedule(session, trigger=every(1))
+    await session.execute(
+        sa.update(SchedulerJob).where(SchedulerJob.id == job.id).values(args={"not": "a list"})
+    )
+    await session.commit()
+    clock.advance(1)
+    await app.engine.sync()
+    assert await app.engine.tick() == 0
+    stored = await reload(session, job.id)
+    assert stored.is_enabled is False
+    assert stored.last_error is not None
+    assert "args" in stored.last_error
+    assert broker.sent == []
+
+
+async def test_record_runs_false_keeps_no_history_but_sends(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    clock: FakeClock,
+) -> None:
+    app = SchedulerApp(
+        broker=broker,
+        session_factory=session_factory,
+        config=SchedulerConfig(record_runs=False),
+        clock=clock,
+    )
+    async with session_factory() as session:
+        job = await app.single(task="tests.record").schedule(session, trigger=every(1))
+        await app.engine.sync()
+        clock.advance(1)
+        assert await app.engine.tick() == 1
+        assert await runs_of(session, job.id) == []
+    assert len(broker.sent) == 1
+
+
+async def test_a_claimed_fire_left_by_a_crashed_scheduler_is_resent_after_its_lease(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    job = await app.single(task="tests.record").schedule(session, trigger=every(10))
+    due = clock.advance(10)
+    # A scheduler claims the fire and dies before sending it.
+    store = SchedulerStore(session_factory)
+    fires, lost = await store.claim(
+        [
+            Claim(
+                job_id=job.id,
+                expected_next_run_at=due,
+                expected_revision=job.revision,
+                scheduled_for=due,
+                new_next_run_at=due + timedelta(seconds=10),
+                task_id=fire_task_id(job.id, due),
+            )
+        ],
+        now=due,
+        lease_until=due + timedelta(seconds=30),
+        owner="crashed",
+    )
+    assert len(fires) == 1
+    assert not lost
+
+    await app.engine.sync()
+    assert await app.engine.tick() == 0  # the lease still holds
+    assert broker.sent == []
+    clock.advance(30)
+    await app.engine.sync()
+    sent = await app.engine.tick()
+    resent = [m for m in broker.sent if m.task_id == fire_task_id(job.id, due)]
+    assert len(resent) == 1
+    assert sent >= 1
+    runs = {r.scheduled_for: r for r in await runs_of(session, job.id)}
+    assert runs[due].status is RunStatus.DISPATCHED
+
+
+async def test_stop_mid_batch_releases_unsent_fires_and_nothing_is_sent_twice(
+    session_factory: async_sessionmaker[AsyncSession], clock: FakeClock
+) -> None:
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    class SlowBroker(RecordingBroker):
+        async def kick(self, message: Any) -> None:
+            started.set()
+            await gate.wait()
+            await super().kick(message)
+
+    broker = SlowBroker()
+    broker.register_task(lambda: None, task_name="tests.noop")
+    await broker.startup()
+    config = SchedulerConfig(dispatch_concurrency=2)
+    app = SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
+    async with session_factory() as session:
+        for index in range(10):
+            await app.single(task="tests.noop").upsert(
+                session, trigger=every(60), job_id=f"job-{index}"
+            )
+    clock.advance(60)
+    await app.start()
+    await asyncio.wait_for(started.wait(), 5)
+    stopping = asyncio.create_task(app.stop())
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(stopping, 5)
+
+    first_round = [m.task_id for m in broker.sent]
+    assert len(first_round) == 2
+    async with session_factory() as session:
+        result = await session.execute(sa.select(SchedulerRun))
+        runs = list(result.scalars())
+    assert len(runs) == 10
+    assert sum(r.status is RunStatus.DISPATCHED for r in runs) == 2
+    released = [r for r in runs if r.status is RunStatus.CLAIMED]
+    assert len(released) == 8
+    assert all(r.next_attempt_at == clock.now() and r.claimed_by is None for r in released)
+
+    # The next scheduler sends the released fires at once, each exactly once.
+    successor = SchedulerApp(broker=broker, session_factory=session_factory, clock=clock)
+    await successor.engine.sync()
+    assert await successor.engine.tick() == 8
+    task_ids = [m.task_id for m in broker.sent]
+    assert len(task_ids) == 10
+    assert len(set(task_ids)) == 10
+    await broker.shutdown()
+
+
+async def test_sql_per_batch_does_not_grow_with_the_batch(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    db_engine: AsyncEngine,
+) -> None:
+    async def statements_for(count: int, prefix: str) -> int:
+        for index in range(count):
+            await app.single(task="tests.record").upsert(
+                session, trigger=every(60), job_id=f"{prefix}{index}"
+            )
+        clock.advance(60)
+        await app.engine.sync()
+        executed: list[str] = []
+
+        def count_statement(*args: Any) -> None:
+            executed.append(args[2])
+
+        event.listen(db_engine.sync_engine, "before_cursor_execute", count_statement)
+        try:
+            assert await app.engine.tick() >= count
+        finally:
+            event.remove(db_engine.sync_engine, "before_cursor_execute", count_statement)
+        return len(executed)
+
+    small = await statements_for(2, "a")
+    large = await statements_for(60, "b")
+    assert large == small
+
+
+async def test_start_runs_the_loop_in_the_background(
+    broker: RecordingBroker, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    app = SchedulerApp(
+        broker=broker,
+        session_factory=session_factory,
+        config=SchedulerConfig(sync_interval_seconds=0.05, idle_sleep_seconds=0.05),
+    )
+    async with session_factory() as session:
+        job = await app.single(task="tests.record").schedule(session, trigger=every(0.05))
+    async with app:
+        assert app.is_running
+        await broker.wait_sent(3)
+    assert not app.is_running
+    assert len(broker.sent_for(job.id)) >= 3
+    sent = len(broker.sent)
+    await asyncio.sleep(0.1)
+    assert len(broker.sent) == sent  # stopped means stopped
+
+
+async def test_start_and_stop_are_idempotent(app: SchedulerApp) -> None:
+    await app.stop()
+    await app.start()
+    await app.start()
+    assert app.is_running
+    await app.stop()
+    await app.stop()
+    assert not app.is_running

@@ -1,0 +1,120 @@
+"""Storage rules: aware UTC datetimes on every backend, enforced foreign keys, constraints."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from taskiq_beat import (
+    IntervalTrigger,
+    PeriodicSchedule,
+    RunStatus,
+    SchedulerApp,
+    SchedulerBase,
+    SchedulerJob,
+    SchedulerRun,
+)
+from tests.utils import FakeClock
+
+UTC = timezone.utc
+
+
+async def test_datetimes_come_back_aware_utc(
+    app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    job = await app.single(task="tests.record").schedule(
+        session, trigger=PeriodicSchedule(interval=IntervalTrigger(seconds=30))
+    )
+    await app.run_now(session, job.id)
+    session.expunge_all()
+    stored = (await session.execute(sa.select(SchedulerJob))).scalar_one()
+    run = (await session.execute(sa.select(SchedulerRun))).scalar_one()
+    for value in (
+        stored.next_run_at,
+        stored.created_at,
+        stored.updated_at,
+        stored.last_run_at,
+        run.scheduled_for,
+        run.created_at,
+        run.dispatched_at,
+    ):
+        assert value is not None
+        assert value.tzinfo is not None
+        assert value.utcoffset() == timedelta(0)
+    assert stored.next_run_at == clock.now() + timedelta(seconds=30)
+
+
+async def test_naive_datetime_cannot_be_written(app: SchedulerApp, session: AsyncSession) -> None:
+    job = await app.single(task="tests.record").schedule(
+        session, trigger=PeriodicSchedule(interval=IntervalTrigger(seconds=30))
+    )
+    with pytest.raises(StatementError, match="naive"):
+        await session.execute(
+            sa.update(SchedulerJob)
+            .where(SchedulerJob.id == job.id)
+            .values(next_run_at=datetime(2026, 1, 1))
+        )
+    await session.rollback()
+
+
+async def test_deleting_a_job_row_cascades_to_its_runs(
+    app: SchedulerApp, session: AsyncSession
+) -> None:
+    job = await app.single(task="tests.record").schedule(session)
+    # A plain DELETE, not the API: the database itself must remove the runs.
+    await session.execute(sa.delete(SchedulerJob).where(SchedulerJob.id == job.id))
+    await session.commit()
+    count = await session.execute(sa.select(sa.func.count()).select_from(SchedulerRun))
+    assert count.scalar_one() == 0
+
+
+async def test_a_run_needs_an_existing_job(app: SchedulerApp, session: AsyncSession) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    session.add(
+        SchedulerRun(
+            job_id="ghost",
+            scheduled_for=now,
+            status=RunStatus.CLAIMED,
+            task_id="t",
+            attempt=1,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    with pytest.raises(IntegrityError):
+        await session.commit()
+    await session.rollback()
+
+
+async def test_one_run_per_job_and_scheduled_time(app: SchedulerApp, session: AsyncSession) -> None:
+    job = await app.single(task="tests.record").schedule(session)
+    [run] = await app.list_runs(session, job.id)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    session.add(
+        SchedulerRun(
+            job_id=job.id,
+            scheduled_for=run.scheduled_for,
+            status=RunStatus.CLAIMED,
+            task_id="other",
+            attempt=1,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    with pytest.raises(IntegrityError):
+        await session.commit()
+    await session.rollback()
+
+
+def test_metadata_holds_exactly_the_two_tables_with_named_constraints() -> None:
+    assert set(SchedulerBase.metadata.tables) == {"scheduler_job", "scheduler_run"}
+    run = SchedulerBase.metadata.tables["scheduler_run"]
+    names = {c.name for c in run.constraints}
+    assert "uq_scheduler_run_job_id_scheduled_for" in names
+    assert "fk_scheduler_run_job_id_scheduler_job" in names
+    job = SchedulerBase.metadata.tables["scheduler_job"]
+    assert "ix_scheduler_job_due" in {index.name for index in job.indexes}
