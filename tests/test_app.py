@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -484,3 +486,49 @@ def test_config_defaults_match_the_documented_ones() -> None:
     assert config.dispatch_batch_size == 256
     assert config.record_runs is True
     assert config.default_timezone == "UTC"
+
+
+# ---------------------------------------------------------------------------- logging, races
+
+
+async def test_management_calls_log_under_taskiq_beat(
+    app: SchedulerApp, session: AsyncSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="taskiq_beat"):
+        job = await app.single(task="tests.record").upsert(
+            session, trigger=EVERY_MINUTE, job_id="logged"
+        )
+        await app.pause(session, job.id)
+        await app.resume(session, job.id)
+        await app.run_now(session, job.id)
+        await app.delete(session, job.id)
+        await app.start()
+        await app.stop()
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("taskiq_beat.")]
+    for expected in (
+        "upserted job logged",
+        "paused job logged",
+        "resumed job logged",
+        "ran job logged now",
+        "deleted job logged",
+        "scheduler started",
+        "scheduler stopped",
+    ):
+        assert any(expected in m for m in messages), (expected, messages)
+
+
+async def test_concurrent_upserts_of_one_id_leave_one_row(
+    app: SchedulerApp, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    async def upsert(index: int) -> SchedulerJob:
+        async with session_factory() as session:
+            return await app.single(task="tests.record", args=[index]).upsert(
+                session, trigger=EVERY_MINUTE, job_id="raced"
+            )
+
+    jobs = await asyncio.gather(*(upsert(index) for index in range(5)))
+    assert {job.id for job in jobs} == {"raced"}
+    async with session_factory() as session:
+        assert await count_rows(session, SchedulerJob) == 1
+        [stored] = await app.list_jobs(session)
+    assert stored.args in ([0], [1], [2], [3], [4])
