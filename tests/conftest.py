@@ -8,12 +8,9 @@ under CI (``CI=true``) an unreachable server fails the run.
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -23,48 +20,22 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from taskiq_beat import SchedulerApp, SchedulerBase, SchedulerConfig
-from tests.utils import FakeClock, RecordingBroker
-
-PG_HOST = os.environ.get("TASKIQ_BEAT_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("TASKIQ_BEAT_PG_PORT", "5432"))
-PG_USER = os.environ.get("TASKIQ_BEAT_PG_USER", "postgres")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _admin_dsn() -> str:
-    return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/postgres"
-
-
-async def _create_database(name: str) -> None:
-    connection = await asyncpg.connect(_admin_dsn(), timeout=5)
-    try:
-        await connection.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await connection.close()
-
-
-async def _drop_database(name: str) -> None:
-    connection = await asyncpg.connect(_admin_dsn(), timeout=5)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await connection.close()
+from tests.utils import (
+    FakeClock,
+    RecordingBroker,
+    create_postgres_database,
+    drop_postgres_database,
+)
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL database of its own for this test session."""
-    name = f"taskiq_beat_test_{uuid.uuid4().hex[:12]}"
+    name, url = asyncio.run(create_postgres_database("taskiq_beat_test"))
     try:
-        asyncio.run(_create_database(name))
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is required under CI but unreachable: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {exc}")
-    try:
-        yield f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+        yield url
     finally:
-        asyncio.run(_drop_database(name))
+        asyncio.run(drop_postgres_database(name))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,11 +1,17 @@
-"""Test helpers shared by the suite: a controllable clock and a recording broker."""
+"""Test helpers shared by the suite: a controllable clock, a recording broker, databases."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NoReturn
 
+import asyncpg
+import pytest
 from taskiq import InMemoryBroker
 from taskiq.message import BrokerMessage, TaskiqMessage
 
@@ -60,3 +66,49 @@ class RecordingBroker(InMemoryBroker):
 
     def sent_for(self, job_id: str) -> list[TaskiqMessage]:
         return [m for m in self.sent if m.labels.get("taskiq_beat_job_id") == job_id]
+
+
+PG_HOST = os.environ.get("TASKIQ_BEAT_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("TASKIQ_BEAT_PG_PORT", "5432"))
+PG_USER = os.environ.get("TASKIQ_BEAT_PG_USER", "postgres")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def postgres_unavailable(exc: BaseException) -> NoReturn:
+    """Skip a PostgreSQL test outside CI; fail it under CI, where the server must run."""
+    if IN_CI:
+        pytest.fail(f"PostgreSQL is required under CI but unreachable: {exc}")
+    pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {exc}")
+
+
+async def _admin(statement: str) -> None:
+    dsn = f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/postgres"
+    connection = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def create_postgres_database(prefix: str) -> tuple[str, str]:
+    """Create a new, empty database; return its name and SQLAlchemy URL (skips/fails if down)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        await _admin(f'CREATE DATABASE "{name}"')
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        postgres_unavailable(exc)
+    return name, f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+
+
+async def drop_postgres_database(name: str) -> None:
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.asynccontextmanager
+async def temporary_postgres_database(prefix: str) -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database for the duration of the block; yields its URL."""
+    name, url = await create_postgres_database(prefix)
+    try:
+        yield url
+    finally:
+        await drop_postgres_database(name)
