@@ -368,11 +368,7 @@ class SchedulerStore:
                 return [], lost
             mine = [c for c in claims if c.job_id in won]
             insert = _insert_for(dialect_name)
-            statement = (
-                insert(_run)
-                .on_conflict_do_nothing()
-                .returning(_run.c.id, _run.c.job_id)
-            )
+            statement = insert(_run).on_conflict_do_nothing().returning(_run.c.id, _run.c.job_id)
             rows = [
                 {
                     "job_id": c.job_id,

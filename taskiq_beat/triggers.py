@@ -105,6 +105,7 @@ class ImmediateDispatch(_Frozen):
         return None
 
     def get_next_run_at(self, after: datetime) -> datetime | None:
+        to_utc(after, "after")
         return None
 
 
@@ -117,10 +118,11 @@ class OneOffSchedule(_Frozen):
     def strategy(self) -> JobStrategy:
         return JobStrategy.ONE_OFF
 
-    @field_validator("run_at", mode="before")
+    @field_validator("run_at")
     @classmethod
-    def _check_run_at(cls, value: Any) -> Any:
-        return to_utc(value, "run_at") if isinstance(value, datetime) else value
+    def _check_run_at(cls, value: datetime) -> datetime:
+        # After parsing, so that a naive ISO string is refused like a naive datetime.
+        return to_utc(value, "run_at")
 
     def first_run_at(self, now: datetime) -> datetime | None:
         return self.run_at
@@ -144,8 +146,14 @@ class IntervalTrigger(_Frozen):
         for name in ("weeks", "days", "hours", "minutes", "seconds"):
             if getattr(self, name) < 0:
                 raise InvalidJobError(name, getattr(self, name), "must not be negative")
-        if self.period <= timedelta(0):
-            raise InvalidJobError("period", self.period, "the interval must be longer than zero")
+        try:
+            period = self.period
+        except OverflowError:
+            raise InvalidJobError(
+                "period", self.model_dump(), "the interval is too long for a timedelta"
+            ) from None
+        if period <= timedelta(0):
+            raise InvalidJobError("period", period, "the interval must be longer than zero")
         return self
 
     @property
@@ -182,6 +190,13 @@ class CrontabTrigger(_Frozen):
     timezone: str | None = None
 
     _iterator: croniter | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        # Equal by value: pydantic also compares private attributes, and the cached iterator
+        # above is not part of the value (an evaluated trigger must still equal a fresh one).
+        if isinstance(other, CrontabTrigger):
+            return type(self) is type(other) and self.__dict__ == other.__dict__
+        return NotImplemented
 
     @field_validator(*_CRON_FIELDS, mode="before")
     @classmethod
@@ -268,22 +283,32 @@ class CrontabTrigger(_Frozen):
             return self._wall_after(after.replace(tzinfo=None)).replace(tzinfo=_UTC)
         local = after.astimezone(zone)
         wall = local.replace(tzinfo=None)
-        # Inside the first pass of a repeated hour, times already passed on the wall clock
-        # come round again: start looking as far back as the clock will go back.
-        rewind = timedelta(0)
-        if local.fold == 0:
-            shift = _fold_shift(zone, wall)
-            if shift and self.hour_is_wildcard:
-                rewind = shift
-        candidate_wall = wall - rewind
+        # For wall-clock times later than ``wall``, the instants later than ``after`` come in
+        # wall-clock order, so the first such time that fires gives the answer. Inside a
+        # repeated period (the clock went back by ``shift``) two things differ: in the first
+        # pass, a wildcard-hour time already passed comes round again in the second pass and
+        # may come first; in the second pass, the fixed times of the period do not fire again,
+        # so the search starts at its end. Neither visits every time of the period (thousands
+        # of steps for a cron firing every second).
         best: datetime | None = None
+        start = wall
+        shift = _fold_shift(zone, wall)
+        if shift and local.fold == 0 and self.hour_is_wildcard:
+            transition = _transition_between(zone, after, after + shift)
+            period_start = transition.astimezone(zone).replace(tzinfo=None)
+            repeated = self._wall_after(period_start - _ONE_MICROSECOND)
+            if repeated <= wall:  # its second occurrence is the earliest one still to come
+                best = self._instants(repeated)[-1]
+        elif shift and local.fold == 1 and not self.hour_is_wildcard:
+            transition = _transition_between(zone, after - shift, after)
+            period_end = transition.astimezone(zone).replace(tzinfo=None) + shift
+            start = max(wall, period_end - _ONE_MICROSECOND)
+        candidate_wall = start
         while True:
             candidate_wall = self._wall_after(candidate_wall)
-            for instant in self._instants(candidate_wall):
-                if instant > after and (best is None or instant < best):
-                    best = instant
-            if best is not None and candidate_wall > wall + rewind:
-                return best
+            later = [instant for instant in self._instants(candidate_wall) if instant > after]
+            if later:
+                return later[0] if best is None else min(best, later[0])
 
 
 def _fold_shift(zone: tzinfo, wall: datetime) -> timedelta:
@@ -316,10 +341,11 @@ class PeriodicSchedule(_Frozen):
     start_at: datetime | None = None
     end_at: datetime | None = None
 
-    @field_validator("start_at", "end_at", mode="before")
+    @field_validator("start_at", "end_at")
     @classmethod
-    def _check_bounds(cls, value: Any, info: Any) -> Any:
-        return to_utc(value, info.field_name) if isinstance(value, datetime) else value
+    def _check_bounds(cls, value: datetime | None, info: Any) -> datetime | None:
+        # After parsing, so that a naive ISO string is refused like a naive datetime.
+        return _aware_utc(value, info.field_name)
 
     @model_validator(mode="after")
     def _check_one(self) -> PeriodicSchedule:
@@ -395,18 +421,34 @@ def latest_due_fire(
 def _jump_near(
     trigger: Trigger, floor: datetime, now: datetime
 ) -> tuple[datetime, datetime | None]:
+    """Return ``(latest fire <= now, first fire > now)`` given a fire ``floor`` that is followed
+    by another fire ``<= now``, in a number of evaluations logarithmic in ``now - floor``.
+
+    Searches for the latest start whose next fire is still due (``next(low) <= now``), first by
+    doubling the distance back from ``now``, then by bisection down to a microsecond; walking
+    fire by fire from the doubled distance could take millions of steps for a cron that fires
+    every second only on some days.
+    """
+    high = now  # the next fire after ``high`` is later than ``now`` (or there is none)
     back = timedelta(seconds=1)
     while True:
-        start = max(floor, now - back)
-        probe = trigger.get_next_run_at(start)
+        low = max(floor, now - back)
+        probe = trigger.get_next_run_at(low)
         if probe is not None and probe <= now:
-            following = trigger.get_next_run_at(probe)
-            while following is not None and following <= now:
-                probe, following = following, trigger.get_next_run_at(following)
-            return probe, following
-        if start == floor:
+            break
+        if low == floor:  # not reached when called as documented
             return floor, probe
+        high = low
         back *= 2
+    # next(low) <= now < next(high), so the latest due fire is next(s) for the last such s.
+    while high - low > _ONE_MICROSECOND:
+        middle = low + (high - low) // 2
+        candidate = trigger.get_next_run_at(middle)
+        if candidate is not None and candidate <= now:
+            low, probe = middle, candidate
+        else:
+            high = middle
+    return probe, trigger.get_next_run_at(probe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +481,8 @@ def trigger_from_json(data: Any, *, job_id: str = "?") -> Trigger:
     version = fields.pop("version", None)
     if version != TRIGGER_FORMAT_VERSION:
         raise CorruptJobError(job_id, f"unknown trigger format version {version!r}")
-    cls = _CLASS_OF.get(fields.pop("type", None))
+    kind = fields.pop("type", None)
+    cls = _CLASS_OF.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise CorruptJobError(job_id, f"unknown trigger type {data.get('type')!r}")
     try:
