@@ -66,6 +66,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
 def _enum(cls: type[enum.Enum], name: str) -> sa.Enum:
     """A portable enum column: VARCHAR holding the member values (new members need no DDL)."""
     return sa.Enum(
@@ -117,10 +121,27 @@ class SchedulerJob(SchedulerBase):
         sa.Index("ix_scheduler_job_due", "is_enabled", "next_run_at"),
     )
 
-    @property
-    def metadata_(self) -> dict[str, Any]:
-        """The job's metadata (the ``metadata`` column; ``metadata`` itself is SQLAlchemy's)."""
-        return self.job_metadata
+    def to_dict(self) -> dict[str, Any]:
+        """The job as JSON-ready values (datetimes in ISO 8601, UTC)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "task_name": self.task_name,
+            "kind": self.kind.value,
+            "strategy": self.strategy.value,
+            "trigger": self.trigger,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "metadata": self.job_metadata,
+            "is_enabled": self.is_enabled,
+            "next_run_at": _iso(self.next_run_at),
+            "last_run_at": _iso(self.last_run_at),
+            "last_error": self.last_error,
+            "revision": self.revision,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
 
     def __repr__(self) -> str:
         return (
@@ -158,6 +179,22 @@ class SchedulerRun(SchedulerBase):
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (sa.UniqueConstraint("job_id", "scheduled_for"),)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run as JSON-ready values (datetimes in ISO 8601, UTC)."""
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "scheduled_for": _iso(self.scheduled_for),
+            "status": self.status.value,
+            "task_id": self.task_id,
+            "attempt": self.attempt,
+            "error": self.error,
+            "next_attempt_at": _iso(self.next_attempt_at),
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "dispatched_at": _iso(self.dispatched_at),
+        }
 
     def __repr__(self) -> str:
         return (

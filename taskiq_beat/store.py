@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.util import identity_key
 
 from taskiq_beat.enums import JobKind, RunStatus
 from taskiq_beat.models import SchedulerJob, SchedulerRun
@@ -136,6 +137,7 @@ class SchedulerStore:
 
         :raises IntegrityError: if a job with the same id exists.
         """
+        _make_room(session, job)
         session.add(job)
         try:
             await _commit(session)
@@ -256,6 +258,7 @@ class SchedulerStore:
         Returns the run id, or ``None`` when that fire exists already.
         """
         if job is not None:
+            _make_room(session, job)
             session.add(job)
             await session.flush()
         insert = _insert_for(_dialect_name(session))
@@ -546,6 +549,14 @@ def _select_records() -> sa.Select[Any]:
 def _dialect_name(session: AsyncSession) -> str:
     bind = session.get_bind()
     return bind.dialect.name
+
+
+def _make_room(session: AsyncSession, job: SchedulerJob) -> None:
+    """Detach a row with ``job``'s id loaded earlier in ``session``: the database decides
+    whether the id is taken (the insert then fails on the primary key), not a cached object."""
+    loaded = session.sync_session.identity_map.get(identity_key(SchedulerJob, job.id))
+    if loaded is not None:
+        session.expunge(loaded)
 
 
 async def _commit(session: AsyncSession) -> None:

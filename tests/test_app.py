@@ -269,6 +269,10 @@ async def test_schedule_with_existing_job_id_is_refused(
     assert raised.value.field == "job_id"
     [job] = await app.list_jobs(session)
     assert job.args == []
+    # Again with the existing row loaded in the same session (no SQLAlchemy warning either).
+    await app.get_job(session, "dup")
+    with pytest.raises(InvalidJobError, match="dup"):
+        await app.single(task="tests.record").schedule(session, trigger=EVERY_MINUTE, job_id="dup")
 
 
 # ---------------------------------------------------------------------------- management

@@ -1,0 +1,310 @@
+"""The ``taskiq-beat`` command: run a scheduler, manage jobs, read runs, migrate the database.
+
+Exit codes: 0 success, 1 unexpected failure, 2 bad input (usage, invalid values),
+3 job not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TextIO
+
+from taskiq.abc.cmd import TaskiqCMD
+
+from taskiq_beat.exceptions import InvalidJobError, JobNotFoundError
+from taskiq_beat.scheduler_runner import add_run_arguments, load_scheduler_app, run_command
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from taskiq_beat.app import SchedulerApp
+
+__all__ = ["EXIT_FAILURE", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "BeatCMD", "main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+
+DATABASE_URL_ENV = "TASKIQ_BEAT_DATABASE_URL"
+
+
+class UsageError(Exception):
+    """A command that cannot run as given (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskiq-beat",
+        description="taskiq-beat: run the scheduler, manage jobs, read run history.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 bad input, 3 job not found.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the scheduler process until SIGINT/SIGTERM")
+    add_run_arguments(run)
+    run.set_defaults(handler=run_command)
+
+    target = argparse.ArgumentParser(add_help=False)
+    source = target.add_mutually_exclusive_group()
+    source.add_argument("--app", metavar="MODULE:APP", help="import path of the SchedulerApp")
+    source.add_argument(
+        "--db",
+        metavar="URL",
+        help=f"SQLAlchemy async database URL (default: ${DATABASE_URL_ENV})",
+    )
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    jobs = commands.add_parser("jobs", help="list and manage jobs")
+    job_commands = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = job_commands.add_parser("list", parents=[target, output], help="list jobs")
+    state = listing.add_mutually_exclusive_group()
+    state.add_argument("--enabled", dest="is_enabled", action="store_const", const=True)
+    state.add_argument("--disabled", dest="is_enabled", action="store_const", const=False)
+    listing.add_argument("--task", dest="task_name", help="only jobs of this task")
+    listing.add_argument("--limit", type=int, default=None)
+    listing.add_argument("--offset", type=int, default=0)
+    listing.set_defaults(handler=_handler(_list_jobs))
+    for name, help_text, function in (
+        ("show", "show one job", _show_job),
+        ("pause", "stop firing a job", _pause_job),
+        ("resume", "fire a paused job again", _resume_job),
+        ("run-now", "send a job's task at once (needs --app)", _run_job_now),
+        ("delete", "delete a job and its runs", _delete_job),
+    ):
+        command = job_commands.add_parser(name, parents=[target, output], help=help_text)
+        command.add_argument("job_id")
+        command.set_defaults(handler=_handler(function))
+
+    runs = commands.add_parser("runs", parents=[target, output], help="show run history")
+    runs.add_argument("job_id", nargs="?", help="only runs of this job")
+    runs.add_argument("--status", help="claimed, dispatched or failed")
+    runs.add_argument("--limit", type=int, default=20)
+    runs.set_defaults(handler=_handler(_list_runs))
+
+    database = commands.add_parser("db", help="database schema")
+    db_commands = database.add_subparsers(dest="action", required=True, metavar="ACTION")
+    upgrade = db_commands.add_parser(
+        "upgrade", parents=[target], help="apply taskiq-beat's Alembic migrations"
+    )
+    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.set_defaults(handler=_upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``taskiq-beat``."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except JobNotFoundError as exc:
+        _error(str(exc))
+        return EXIT_NOT_FOUND
+    except (InvalidJobError, ValueError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+
+
+class BeatCMD(TaskiqCMD):
+    """``taskiq beat module:scheduler_app``: the scheduler as a Taskiq CLI subcommand."""
+
+    short_help = "Run a taskiq-beat scheduler (database-backed schedules)."
+
+    def exec(self, args: Sequence[str]) -> int:
+        parser = argparse.ArgumentParser(
+            prog="taskiq beat", description="Run a taskiq-beat scheduler process."
+        )
+        add_run_arguments(parser)
+        return run_command(parser.parse_args(args))
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"taskiq-beat: error: {message}\n")
+
+
+# ---------------------------------------------------------------------------------- wiring
+
+
+Action = Callable[["SchedulerApp", "AsyncSession", argparse.Namespace], Awaitable[Any]]
+
+
+def _handler(action: Action) -> Callable[[argparse.Namespace], int]:
+    def handle(args: argparse.Namespace) -> int:
+        return asyncio.run(_with_app(action, args))
+
+    return handle
+
+
+async def _with_app(action: Action, args: argparse.Namespace) -> int:
+    app = _open_app(args)
+    bind = app.session_factory.kw.get("bind")
+    try:
+        async with app.session_factory() as session:
+            result = await action(app, session, args)
+    finally:
+        if bind is not None:
+            await bind.dispose()
+    _print(result, as_json=args.json, out=sys.stdout)
+    return EXIT_OK
+
+
+def _open_app(args: argparse.Namespace) -> SchedulerApp:
+    if args.app:
+        return load_scheduler_app(args.app)
+    url = args.db or os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        raise UsageError(f"give --app MODULE:APP or --db URL (or set ${DATABASE_URL_ENV})")
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+    from taskiq import InMemoryBroker
+
+    from taskiq_beat.app import SchedulerApp
+
+    engine = create_async_engine(url)
+    # Management without the app: no broker is needed, except to send (run-now).
+    return SchedulerApp(broker=InMemoryBroker(), session_factory=async_sessionmaker(engine))
+
+
+# ---------------------------------------------------------------------------------- actions
+
+
+async def _list_jobs(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    jobs = await app.list_jobs(
+        session,
+        is_enabled=args.is_enabled,
+        task_name=args.task_name,
+        limit=args.limit,
+        offset=args.offset,
+    )
+    return _JobTable([job.to_dict() for job in jobs])
+
+
+async def _show_job(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    return (await app.get_job(session, args.job_id)).to_dict()
+
+
+async def _pause_job(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    return (await app.pause(session, args.job_id)).to_dict()
+
+
+async def _resume_job(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    return (await app.resume(session, args.job_id)).to_dict()
+
+
+async def _run_job_now(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    if not args.app:
+        raise UsageError("run-now sends the task through your broker: give --app MODULE:APP")
+    await app.broker.startup()
+    try:
+        run = await app.run_now(session, args.job_id)
+    finally:
+        await app.broker.shutdown()
+    return run.to_dict()
+
+
+async def _delete_job(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    await app.delete(session, args.job_id)
+    return {"deleted": args.job_id}
+
+
+async def _list_runs(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    runs = await app.list_runs(session, args.job_id, status=args.status, limit=args.limit)
+    return _RunTable([run.to_dict() for run in runs])
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    from taskiq_beat.migrate import upgrade_database
+
+    if args.app:
+        bind = load_scheduler_app(args.app).session_factory.kw.get("bind")
+        if bind is None:
+            raise UsageError("the app's session factory is not bound to an engine; use --db")
+        url = bind.url.render_as_string(hide_password=False)
+    else:
+        url = args.db or os.environ.get(DATABASE_URL_ENV)
+        if not url:
+            raise UsageError(f"give --app MODULE:APP or --db URL (or set ${DATABASE_URL_ENV})")
+    upgrade_database(url, args.revision)
+    sys.stdout.write(f"database upgraded to {args.revision}\n")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+class _JobTable(list[dict[str, Any]]):
+    columns = (
+        ("ID", "id"),
+        ("NAME", "name"),
+        ("TASK", "task_name"),
+        ("STRATEGY", "strategy"),
+        ("ENABLED", "is_enabled"),
+        ("NEXT RUN (UTC)", "next_run_at"),
+        ("LAST RUN (UTC)", "last_run_at"),
+        ("LAST ERROR", "last_error"),
+    )
+
+
+class _RunTable(list[dict[str, Any]]):
+    columns = (
+        ("JOB", "job_id"),
+        ("SCHEDULED FOR (UTC)", "scheduled_for"),
+        ("STATUS", "status"),
+        ("ATTEMPT", "attempt"),
+        ("TASK ID", "task_id"),
+        ("ERROR", "error"),
+    )
+
+
+def _print(result: Any, *, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        out.write(json.dumps(result, indent=2, default=str) + "\n")
+    elif isinstance(result, (_JobTable, _RunTable)):
+        out.write(_table(result.columns, result) + "\n")
+    else:
+        width = max(len(key) for key in result)
+        for key, value in result.items():
+            out.write(f"{key.ljust(width)}  {_cell(value, limit=None)}\n")
+
+
+def _table(columns: Sequence[tuple[str, str]], rows: Sequence[dict[str, Any]]) -> str:
+    cells = [[title for title, _ in columns]]
+    cells += [[_cell(row.get(key)) for _, key in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
+    if not rows:
+        lines.append("(none)")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any, limit: int | None = 40) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, datetime):
+        text = value.strftime("%Y-%m-%d %H:%M:%S")
+    elif isinstance(value, str):
+        text = value.replace("\n", " ")
+    else:
+        text = json.dumps(value, default=str)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Running a ``SchedulerApp`` as a process.
+
+``taskiq-beat run module:scheduler_app`` (also ``taskiq-beat-scheduler``,
+``python -m taskiq_beat.scheduler_runner`` and ``taskiq beat``) imports the app, starts its
+broker, runs the startup hooks, runs the scheduler until SIGINT or SIGTERM, then shuts down
+in reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from taskiq_beat.app import SchedulerApp
+
+__all__ = ["SchedulerRunner", "add_run_arguments", "import_object", "main", "run_command"]
+
+logger = logging.getLogger(__name__)
+
+StartupHook = Callable[..., Any]
+
+
+def import_object(path: str) -> Any:
+    """Import ``module.path:attribute`` (the attribute may be dotted).
+
+    The current directory is put on ``sys.path`` first, as ``taskiq worker`` does.
+
+    :raises ValueError: if ``path`` has no ``:`` or the attribute does not exist.
+    """
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"expected 'module:attribute', got {path!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"{module_name!r} has no attribute {attribute!r}") from None
+    return target
+
+
+def load_scheduler_app(path: str) -> SchedulerApp:
+    """Import the ``SchedulerApp`` at ``path``; a callable returning one is accepted too."""
+    target = import_object(path)
+    if not isinstance(target, SchedulerApp) and callable(target):
+        target = target()
+    if not isinstance(target, SchedulerApp):
+        raise ValueError(f"{path!r} is a {type(target).__name__}, not a SchedulerApp")
+    return target
+
+
+async def call_hook(hook: StartupHook, scheduler_app: SchedulerApp) -> None:
+    """Call a startup hook with no argument, or with the app if it takes one."""
+    parameters = inspect.signature(hook).parameters
+    result = hook(scheduler_app) if parameters else hook()
+    if inspect.isawaitable(result):
+        await result
+
+
+class SchedulerRunner:
+    """Owns the lifespan of a scheduler process."""
+
+    def __init__(
+        self,
+        scheduler_app: SchedulerApp,
+        *,
+        startup_hooks: Sequence[StartupHook] = (),
+        manage_broker: bool = True,
+    ) -> None:
+        self.scheduler_app = scheduler_app
+        self.startup_hooks = tuple(startup_hooks)
+        self.manage_broker = manage_broker
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set, or until SIGINT/SIGTERM when no event is given."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        handled = []
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(stop_signal, stop.set)
+                handled.append(stop_signal)
+        app = self.scheduler_app
+        try:
+            if self.manage_broker:
+                app.broker.is_scheduler_process = True
+                await app.broker.startup()
+            try:
+                for hook in self.startup_hooks:
+                    await call_hook(hook, app)
+                await app.start()
+                try:
+                    await stop.wait()
+                    logger.info("stop requested; shutting down")
+                finally:
+                    await app.stop()
+            finally:
+                if self.manage_broker:
+                    await app.broker.shutdown()
+        finally:
+            for stop_signal in handled:
+                loop.remove_signal_handler(stop_signal)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``taskiq-beat run`` (shared by its aliases)."""
+    parser.add_argument(
+        "scheduler_app", help="import path of the SchedulerApp, e.g. myapp.scheduler:scheduler_app"
+    )
+    parser.add_argument(
+        "--startup",
+        action="append",
+        default=[],
+        metavar="MODULE:HOOK",
+        help="callable run after the broker starts, before the scheduler (repeatable); "
+        "it may take the SchedulerApp as its only argument and may be async",
+    )
+    parser.add_argument(
+        "--skip-broker-lifespan",
+        action="store_true",
+        help="do not call broker.startup()/shutdown()",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level (default: INFO)", type=str.upper
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the scheduler process described by parsed ``run`` arguments."""
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    scheduler_app = load_scheduler_app(args.scheduler_app)
+    hooks = [import_object(path) for path in args.startup]
+    runner = SchedulerRunner(
+        scheduler_app, startup_hooks=hooks, manage_broker=not args.skip_broker_lifespan
+    )
+    asyncio.run(runner.run())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``taskiq-beat-scheduler`` and ``python -m taskiq_beat.scheduler_runner``."""
+    parser = argparse.ArgumentParser(
+        prog="taskiq-beat-scheduler", description="Run a taskiq-beat scheduler process."
+    )
+    add_run_arguments(parser)
+    return run_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
