@@ -5,6 +5,7 @@ from taskiq_beat.builders import ChainJobBuilder, SingleJobBuilder
 from taskiq_beat.chain import CHAIN_TASK_NAME, ChainStep, register_chain_orchestrator
 from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
+from taskiq_beat.discovery import TaskDiscovery, discover_task_modules
 from taskiq_beat.dispatch import JOB_ID_LABEL, SCHEDULED_FOR_LABEL, fire_task_id
 from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
 from taskiq_beat.exceptions import (
@@ -53,9 +54,11 @@ __all__ = [
     "SchedulerRun",
     "SingleJobBuilder",
     "SystemClock",
+    "TaskDiscovery",
     "TaskiqBeatError",
     "Trigger",
     "UnknownTaskError",
+    "discover_task_modules",
     "fire_task_id",
     "register_chain_orchestrator",
 ]
