@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -44,16 +45,24 @@ class Dispatcher:
         self._halted = True
 
     async def send(self, fires: Sequence[Fire]) -> list[SendOutcome]:
-        """Send ``fires``; return one outcome per fire, in order."""
-        if len(fires) <= self._concurrency:
-            return list(await asyncio.gather(*(self._send_one(fire) for fire in fires)))
-        semaphore = asyncio.Semaphore(self._concurrency)
+        """Send ``fires``; return one outcome per fire, in order.
 
-        async def bounded(fire: Fire) -> SendOutcome:
-            async with semaphore:
-                return await self._send_one(fire)
+        A fixed pool of ``concurrency`` senders takes fires from one queue: no task, lock or
+        timer is created per fire beyond the ``kiq`` itself.
+        """
+        outcomes: list[SendOutcome] = [SendOutcome(fire, released=True) for fire in fires]
+        queue = iter(enumerate(fires))
 
-        return list(await asyncio.gather(*(bounded(fire) for fire in fires)))
+        async def sender() -> None:
+            for index, fire in queue:
+                outcomes[index] = await self._send_one(fire)
+
+        senders = min(self._concurrency, len(fires))
+        if senders == 1:
+            await sender()
+        elif senders > 1:
+            await asyncio.gather(*(sender() for _ in range(senders)))
+        return outcomes
 
     async def _send_one(self, fire: Fire) -> SendOutcome:
         if self._halted:
@@ -69,15 +78,27 @@ class Dispatcher:
             args, kwargs, labels = _payload(fire)
         except ValueError as exc:
             return SendOutcome(fire, error=str(exc), final=True)
+        kicker = task.kicker().with_task_id(fire.task_id).with_labels(**labels)
         try:
-            kicker = task.kicker().with_task_id(fire.task_id).with_labels(**labels)
-            await asyncio.wait_for(kicker.kiq(*args, **kwargs), self._timeout)
+            await _within(self._timeout, kicker.kiq(*args, **kwargs))
         except asyncio.TimeoutError:
             return SendOutcome(fire, error=f"kiq timed out after {self._timeout} s")
         except Exception as exc:
             logger.debug("kiq of job %s failed", fire.job_id, exc_info=True)
             return SendOutcome(fire, error=describe_error(exc))
         return SendOutcome(fire)
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(seconds: float, awaitable: Awaitable[Any]) -> None:
+        async with asyncio.timeout(seconds):
+            await awaitable
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _within(seconds: float, awaitable: Awaitable[Any]) -> None:
+        await asyncio.wait_for(awaitable, seconds)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import logging
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -293,7 +293,11 @@ class SchedulerEngine:
             after = following[snapshot.id]
             changed_meanwhile = snapshot.id in self._jobs
             if after is not None and self._within_horizon(after) and not changed_meanwhile:
-                self._put(replace(snapshot, next_run_at=after))
+                self._put(
+                    JobSnapshot(
+                        snapshot.id, snapshot.kind, snapshot.trigger, after, snapshot.revision
+                    )
+                )
         if lost:
             logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))
         return await self._send(fires)

@@ -26,6 +26,7 @@ __all__ = [
     "SchedulerJob",
     "SchedulerRun",
     "UTCDateTime",
+    "sqlite_datetime",
 ]
 
 JOB_ID_MAX_LENGTH = 255
@@ -39,6 +40,15 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+SQLITE_DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+"""How SQLAlchemy stores datetimes as SQLite text (UTC here): text order is time order."""
+
+
+def sqlite_datetime(value: datetime) -> str:
+    """``value`` (aware) as the SQLite text stored in a ``UTCDateTime`` column."""
+    return value.astimezone(timezone.utc).strftime(SQLITE_DATETIME_FORMAT)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

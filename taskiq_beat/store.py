@@ -24,6 +24,7 @@ The exactly-once contract:
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -34,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.util import identity_key
 
 from taskiq_beat.enums import JobKind, RunStatus
-from taskiq_beat.models import SchedulerJob, SchedulerRun
+from taskiq_beat.models import SchedulerJob, SchedulerRun, UTCDateTime, sqlite_datetime
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -114,13 +115,6 @@ def _insert_for(dialect_name: str) -> Any:
     if dialect_name == "sqlite":
         return sqlite.insert
     raise NotImplementedError(f"taskiq-beat supports SQLite and PostgreSQL, not {dialect_name!r}")
-
-
-def _update_source(dialect_name: str, rows: list[tuple[Any, ...]], columns: list[Any]) -> Any:
-    """A VALUES list usable in ``UPDATE ... FROM`` on this dialect."""
-    values = sa.values(*columns, name="claim").data(rows)
-    # SQLite cannot alias the columns of a VALUES derived table, but accepts a CTE.
-    return values.cte("claim") if dialect_name == "sqlite" else values
 
 
 class SchedulerStore:
@@ -324,69 +318,18 @@ class SchedulerStore:
         if not claims:
             return [], set()
         async with self._session_factory() as session, session.begin():
-            dialect_name = _dialect_name(session)
-            source = _update_source(
-                dialect_name,
-                [
-                    (
-                        c.job_id,
-                        c.expected_next_run_at,
-                        c.expected_revision,
-                        c.new_next_run_at,
-                        c.scheduled_for,
-                    )
-                    for c in claims
-                ],
-                [
-                    sa.column("job_id", _job.c.id.type),
-                    sa.column("expected", _job.c.next_run_at.type),
-                    sa.column("revision", sa.Integer),
-                    sa.column("new_next", _job.c.next_run_at.type),
-                    sa.column("scheduled_for", _job.c.next_run_at.type),
-                ],
-            )
-            cas = (
-                sa.update(_job)
-                .where(
-                    _job.c.id == source.c.job_id,
-                    _job.c.next_run_at == source.c.expected,
-                    _job.c.revision == source.c.revision,
-                    _job.c.is_enabled.is_(True),
-                )
-                .values(
-                    next_run_at=_typed(dialect_name, source.c.new_next),
-                    last_run_at=source.c.scheduled_for,
-                )
-                .returning(
-                    _job.c.id,
-                    _job.c.task_name,
-                    _job.c.args,
-                    _job.c.kwargs,
-                    _job.c["metadata"],
-                )
-            )
-            won = {row[0]: row for row in await session.execute(cas)}
+            batch = _batch_sql(session)
+            won = {row[0]: row for row in await batch.advance_jobs(session, claims)}
             lost = {c.job_id for c in claims if c.job_id not in won}
-            if not won:
-                return [], lost
             mine = [c for c in claims if c.job_id in won]
-            insert = _insert_for(dialect_name)
-            statement = insert(_run).on_conflict_do_nothing().returning(_run.c.id, _run.c.job_id)
-            rows = [
-                {
-                    "job_id": c.job_id,
-                    "scheduled_for": c.scheduled_for,
-                    "status": RunStatus.CLAIMED,
-                    "task_id": c.task_id,
-                    "attempt": 1,
-                    "claimed_by": owner,
-                    "next_attempt_at": lease_until,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for c in mine
-            ]
-            inserted = {job_id: run_id for run_id, job_id in await session.execute(statement, rows)}
+            if not mine:
+                return [], lost
+            inserted = dict(
+                (job_id, run_id)
+                for run_id, job_id in await batch.insert_runs(
+                    session, mine, owner=owner, lease_until=lease_until, now=now
+                )
+            )
         fires = [
             Fire(
                 run_id=inserted[c.job_id],
@@ -461,27 +404,13 @@ class SchedulerStore:
         released = [o.fire.run_id for o in outcomes if o.released]
         failed = [o for o in outcomes if o.error is not None]
         async with self._session_factory() as session, session.begin():
-            if sent:
-                if keep_runs:
-                    await session.execute(
-                        sa.update(_run)
-                        .where(_run.c.id.in_(sent))
-                        .values(
-                            status=RunStatus.DISPATCHED,
-                            next_attempt_at=None,
-                            dispatched_at=now,
-                            updated_at=now,
-                            error=None,
-                        )
-                    )
-                else:
-                    await session.execute(sa.delete(_run).where(_run.c.id.in_(sent)))
+            batch = _batch_sql(session)
+            if sent and keep_runs:
+                await batch.close_runs(session, sent, now=now)
+            elif sent:
+                await batch.delete_runs(session, sent)
             if released:
-                await session.execute(
-                    sa.update(_run)
-                    .where(_run.c.id.in_(released))
-                    .values(next_attempt_at=now, claimed_by=None, updated_at=now)
-                )
+                await batch.release_runs(session, released, now=now)
             if failed:
                 await session.execute(
                     sa.update(_run)
@@ -518,13 +447,6 @@ class SchedulerStore:
                 ),
                 [{"job": job_id, "message": message} for job_id, message in errors.items()],
             )
-
-
-def _typed(dialect_name: str, column: Any) -> Any:
-    """PostgreSQL types a VALUES column of NULLs as text: cast it back to a timestamp."""
-    if dialect_name == "postgresql":
-        return sa.cast(column, _job.c.next_run_at.type)
-    return column
 
 
 def _select_payloads() -> sa.Select[Any]:
@@ -573,3 +495,197 @@ async def _commit(session: AsyncSession) -> None:
         await session.commit()
     finally:
         sync_session.expire_on_commit = expire
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch statements. Their text does not depend on the batch size, so each is compiled (and on
+# PostgreSQL prepared) once: the rows travel as array parameters (PostgreSQL, ``unnest``) or
+# as one JSON parameter (SQLite, ``json_each``).
+# ----------------------------------------------------------------------------------------------
+
+_JOB, _RUN = _job.name, _run.name
+_PAYLOAD_COLUMNS: dict[str, sa.types.TypeEngine[Any]] = {
+    "id": sa.String(),
+    "task_name": sa.String(),
+    "args": sa.JSON(),
+    "kwargs": sa.JSON(),
+    "metadata": sa.JSON(),
+}
+_RUN_INSERT = (
+    f"INSERT INTO {_RUN} (job_id, scheduled_for, status, task_id, attempt, claimed_by,"
+    " next_attempt_at, created_at, updated_at)"
+)
+_STATUS, _DISPATCHED = RunStatus.CLAIMED.value, RunStatus.DISPATCHED.value
+
+
+def _times(*names: str) -> list[sa.BindParameter[Any]]:
+    return [sa.bindparam(name, type_=UTCDateTime()) for name in names]
+
+
+class _BatchSql:
+    """The engine's hot statements for one dialect."""
+
+    advance: sa.TextualSelect
+    insert: sa.TextualSelect
+    close: sa.TextClause
+    release: sa.TextClause
+    delete: sa.TextClause
+
+    def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def run_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def advance_jobs(self, session: AsyncSession, claims: Sequence[Claim]) -> list[Any]:
+        return list(await session.execute(self.advance, self.claim_params(claims)))
+
+    async def insert_runs(
+        self,
+        session: AsyncSession,
+        claims: Sequence[Claim],
+        *,
+        owner: str,
+        lease_until: datetime,
+        now: datetime,
+    ) -> list[Any]:
+        params = {"owner": owner, "lease_until": lease_until, "now": now, "status": _STATUS}
+        params.update(self.run_params(claims))
+        return list(await session.execute(self.insert, params))
+
+    async def close_runs(self, session: AsyncSession, ids: Sequence[int], *, now: datetime) -> None:
+        params = {"now": now, "status": _DISPATCHED, **self.id_params(ids)}
+        await session.execute(self.close, params)
+
+    async def release_runs(
+        self, session: AsyncSession, ids: Sequence[int], *, now: datetime
+    ) -> None:
+        await session.execute(self.release, {"now": now, **self.id_params(ids)})
+
+    async def delete_runs(self, session: AsyncSession, ids: Sequence[int]) -> None:
+        await session.execute(self.delete, self.id_params(ids))
+
+
+class _PostgresBatchSql(_BatchSql):
+    advance = sa.text(
+        f"UPDATE {_JOB} AS job"
+        " SET next_run_at = claim.new_next, last_run_at = claim.scheduled_for"
+        " FROM unnest(CAST(:job_ids AS VARCHAR[]), CAST(:expected AS TIMESTAMPTZ[]),"
+        " CAST(:revisions AS INTEGER[]), CAST(:new_next AS TIMESTAMPTZ[]),"
+        " CAST(:scheduled_for AS TIMESTAMPTZ[]))"
+        " AS claim(job_id, expected, revision, new_next, scheduled_for)"
+        " WHERE job.id = claim.job_id AND job.next_run_at = claim.expected"
+        " AND job.revision = claim.revision AND job.is_enabled"
+        " RETURNING job.id, job.task_name, job.args, job.kwargs, job.metadata"
+    ).columns(**_PAYLOAD_COLUMNS)
+    insert = (
+        sa.text(
+            f"{_RUN_INSERT} SELECT run.job_id, run.scheduled_for, :status, run.task_id, 1,"
+            " :owner, :lease_until, :now, :now"
+            " FROM unnest(CAST(:job_ids AS VARCHAR[]), CAST(:scheduled_for AS TIMESTAMPTZ[]),"
+            " CAST(:task_ids AS VARCHAR[])) AS run(job_id, scheduled_for, task_id)"
+            " ON CONFLICT DO NOTHING RETURNING id, job_id"
+        )
+        .bindparams(*_times("lease_until", "now"))
+        .columns(id=sa.BigInteger(), job_id=sa.String())
+    )
+    _ids = " WHERE id = ANY(CAST(:ids AS BIGINT[]))"
+    close = sa.text(
+        f"UPDATE {_RUN} SET status = :status, next_attempt_at = NULL, dispatched_at = :now,"
+        f" updated_at = :now, error = NULL{_ids}"
+    ).bindparams(*_times("now"))
+    release = sa.text(
+        f"UPDATE {_RUN} SET next_attempt_at = :now, claimed_by = NULL, updated_at = :now{_ids}"
+    ).bindparams(*_times("now"))
+    delete = sa.text(f"DELETE FROM {_RUN}{_ids}")
+
+    def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
+        return {
+            "job_ids": [c.job_id for c in claims],
+            "expected": [c.expected_next_run_at for c in claims],
+            "revisions": [c.expected_revision for c in claims],
+            "new_next": [c.new_next_run_at for c in claims],
+            "scheduled_for": [c.scheduled_for for c in claims],
+        }
+
+    def run_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
+        return {
+            "job_ids": [c.job_id for c in claims],
+            "scheduled_for": [c.scheduled_for for c in claims],
+            "task_ids": [c.task_id for c in claims],
+        }
+
+    def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
+        return {"ids": list(ids)}
+
+
+def _each(index: int) -> str:
+    return f"json_extract(item.value, '$[{index}]')"
+
+
+class _SqliteBatchSql(_BatchSql):
+    advance = sa.text(
+        f"UPDATE {_JOB} SET next_run_at = {_each(3)}, last_run_at = {_each(4)}"
+        " FROM json_each(:claims) AS item"
+        f" WHERE {_JOB}.id = {_each(0)} AND {_JOB}.next_run_at = {_each(1)}"
+        f" AND {_JOB}.revision = {_each(2)} AND {_JOB}.is_enabled"
+        f" RETURNING {_JOB}.id, {_JOB}.task_name, {_JOB}.args, {_JOB}.kwargs,"
+        f" {_JOB}.metadata"
+    ).columns(**_PAYLOAD_COLUMNS)
+    insert = (
+        sa.text(
+            f"{_RUN_INSERT} SELECT {_each(0)}, {_each(1)}, :status, {_each(2)}, 1,"
+            " :owner, :lease_until, :now, :now FROM json_each(:runs) AS item WHERE true"
+            " ON CONFLICT DO NOTHING RETURNING id, job_id"
+        )
+        .bindparams(*_times("lease_until", "now"))
+        .columns(id=sa.Integer(), job_id=sa.String())
+    )
+    _ids = " WHERE id IN (SELECT value FROM json_each(:ids))"
+    close = sa.text(
+        f"UPDATE {_RUN} SET status = :status, next_attempt_at = NULL, dispatched_at = :now,"
+        f" updated_at = :now, error = NULL{_ids}"
+    ).bindparams(*_times("now"))
+    release = sa.text(
+        f"UPDATE {_RUN} SET next_attempt_at = :now, claimed_by = NULL, updated_at = :now{_ids}"
+    ).bindparams(*_times("now"))
+    delete = sa.text(f"DELETE FROM {_RUN}{_ids}")
+
+    def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
+        rows = [
+            [
+                c.job_id,
+                sqlite_datetime(c.expected_next_run_at),
+                c.expected_revision,
+                None if c.new_next_run_at is None else sqlite_datetime(c.new_next_run_at),
+                sqlite_datetime(c.scheduled_for),
+            ]
+            for c in claims
+        ]
+        return {"claims": json.dumps(rows)}
+
+    def run_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
+        rows = [[c.job_id, sqlite_datetime(c.scheduled_for), c.task_id] for c in claims]
+        return {"runs": json.dumps(rows)}
+
+    def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
+        return {"ids": json.dumps(list(ids))}
+
+
+_BATCH_SQL: dict[str, _BatchSql] = {
+    "postgresql": _PostgresBatchSql(),
+    "sqlite": _SqliteBatchSql(),
+}
+
+
+def _batch_sql(session: AsyncSession) -> _BatchSql:
+    name = _dialect_name(session)
+    try:
+        return _BATCH_SQL[name]
+    except KeyError:
+        raise NotImplementedError(
+            f"taskiq-beat supports SQLite and PostgreSQL, not {name!r}"
+        ) from None

@@ -18,6 +18,7 @@ from taskiq_beat import (
     SchedulerJob,
     SchedulerRun,
 )
+from taskiq_beat.models import sqlite_datetime
 from tests.utils import FakeClock
 
 UTC = timezone.utc
@@ -118,3 +119,18 @@ def test_metadata_holds_exactly_the_two_tables_with_named_constraints() -> None:
     assert "fk_scheduler_run_job_id_scheduler_job" in names
     job = SchedulerBase.metadata.tables["scheduler_job"]
     assert "ix_scheduler_job_due" in {index.name for index in job.indexes}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # SQLite alone stores datetimes as text
+async def test_sqlite_text_format_matches_what_sqlalchemy_stores(
+    app: SchedulerApp, session: AsyncSession, backend: str
+) -> None:
+    """The batch statements compare stored SQLite text with ``sqlite_datetime`` text."""
+    job = await app.single(task="tests.record").schedule(
+        session, trigger=PeriodicSchedule(interval=IntervalTrigger(seconds=30))
+    )
+    raw = await session.execute(
+        sa.text("SELECT next_run_at FROM scheduler_job WHERE id = :id"), {"id": job.id}
+    )
+    assert job.next_run_at is not None
+    assert raw.scalar_one() == sqlite_datetime(job.next_run_at)
