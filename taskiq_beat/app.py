@@ -25,7 +25,7 @@ from taskiq_beat.config import SchedulerConfig
 from taskiq_beat.dispatch import Dispatcher, fire_task_id
 from taskiq_beat.engine import SchedulerEngine
 from taskiq_beat.enums import RunStatus
-from taskiq_beat.exceptions import InvalidJobError, JobNotFoundError
+from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
 from taskiq_beat.models import JOB_ID_MAX_LENGTH, NAME_MAX_LENGTH, SchedulerJob, SchedulerRun
 from taskiq_beat.store import Fire, SchedulerStore
 from taskiq_beat.triggers import (
@@ -174,21 +174,26 @@ class SchedulerApp:
         job = self._new_job(spec, trigger, job_id, name, description, is_enabled, now)
         try:
             if isinstance(trigger, ImmediateDispatch):
-                await self._send_now(session, job.id, spec, job=job)
+                _, task_id = await self._send_now(session, job.id, spec, job=job)
             else:
                 await self._store.add_job(session, job)
         except IntegrityError:
             await self._store.rollback(session)
-            raise InvalidJobError(
+            raise JobExistsError(
                 "job_id", job_id, "a job with this id exists; use .upsert() to update it"
             ) from None
-        logger.info(
-            "created job %s (%s, %s), next run at %s",
-            job.id,
-            job.task_name,
-            job.strategy.value,
-            job.next_run_at,
-        )
+        if isinstance(trigger, ImmediateDispatch):
+            logger.info(
+                "created job %s (%s) and sent it as task %s", job.id, job.task_name, task_id
+            )
+        else:
+            logger.info(
+                "created job %s (%s, %s), next run at %s",
+                job.id,
+                job.task_name,
+                job.strategy.value,
+                job.next_run_at,
+            )
         self._notify(job, trigger)
         return job
 
@@ -342,8 +347,8 @@ class SchedulerApp:
         if job is None:
             raise JobNotFoundError(job_id)
         spec = JobSpec(job.task_name, job.kind, job.args, job.kwargs, job.job_metadata)
-        run_id = await self._send_now(session, job_id, spec)
-        logger.info("ran job %s now", job_id)
+        run_id, task_id = await self._send_now(session, job_id, spec)
+        logger.info("ran job %s now as task %s", job_id, task_id)
         run = await self._store.get_run(session, run_id)
         assert run is not None
         return run
@@ -410,8 +415,11 @@ class SchedulerApp:
         spec: JobSpec,
         *,
         job: SchedulerJob | None = None,
-    ) -> int:
-        """Claim, send and record one fire of ``job_id`` scheduled for now."""
+    ) -> tuple[int, str]:
+        """Claim, send and record one fire of ``job_id`` scheduled for now.
+
+        Returns the run id and the task id. A failed send is left for the engine to retry.
+        """
         now = self._clock.now()
         task_id = fire_task_id(job_id, now)
         run_id = await self._store.add_claimed_run(
@@ -425,7 +433,7 @@ class SchedulerApp:
             lease_until=now + timedelta(seconds=self.config.claim_lease_seconds),
         )
         if run_id is None:
-            raise InvalidJobError("job_id", job_id, f"a fire scheduled for {now} exists already")
+            raise JobExistsError("job_id", job_id, f"a fire scheduled for {now} exists already")
         fire = Fire(
             run_id, job_id, now, task_id, spec.task_name, spec.args, spec.kwargs, spec.metadata
         )
@@ -443,9 +451,7 @@ class SchedulerApp:
                 retry_at,
             )
             self._engine.retry_at(retry_at)
-        else:
-            logger.info("dispatched job %s now as task %s", job_id, task_id)
-        return run_id
+        return run_id, task_id
 
     async def _locked(self, session: AsyncSession, job_id: str) -> SchedulerJob:
         job = await self._store.get_job(session, job_id, for_update=True)

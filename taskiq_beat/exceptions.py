@@ -6,7 +6,8 @@ The hierarchy::
     ├── JobNotFoundError (LookupError)        no job with the given id
     ├── InvalidJobError (ValueError)          bad input to a builder or a management call
     │   ├── InvalidTriggerError               a trigger that cannot be built or can never fire
-    │   └── UnknownTaskError                  a task name the broker does not know
+    │   ├── UnknownTaskError                  a task name the broker does not know
+    │   └── JobExistsError                    the job id (or that fire) is taken already
     ├── CorruptJobError (ValueError)          a stored row the scheduler cannot read back
     └── ChainAbortedError (RuntimeError)      a chain gave up after its retry budget
 
@@ -22,6 +23,7 @@ __all__ = [
     "CorruptJobError",
     "InvalidJobError",
     "InvalidTriggerError",
+    "JobExistsError",
     "JobNotFoundError",
     "TaskiqBeatError",
     "UnknownTaskError",
@@ -73,6 +75,10 @@ class UnknownTaskError(InvalidJobError):
     def __init__(self, task_name: str, field: str = "task") -> None:
         super().__init__(field, task_name, "no task with this name is registered on the broker")
         self.task_name = task_name
+
+
+class JobExistsError(InvalidJobError):
+    """A new job or fire would take an id that exists (``.schedule()`` with a used ``job_id``)."""
 
 
 class CorruptJobError(TaskiqBeatError, ValueError):

@@ -200,6 +200,7 @@ class SchedulerRun(SchedulerBase):
             "task_id": self.task_id,
             "attempt": self.attempt,
             "error": self.error,
+            "claimed_by": self.claimed_by,
             "next_attempt_at": _iso(self.next_attempt_at),
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
