@@ -1,7 +1,7 @@
 """taskiq-beat: a database-backed scheduler for Taskiq."""
 
 from taskiq_beat.app import SchedulerApp
-from taskiq_beat.builders import ChainJobBuilder, SingleJobBuilder
+from taskiq_beat.builders import ChainJobBuilder, JobDefinition, SingleJobBuilder
 from taskiq_beat.chain import CHAIN_TASK_NAME, ChainStep, register_chain_orchestrator
 from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
@@ -42,6 +42,7 @@ __all__ = [
     "IntervalTrigger",
     "InvalidJobError",
     "InvalidTriggerError",
+    "JobDefinition",
     "JobExistsError",
     "JobKind",
     "JobNotFoundError",

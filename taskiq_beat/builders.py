@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from taskiq_beat.models import SchedulerJob
     from taskiq_beat.triggers import Trigger
 
-__all__ = ["ChainJobBuilder", "JobSpec", "SingleJobBuilder"]
+__all__ = ["ChainJobBuilder", "JobDefinition", "JobSpec", "SingleJobBuilder"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,19 @@ class JobSpec:
     args: list[Any] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobDefinition:
+    """A job to upsert in bulk with ``SchedulerApp.upsert_many()``: ``.upsert()``'s arguments,
+    kept for later. Made by ``builder.definition(...)``."""
+
+    spec: JobSpec
+    trigger: Trigger
+    job_id: str
+    name: str | None = None
+    description: str | None = None
+    is_enabled: bool = True
 
 
 class JobWriter(Protocol):
@@ -121,6 +134,18 @@ class _Builder:
             description=description,
             is_enabled=is_enabled,
         )
+
+    def definition(
+        self,
+        *,
+        trigger: Trigger,
+        job_id: str,
+        name: str | None = None,
+        description: str | None = None,
+        is_enabled: bool = True,
+    ) -> JobDefinition:
+        """The job as a value for ``SchedulerApp.upsert_many()`` (checked when upserted)."""
+        return JobDefinition(self.spec, trigger, job_id, name, description, is_enabled)
 
 
 class SingleJobBuilder(_Builder):

@@ -44,10 +44,12 @@ __all__ = [
     "Claim",
     "Fire",
     "JobRecord",
+    "ScheduleState",
     "SchedulerStore",
     "SendOutcome",
 ]
 
+_CHUNK = 2000  # rows per statement in bulk operations (SQLite allows 32766 parameters)
 _job = cast("sa.Table", SchedulerJob.__table__)
 _run = cast("sa.Table", SchedulerRun.__table__)
 
@@ -66,6 +68,21 @@ class JobRecord:
     next_run_at: datetime | None
     revision: int
     is_enabled: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScheduleState:
+    """What an upsert needs to know of an existing job."""
+
+    trigger: Any
+    task_name: str
+    kind: JobKind
+    is_enabled: bool
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_error: str | None
+    revision: int
+    created_at: datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -222,6 +239,57 @@ class SchedulerStore:
         runs = list(result.scalars())
         await _commit(session)
         return runs
+
+    @staticmethod
+    async def load_schedule_state(
+        session: AsyncSession, job_ids: Sequence[str]
+    ) -> dict[str, ScheduleState]:
+        """The schedule-relevant state of the existing jobs among ``job_ids``."""
+        columns = [
+            _job.c.trigger,
+            _job.c.task_name,
+            _job.c.kind,
+            _job.c.is_enabled,
+            _job.c.next_run_at,
+            _job.c.last_run_at,
+            _job.c.last_error,
+            _job.c.revision,
+            _job.c.created_at,
+        ]
+        found: dict[str, ScheduleState] = {}
+        if _dialect_name(session) == "postgresql":
+            # A join on an array: primary-key lookups, whatever the planner knows of the table
+            # (an IN list of parameters on a freshly filled table gets a sequential scan that
+            # compares every row with every parameter).
+            ids = sa.func.unnest(sa.bindparam("ids", type_=postgresql.ARRAY(sa.String())))
+            wanted = ids.table_valued("id").render_derived(name="wanted")
+            statement = sa.select(_job.c.id, *columns).join(wanted, wanted.c.id == _job.c.id)
+            chunks = [{"ids": list(job_ids)}]
+        else:
+            statement = sa.select(_job.c.id, *columns).where(
+                _job.c.id.in_(sa.bindparam("ids", expanding=True))
+            )
+            chunks = [
+                {"ids": list(job_ids[start : start + _CHUNK])}
+                for start in range(0, len(job_ids), _CHUNK)
+            ]
+        for params in chunks:
+            for job_id, *values in await session.execute(statement, params):
+                found[job_id] = ScheduleState(*values)
+        return found
+
+    @staticmethod
+    async def write_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert or overwrite whole jobs (by id; values by attribute name) and commit."""
+        rows = [_column_names(row) for row in rows]
+        insert = _insert_for(_dialect_name(session))(_job)
+        statement = insert.on_conflict_do_update(
+            index_elements=[_job.c.id],
+            set_={c.name: insert.excluded[c.name] for c in _job.c if c.name != "id"},
+        )
+        for start in range(0, len(rows), _CHUNK):
+            await session.execute(statement, list(rows[start : start + _CHUNK]))
+        await _commit(session)
 
     @staticmethod
     async def get_run(session: AsyncSession, run_id: int) -> SchedulerRun | None:
@@ -447,6 +515,13 @@ class SchedulerStore:
                 ),
                 [{"job": job_id, "message": message} for job_id, message in errors.items()],
             )
+
+
+def _column_names(values: dict[str, Any]) -> dict[str, Any]:
+    """Attribute names to column names: only ``job_metadata`` is stored as ``metadata``."""
+    row = dict(values)
+    row["metadata"] = row.pop("job_metadata")
+    return row
 
 
 def _select_payloads() -> sa.Select[Any]:

@@ -536,3 +536,122 @@ async def test_concurrent_upserts_of_one_id_leave_one_row(
         assert await count_rows(session, SchedulerJob) == 1
         [stored] = await app.list_jobs(session)
     assert stored.args in ([0], [1], [2], [3], [4])
+
+
+# ---------------------------------------------------------------------------- upsert_many
+
+
+async def test_upsert_many_creates_then_updates_like_upsert(
+    app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    every_five = PeriodicSchedule(interval=IntervalTrigger(minutes=5))
+    definitions = [
+        app.single(task="tests.record", args=[index]).definition(
+            trigger=EVERY_MINUTE, job_id=f"bulk-{index}", name=f"Bulk {index}"
+        )
+        for index in range(50)
+    ]
+    definitions.append(
+        app.chain(steps=[ChainStep(task="tests.record")]).definition(
+            trigger=every_five, job_id="bulk-chain"
+        )
+    )
+    assert await app.upsert_many(session, definitions) == 51
+    jobs = {job.id: job for job in await app.list_jobs(session)}
+    assert len(jobs) == 51
+    assert jobs["bulk-7"].args == [7]
+    assert jobs["bulk-7"].name == "Bulk 7"
+    assert jobs["bulk-7"].next_run_at == clock.now() + timedelta(minutes=1)
+    assert jobs["bulk-chain"].kind is JobKind.CHAIN
+    assert jobs["bulk-chain"].revision == 1
+
+    clock.advance(20)
+    again = [
+        app.single(task="tests.record", args=[index, "v2"]).definition(
+            trigger=every_five if index == 0 else EVERY_MINUTE, job_id=f"bulk-{index}"
+        )
+        for index in range(3)
+    ]
+    assert await app.upsert_many(session, again) == 3
+    jobs = {job.id: job for job in await app.list_jobs(session)}
+    assert len(jobs) == 51
+    # The trigger changed: rescheduled from now. Unchanged: next_run_at kept, args updated.
+    assert jobs["bulk-0"].next_run_at == clock.now() + timedelta(minutes=5)
+    assert jobs["bulk-1"].next_run_at == clock.now() - timedelta(seconds=20) + timedelta(minutes=1)
+    assert jobs["bulk-1"].args == [1, "v2"]
+    assert jobs["bulk-1"].revision == 2
+    assert jobs["bulk-1"].name is None
+    assert jobs["bulk-1"].created_at == jobs["bulk-9"].created_at
+
+
+async def test_upsert_many_jobs_reach_the_running_engine(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    await app.engine.sync()
+    definitions = [
+        app.single(task="tests.record").definition(
+            trigger=PeriodicSchedule(interval=IntervalTrigger(seconds=1)), job_id=f"fast-{index}"
+        )
+        for index in range(5)
+    ]
+    await app.upsert_many(session, definitions)
+    clock.advance(1)
+    assert await app.engine.tick() == 5
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        pytest.param(lambda app: ["not a definition"], "definitions", id="not_a_definition"),
+        pytest.param(
+            lambda app: [
+                app.single(task="tests.record").definition(trigger=EVERY_MINUTE, job_id="same"),
+                app.single(task="tests.record").definition(trigger=EVERY_MINUTE, job_id="same"),
+            ],
+            "job_id",
+            id="id_given_twice",
+        ),
+        pytest.param(
+            lambda app: [
+                app.single(task="tests.record").definition(trigger=EVERY_MINUTE, job_id="ok"),
+                app.single(task="tests.record").definition(
+                    trigger=ImmediateDispatch(), job_id="now"
+                ),
+            ],
+            "trigger",
+            id="immediate_dispatch",
+        ),
+        pytest.param(
+            lambda app: [
+                app.single(task="tests.record").definition(trigger=EVERY_MINUTE, job_id="x" * 300)
+            ],
+            "job_id",
+            id="job_id_too_long",
+        ),
+    ],
+)
+async def test_upsert_many_refuses_bad_input_and_stores_nothing(
+    app: SchedulerApp, session: AsyncSession, make: Any, field: str
+) -> None:
+    with pytest.raises(InvalidJobError) as raised:
+        await app.upsert_many(session, make(app))
+    assert raised.value.field == field
+    assert await count_rows(session, SchedulerJob) == 0
+
+
+async def test_upsert_many_applies_the_default_timezone(
+    broker: RecordingBroker, session_factory: async_sessionmaker[AsyncSession], clock: FakeClock
+) -> None:
+    app = SchedulerApp(
+        broker=broker,
+        session_factory=session_factory,
+        config=SchedulerConfig(default_timezone="Asia/Tokyo"),
+        clock=clock,
+    )
+    cron = PeriodicSchedule(crontab=CrontabTrigger(minute="0", hour="9"))
+    async with session_factory() as session:
+        await app.upsert_many(
+            session, [app.single(task="tests.record").definition(trigger=cron, job_id="tokyo")]
+        )
+        job = await app.get_job(session, "tokyo")
+    assert job.next_run_at == datetime(2026, 1, 6, 0, 0, tzinfo=UTC)
