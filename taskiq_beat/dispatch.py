@@ -44,6 +44,10 @@ class Dispatcher:
         """Start no new sends: fires not yet started come back as ``released``."""
         self._halted = True
 
+    def resume(self) -> None:
+        """Send again after :meth:`halt` (a scheduler started anew)."""
+        self._halted = False
+
     async def send(self, fires: Sequence[Fire]) -> list[SendOutcome]:
         """Send ``fires``; return one outcome per fire, in order.
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from taskiq_beat.dispatch import fire_task_id
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import CorruptJobError
-from taskiq_beat.store import Claim, JobRecord
+from taskiq_beat.store import ChangeListener, Claim, JobRecord
 from taskiq_beat.triggers import Trigger, latest_due_fire, trigger_from_json
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ __all__ = ["JobSnapshot", "SchedulerEngine"]
 
 logger = logging.getLogger(__name__)
 
+_ERROR_BACKOFF_BASE = 0.5
 _ERROR_BACKOFF_MAX = 30.0
 
 
@@ -75,6 +76,10 @@ class SchedulerEngine:
         self._reload: set[str] = set()
         self._disable: dict[str, str] = {}
         self._unrecorded: list[tuple[list[SendOutcome], datetime]] = []
+        self._listener: ChangeListener | None = None
+        self._can_listen = True
+        self._listen_again_at: datetime | None = None
+        self._changed_elsewhere = False
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -96,6 +101,8 @@ class SchedulerEngine:
         if self.running:
             return
         self._stopping = False
+        self._dispatcher.resume()
+        await self._listen()
         await self.sync()
         self._task = asyncio.create_task(self._run(), name="taskiq-beat-engine")
 
@@ -119,25 +126,32 @@ class SchedulerEngine:
             await asyncio.gather(task, return_exceptions=True)
         finally:
             self._task = None
+            if self._listener is not None:
+                await self._listener.close()
+                self._listener = None
 
     async def _run(self) -> None:
         failures = 0
         while not self._stopping:
+            # Cleared before the pass, not before the sleep: a wake-up that arrives while
+            # the pass runs (a change in this process, a notification) ends the next sleep.
+            self._wakeup.clear()
             try:
+                await self._listen()
                 await self.tick()
                 failures = 0
             except Exception:
                 failures += 1
-                delay = min(self._config.idle_sleep_seconds * 2**failures, _ERROR_BACKOFF_MAX)
+                delay = min(_ERROR_BACKOFF_BASE * 2 ** (failures - 1), _ERROR_BACKOFF_MAX)
                 logger.exception("scheduler loop failed; retrying in %.1f s", delay)
                 await self._sleep(delay)
                 continue
             await self._sleep(self._idle_delay())
 
     async def _sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; a wake-up (now or since the pass began) ends it."""
         if seconds <= 0 or self._stopping:
             return
-        self._wakeup.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), seconds)
 
@@ -152,7 +166,33 @@ class SchedulerEngine:
             deadlines.append(self._next_retry_at)
         return max(0.0, (min(deadlines) - now).total_seconds())
 
-    # ------------------------------------------------------------------ in-process changes
+    # ------------------------------------------------------------------ changes
+
+    async def _listen(self) -> None:
+        """Keep a listener for other processes' changes open, where the database has one."""
+        if not self._can_listen or (self._listener is not None and self._listener.alive):
+            return
+        now = self._clock.now()
+        if self._listen_again_at is not None and now < self._listen_again_at:
+            return
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+            self._changed_elsewhere = True  # changes may have been missed meanwhile
+        try:
+            listener = await self._store.listen(self._heard_change)
+        except Exception as exc:
+            pause = max(5 * self._config.sync_interval_seconds, 1.0)
+            self._listen_again_at = now + timedelta(seconds=pause)
+            logger.warning("cannot listen for job changes (%s); trying again in %.0f s", exc, pause)
+            return
+        if listener is None:
+            self._can_listen = False  # e.g. SQLite: other processes' changes wait for a sync
+        self._listener = listener
+
+    def _heard_change(self) -> None:
+        self._changed_elsewhere = True
+        self._wakeup.set()
 
     def job_changed(
         self,
@@ -190,7 +230,8 @@ class SchedulerEngine:
         if self._unrecorded:
             await self._record()
         now = self._clock.now()
-        if self._next_sync_at is None or now >= self._next_sync_at:
+        if self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at:
+            self._changed_elsewhere = False
             await self.sync()
         sent = 0
         if self._next_retry_at is not None and now >= self._next_retry_at:

@@ -23,15 +23,17 @@ The exactly-once contract:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm.util import identity_key
 
 from taskiq_beat.enums import JobKind, RunStatus
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 __all__ = [
+    "CHANGES_CHANNEL",
+    "ChangeListener",
     "Claim",
     "Fire",
     "JobRecord",
@@ -151,6 +155,7 @@ class SchedulerStore:
         _make_room(session, job)
         session.add(job)
         try:
+            await _announce_change(session)
             await _commit(session)
         except IntegrityError:
             await session.rollback()
@@ -179,6 +184,7 @@ class SchedulerStore:
     @staticmethod
     async def save(session: AsyncSession, job: SchedulerJob) -> SchedulerJob:
         """Commit the changes made to ``job`` (loaded in ``session``)."""
+        await _announce_change(session)
         await _commit(session)
         return job
 
@@ -191,6 +197,7 @@ class SchedulerStore:
         """Delete the job and its runs; return whether it existed."""
         await session.execute(sa.delete(SchedulerRun).where(SchedulerRun.job_id == job_id))
         result = await session.execute(sa.delete(SchedulerJob).where(SchedulerJob.id == job_id))
+        await _announce_change(session)
         await _commit(session)
         return bool(getattr(result, "rowcount", 0))
 
@@ -289,6 +296,7 @@ class SchedulerStore:
         )
         for start in range(0, len(rows), _CHUNK):
             await session.execute(statement, list(rows[start : start + _CHUNK]))
+        await _announce_change(session)
         await _commit(session)
 
     @staticmethod
@@ -348,6 +356,21 @@ class SchedulerStore:
         return run_id
 
     # ------------------------------------------------------------------ engine (own sessions)
+
+    async def listen(self, on_change: Callable[[], None]) -> ChangeListener | None:
+        """Start hearing other processes' job changes; ``None`` where the database cannot
+        announce them (SQLite: changes are seen at the next sync)."""
+        bind = self._session_factory.kw.get("bind")
+        if not isinstance(bind, AsyncEngine) or bind.dialect.name != "postgresql":
+            return None
+        connection = await bind.connect()
+        listener = ChangeListener(connection, on_change)
+        try:
+            await listener.start()
+        except BaseException:
+            await listener.close()
+            raise
+        return listener
 
     async def load_due(self, horizon: datetime) -> list[JobRecord]:
         """Enabled jobs whose ``next_run_at`` is at or before ``horizon`` (uses the due index)."""
@@ -546,6 +569,51 @@ def _select_records() -> sa.Select[Any]:
 def _dialect_name(session: AsyncSession) -> str:
     bind = session.get_bind()
     return bind.dialect.name
+
+
+CHANGES_CHANNEL = "taskiq_beat_jobs"
+"""PostgreSQL channel on which every committed job change is announced (once per commit)."""
+
+
+async def _announce_change(session: AsyncSession) -> None:
+    """Wake listening schedulers when this transaction commits (PostgreSQL ``NOTIFY``)."""
+    if _dialect_name(session) == "postgresql":
+        await session.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, "")))
+
+
+class ChangeListener:
+    """One connection that hears the changes other processes commit (PostgreSQL ``LISTEN``).
+
+    ``on_change`` is called (on the event loop) once per committed change, and once more when
+    the connection is lost: ``alive`` is then false and a new listener must be opened.
+    """
+
+    def __init__(self, connection: AsyncConnection, on_change: Callable[[], None]) -> None:
+        self._connection = connection
+        self._on_change = on_change
+        self.alive = True
+
+    async def start(self) -> None:
+        raw = await self._connection.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None, "an open connection has a driver connection"
+        driver.add_termination_listener(self._lost)
+        await driver.add_listener(CHANGES_CHANNEL, self._heard)
+
+    def _heard(self, *_: Any) -> None:
+        self._on_change()
+
+    def _lost(self, *_: Any) -> None:
+        self.alive = False
+        self._on_change()  # wake the owner: it must listen again and catch up
+
+    async def close(self) -> None:
+        """Drop the connection, not back into the pool: it listens (or is dead)."""
+        self.alive = False
+        with contextlib.suppress(Exception):
+            await self._connection.invalidate()
+        with contextlib.suppress(Exception):
+            await self._connection.close()
 
 
 def _make_room(session: AsyncSession, job: SchedulerJob) -> None:

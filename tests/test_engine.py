@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -527,3 +527,61 @@ async def test_start_and_stop_are_idempotent(app: SchedulerApp) -> None:
     await app.stop()
     await app.stop()
     assert not app.is_running
+
+
+async def test_a_stopped_scheduler_sends_again_when_started_again(
+    broker: RecordingBroker, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    app = SchedulerApp(
+        broker=broker,
+        session_factory=session_factory,
+        config=SchedulerConfig(sync_interval_seconds=0.05, idle_sleep_seconds=0.05),
+    )
+    async with session_factory() as session:
+        await app.single(task="tests.record").schedule(session, trigger=every(0.05))
+    async with app:
+        await broker.wait_sent(1)
+    sent = len(broker.sent)
+    async with app:
+        await broker.wait_sent(sent + 2)
+    async with session_factory() as session:
+        runs = await app.list_runs(session, limit=None)
+    assert all(run.attempt == 1 for run in runs)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])  # LISTEN/NOTIFY is PostgreSQL's
+async def test_changes_from_another_process_wake_the_scheduler_at_once(
+    backend: str,
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    db_engine: AsyncEngine,
+) -> None:
+    hour = SchedulerConfig(sync_interval_seconds=3600, idle_sleep_seconds=3600)
+    running = SchedulerApp(broker=broker, session_factory=session_factory, config=hour)
+    elsewhere = SchedulerApp(broker=broker, session_factory=session_factory, config=hour)
+    loop = asyncio.get_running_loop()
+    async with running:
+        async with session_factory() as session:
+            created = loop.time()
+            await elsewhere.single(task="tests.record").schedule(
+                session, trigger=OneOffSchedule(run_at=datetime.now(UTC))
+            )
+        await broker.wait_sent(1, timeout=5)
+        first_latency = loop.time() - created
+
+        # The listening connection dies (a failover, an idle timeout): the engine listens again.
+        async with db_engine.connect() as connection:
+            await connection.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+                    " AND datname = current_database()"
+                )
+            )
+        async with session_factory() as session:
+            await elsewhere.single(task="tests.record").schedule(
+                session, trigger=OneOffSchedule(run_at=datetime.now(UTC))
+            )
+        await broker.wait_sent(2, timeout=10)
+    # An hour-long sync interval: only the notification can have woken the scheduler.
+    assert first_latency < 2
