@@ -1,0 +1,1 @@
+"""End-to-end tests: real processes, a real PostgreSQL database and a real Redis."""
