@@ -17,12 +17,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from taskiq import Context, TaskiqDepends
 
+from taskiq_beat.dispatch import JOB_ID_LABEL, SCHEDULED_FOR_LABEL
 from taskiq_beat.exceptions import ChainAbortedError, InvalidJobError
 
 if TYPE_CHECKING:
     from taskiq import AsyncBroker
 
 __all__ = [
+    "CHAIN_JOB_ID_LABEL",
+    "CHAIN_SCHEDULED_FOR_LABEL",
+    "CHAIN_STEP_LABEL",
+    "CHAIN_TASK_ID_LABEL",
     "CHAIN_TASK_NAME",
     "ChainSpec",
     "ChainStep",
@@ -36,6 +41,15 @@ CHAIN_TASK_NAME = "taskiq_beat.chain_orchestrator"
 """The name under which the orchestrator task is registered on the broker."""
 
 OnFailure = Literal["stop", "restart"]
+
+CHAIN_JOB_ID_LABEL = "taskiq_beat_chain_job_id"
+"""Label of a step's message: the id of the chain job whose fire runs the step."""
+CHAIN_SCHEDULED_FOR_LABEL = "taskiq_beat_chain_scheduled_for"
+"""Label of a step's message: the scheduled time of that fire."""
+CHAIN_TASK_ID_LABEL = "taskiq_beat_chain_task_id"
+"""Label of a step's message: the task id of the orchestrator running the chain."""
+CHAIN_STEP_LABEL = "taskiq_beat_chain_step"
+"""Label of a step's message: the step's position in the chain, from 0."""
 
 
 class ChainStep(BaseModel):
@@ -111,11 +125,17 @@ async def chain_orchestrator(
     spec = ChainSpec.model_validate(chain)
     broker = context.broker
     parent = context.message.task_id
+    labels = context.message.labels
+    trace = {
+        CHAIN_JOB_ID_LABEL: labels.get(JOB_ID_LABEL, ""),
+        CHAIN_SCHEDULED_FOR_LABEL: labels.get(SCHEDULED_FOR_LABEL, ""),
+        CHAIN_TASK_ID_LABEL: parent,
+    }
     last_error = ""
     for chain_attempt in range(1, spec.max_chain_attempts + 1):
         failed_at: int | None = None
         for index, step in enumerate(spec.steps):
-            error = await _run_step(broker, step, spec, parent, chain_attempt, index)
+            error = await _run_step(broker, step, spec, trace, chain_attempt, index)
             if error is not None:
                 failed_at, last_error = index, error
                 break
@@ -141,11 +161,12 @@ async def _run_step(
     broker: AsyncBroker,
     step: ResolvedStep,
     spec: ChainSpec,
-    parent: str,
+    trace: dict[str, str],
     chain_attempt: int,
     index: int,
 ) -> str | None:
     """Run one step with its retries; return ``None`` on success or the last error."""
+    parent = trace[CHAIN_TASK_ID_LABEL]
     task = broker.find_task(step.task_name)
     if task is None:
         return f"task {step.task_name!r} is not registered on the broker"
@@ -153,7 +174,12 @@ async def _run_step(
     for attempt in range(1, step.max_attempts + 1):
         task_id = uuid.uuid5(uuid.NAMESPACE_OID, f"{parent}:{chain_attempt}:{index}:{attempt}").hex
         try:
-            handle = await task.kicker().with_task_id(task_id).kiq(*step.args, **step.kwargs)
+            kicker = (
+                task.kicker()
+                .with_task_id(task_id)
+                .with_labels(**trace, **{CHAIN_STEP_LABEL: index})
+            )
+            handle = await kicker.kiq(*step.args, **step.kwargs)
             result = await handle.wait_result(
                 check_interval=spec.wait_poll_interval_seconds,
                 timeout=step.timeout_seconds if step.timeout_seconds is not None else -1.0,

@@ -9,7 +9,20 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 from taskiq import AsyncTaskiqTask, TaskiqResult
 
-from taskiq_beat import CHAIN_TASK_NAME, ChainAbortedError, ChainStep, SchedulerApp
+from taskiq_beat import (
+    CHAIN_TASK_NAME,
+    JOB_ID_LABEL,
+    SCHEDULED_FOR_LABEL,
+    ChainAbortedError,
+    ChainStep,
+    SchedulerApp,
+)
+from taskiq_beat.chain import (
+    CHAIN_JOB_ID_LABEL,
+    CHAIN_SCHEDULED_FOR_LABEL,
+    CHAIN_STEP_LABEL,
+    CHAIN_TASK_ID_LABEL,
+)
 from tests.utils import RecordingBroker
 
 
@@ -85,6 +98,15 @@ async def test_steps_run_in_order(
     assert not result.is_err, result.error
     assert result.return_value == {"steps": 3, "chain_attempts": 1}
     assert steps_log == [("collect", 2026, 4), ("render", "pdf"), ("upload",)]
+    # Each step's message names the chain fire it belongs to, under labels of its own.
+    orchestrator, *steps = app.broker.sent  # type: ignore[attr-defined]
+    assert [m.task_name for m in steps] == ["chain.collect", "chain.render", "chain.upload"]
+    for position, message in enumerate(steps):
+        assert message.labels[CHAIN_JOB_ID_LABEL] == orchestrator.labels[JOB_ID_LABEL]
+        assert message.labels[CHAIN_SCHEDULED_FOR_LABEL] == orchestrator.labels[SCHEDULED_FOR_LABEL]
+        assert message.labels[CHAIN_TASK_ID_LABEL] == orchestrator.task_id
+        assert int(message.labels[CHAIN_STEP_LABEL]) == position
+        assert JOB_ID_LABEL not in message.labels
 
 
 async def test_a_step_is_retried_within_its_budget(

@@ -8,8 +8,8 @@ Configured entirely from the environment the test sets (see :mod:`.names`):
 - ``E2E_RESULTS_PREFIX``: the prefix of this run's other Redis keys.
 
 Every task appends a JSON record of its execution to the list :func:`.names.executed_key`:
-its task name and id, the scheduler's labels (job id and scheduled time, absent on chain
-steps, which the orchestrator sends without them), its arguments, and when and where it ran.
+its task name and id, the scheduler's labels (job id and scheduled time; absent on chain
+steps, which carry the chain's own labels instead), its arguments, and when and where it ran.
 
 Run with ``taskiq worker tests.e2e.deployment.app:broker`` and
 ``taskiq-beat run tests.e2e.deployment.app:scheduler_app --startup
