@@ -16,25 +16,26 @@ import itertools
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from taskiq_beat.dispatch import fire_task_id
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import CorruptJobError
-from taskiq_beat.store import ChangeListener, Claim, JobRecord
+from taskiq_beat.store import ChangeListener, Claim, JobRecord, SendOutcome
 from taskiq_beat.triggers import Trigger, latest_due_fire, trigger_from_json
 
 if TYPE_CHECKING:
     from taskiq_beat.clock import Clock
     from taskiq_beat.config import SchedulerConfig
     from taskiq_beat.dispatch import Dispatcher
-    from taskiq_beat.store import Fire, SchedulerStore, SendOutcome
+    from taskiq_beat.store import Fire, SchedulerStore
 
 __all__ = ["JobSnapshot", "SchedulerEngine"]
 
 logger = logging.getLogger(__name__)
 
+_NEVER = datetime.max.replace(tzinfo=timezone.utc)  # retry time of outcomes that never fail
 _ERROR_BACKOFF_BASE = 0.5
 _ERROR_BACKOFF_MAX = 30.0
 
@@ -236,12 +237,7 @@ class SchedulerEngine:
         sent = 0
         if self._next_retry_at is not None and now >= self._next_retry_at:
             sent += await self._send_retries()
-        while not self._stopping:
-            now = self._clock.now()
-            batch = self._pop_due(now)
-            if not batch:
-                break
-            sent += await self._dispatch(batch, now)
+        sent += await self._dispatch_due()
         if self._reload or self._disable:
             await self._apply_pending()
         return sent
@@ -300,7 +296,46 @@ class SchedulerEngine:
                 batch.append(snapshot)
         return batch
 
-    async def _dispatch(self, batch: list[JobSnapshot], now: datetime) -> int:
+    async def _dispatch_due(self) -> int:
+        """Claim, send and record every due batch, overlapping the database with the broker:
+        batch n+1 is claimed, and batch n recorded, while batch n is being sent."""
+        sent = 0
+        claiming = self._claim_next()
+        recording: asyncio.Task[None] | None = None
+        try:
+            while claiming is not None:
+                current, claiming = claiming, None
+                fires = await current
+                claiming = None if self._stopping else self._claim_next()
+                if not fires:
+                    continue
+                outcomes = await self._dispatcher.send(fires)
+                retry_at = self._clock.now() + timedelta(
+                    seconds=self._config.dispatch_retry_seconds
+                )
+                self._unrecorded.append((outcomes, retry_at))
+                if recording is not None:
+                    await recording
+                recording = asyncio.create_task(self._record())
+                sent += self._report(outcomes, retry_at)
+        finally:
+            if claiming is not None:
+                # Only after a failure: give back what the next claim took, unsent.
+                fires = await claiming
+                self._unrecorded.append(([SendOutcome(f, released=True) for f in fires], _NEVER))
+            if recording is not None:
+                await recording
+        return sent
+
+    def _claim_next(self) -> asyncio.Task[list[Fire]] | None:
+        """Start claiming the next due batch, if any."""
+        now = self._clock.now()
+        batch = self._pop_due(now)
+        if not batch:
+            return None
+        return asyncio.create_task(self._claim(batch, now))
+
+    async def _claim(self, batch: list[JobSnapshot], now: datetime) -> list[Fire]:
         claims: list[Claim] = []
         following: dict[str, datetime | None] = {}
         for snapshot in batch:
@@ -341,7 +376,7 @@ class SchedulerEngine:
                 )
         if lost:
             logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))
-        return await self._send(fires)
+        return fires
 
     async def _send(self, fires: list[Fire]) -> int:
         if not fires:
