@@ -7,6 +7,7 @@ every backend; SQLite stores them as UTC text and they are read back aware.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from datetime import datetime, timezone
 from typing import Any
@@ -22,10 +23,12 @@ __all__ = [
     "JOB_ID_MAX_LENGTH",
     "NAME_MAX_LENGTH",
     "TASK_NAME_MAX_LENGTH",
+    "JSONValue",
     "SchedulerBase",
     "SchedulerJob",
     "SchedulerRun",
     "UTCDateTime",
+    "Unreadable",
     "sqlite_datetime",
 ]
 
@@ -76,6 +79,45 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A stored JSON value that does not parse (a row edited by hand, say).
+
+    It stands in for the value, so that reading such a row never fails the query it comes
+    with: the scheduler disables that job alone, and listings still show it.
+    """
+
+    text: str
+
+    def __str__(self) -> str:
+        return f"unreadable JSON {self.text[:80]!r}"
+
+    __repr__ = __str__
+
+
+class JSONValue(TypeDecorator[Any]):
+    """``JSON`` that reads a value it cannot parse as :class:`Unreadable` instead of raising.
+
+    (PostgreSQL refuses invalid JSON on write; SQLite stores any text.)
+    """
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        decode = self.impl_instance.result_processor(dialect, coltype)
+        if decode is None:
+            return None
+
+        def process(value: Any) -> Any:
+            try:
+                return decode(value)
+            except ValueError:
+                return Unreadable(value)
+
+        return process
+
+
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
@@ -114,10 +156,10 @@ class SchedulerJob(SchedulerBase):
     task_name: Mapped[str] = mapped_column(sa.String(TASK_NAME_MAX_LENGTH), index=True)
     kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
     strategy: Mapped[JobStrategy] = mapped_column(_enum(JobStrategy, "job_strategy"))
-    trigger: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
-    args: Mapped[list[Any]] = mapped_column(sa.JSON)
-    kwargs: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
-    job_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", sa.JSON)
+    trigger: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+    args: Mapped[list[Any]] = mapped_column(JSONValue)
+    kwargs: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+    job_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONValue)
     is_enabled: Mapped[bool] = mapped_column(sa.Boolean)
     next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

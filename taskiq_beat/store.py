@@ -37,7 +37,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm.util import identity_key
 
 from taskiq_beat.enums import JobKind, RunStatus
-from taskiq_beat.models import SchedulerJob, SchedulerRun, UTCDateTime, sqlite_datetime
+from taskiq_beat.models import (
+    JSONValue,
+    SchedulerJob,
+    SchedulerRun,
+    UTCDateTime,
+    sqlite_datetime,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -60,15 +66,12 @@ _run = cast("sa.Table", SchedulerRun.__table__)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class JobRecord:
-    """What the engine needs of a job row (the trigger still in its stored JSON form)."""
+    """What the engine needs of a job row to schedule it (the trigger as stored: a JSON
+    value, or :class:`~taskiq_beat.models.Unreadable`)."""
 
     id: str
-    task_name: str
     kind: JobKind
     trigger: Any
-    args: Any
-    kwargs: Any
-    metadata: Any
     next_run_at: datetime | None
     revision: int
     is_enabled: bool
@@ -381,7 +384,7 @@ class SchedulerStore:
         )
         async with self._session_factory() as session:
             result = await session.execute(statement)
-            return [JobRecord(*row) for row in result]
+            return _records(result)
 
     async def load_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
         """The current state of the given jobs (missing ones are left out)."""
@@ -390,7 +393,7 @@ class SchedulerStore:
             return []
         async with self._session_factory() as session:
             result = await session.execute(_select_records().where(_job.c.id.in_(ids)))
-            return [JobRecord(*row) for row in result]
+            return _records(result)
 
     async def claim(
         self,
@@ -410,7 +413,7 @@ class SchedulerStore:
             return [], set()
         async with self._session_factory() as session, session.begin():
             batch = _batch_sql(session)
-            won = {row[0]: row for row in await batch.advance_jobs(session, claims)}
+            won = {row[0]: row[1:] for row in await batch.advance_jobs(session, claims)}
             lost = {c.job_id for c in claims if c.job_id not in won}
             mine = [c for c in claims if c.job_id in won]
             if not mine:
@@ -427,10 +430,10 @@ class SchedulerStore:
                 job_id=c.job_id,
                 scheduled_for=c.scheduled_for,
                 task_id=c.task_id,
-                task_name=won[c.job_id][1],
-                args=won[c.job_id][2],
-                kwargs=won[c.job_id][3],
-                metadata=won[c.job_id][4],
+                task_name=won[c.job_id][0],
+                args=won[c.job_id][1],
+                kwargs=won[c.job_id][2],
+                metadata=won[c.job_id][3],
             )
             for c in mine
             if c.job_id in inserted
@@ -554,16 +557,16 @@ def _select_payloads() -> sa.Select[Any]:
 def _select_records() -> sa.Select[Any]:
     return sa.select(
         _job.c.id,
-        _job.c.task_name,
         _job.c.kind,
         _job.c.trigger,
-        _job.c.args,
-        _job.c.kwargs,
-        _job.c["metadata"],
         _job.c.next_run_at,
         _job.c.revision,
         _job.c.is_enabled,
     )
+
+
+def _records(rows: Iterable[Any]) -> list[JobRecord]:
+    return [JobRecord(*row) for row in rows]
 
 
 def _dialect_name(session: AsyncSession) -> str:
@@ -650,9 +653,9 @@ _JOB, _RUN = _job.name, _run.name
 _PAYLOAD_COLUMNS: dict[str, sa.types.TypeEngine[Any]] = {
     "id": sa.String(),
     "task_name": sa.String(),
-    "args": sa.JSON(),
-    "kwargs": sa.JSON(),
-    "metadata": sa.JSON(),
+    "args": JSONValue(),
+    "kwargs": JSONValue(),
+    "metadata": JSONValue(),
 }
 _RUN_INSERT = (
     f"INSERT INTO {_RUN} (job_id, scheduled_for, status, task_id, attempt, claimed_by,"

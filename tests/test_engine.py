@@ -6,6 +6,7 @@ Time is driven by a fake clock and ``engine.tick()``; nothing here sleeps to syn
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -585,3 +586,44 @@ async def test_changes_from_another_process_wake_the_scheduler_at_once(
         await broker.wait_sent(2, timeout=10)
     # An hour-long sync interval: only the notification can have woken the scheduler.
     assert first_latency < 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # PostgreSQL refuses invalid JSON on write
+@pytest.mark.parametrize("column", ["trigger", "args", "kwargs", "metadata"])
+async def test_a_row_with_unparsable_json_is_disabled_alone(
+    backend: str,
+    column: str,
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    poisoned = await app.single(task="tests.record").schedule(session, trigger=every(1))
+    healthy = await app.single(task="tests.record").schedule(session, trigger=every(1))
+    await session.execute(
+        sa.text(f"UPDATE scheduler_job SET {column} = '{{not json' WHERE id = :id"),
+        {"id": poisoned.id},
+    )
+    await session.commit()
+    with caplog.at_level(logging.WARNING, logger="taskiq_beat"):
+        for _ in range(3):
+            clock.advance(1)
+            await app.engine.sync()
+            await app.engine.tick()
+    assert len(broker.sent_for(healthy.id)) == 3
+    assert broker.sent_for(poisoned.id) == []
+    result = await session.execute(
+        sa.select(SchedulerJob.is_enabled, SchedulerJob.last_error).where(
+            SchedulerJob.id == poisoned.id
+        )
+    )
+    is_enabled, last_error = result.one()
+    await session.commit()
+    assert is_enabled is False
+    assert "unreadable JSON" in last_error
+    assert [r for r in caplog.records if poisoned.id in r.getMessage()] != []
+    assert len([r for r in caplog.records if "disabling job" in r.getMessage()]) == 1
+    # Management still reads the row: listings show the value it could not parse.
+    listed = {job.id: job.to_dict() for job in await app.list_jobs(session)}
+    assert "unreadable JSON" in json.dumps(listed[poisoned.id], default=str)
