@@ -115,8 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(str(exc))
         return EXIT_NOT_FOUND
     except (InvalidJobError, ValueError) as exc:
-        _error(str(exc))
+        _error(_redact(str(exc), args))
         return EXIT_USAGE
+    except Exception as exc:  # a database or broker that fails: one line, no traceback
+        _error(_redact(f"{type(exc).__name__}: {exc}", args))
+        return EXIT_FAILURE
 
 
 class BeatCMD(TaskiqCMD):
@@ -130,6 +133,21 @@ class BeatCMD(TaskiqCMD):
         )
         add_run_arguments(parser)
         return run_command(parser.parse_args(args))
+
+
+def _redact(message: str, args: argparse.Namespace) -> str:
+    """Hide the password of the ``--db`` URL (or ``$TASKIQ_BEAT_DATABASE_URL``)."""
+    url = getattr(args, "db", None) or os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        return message
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return message.replace(url, "<database url>")
+    return message.replace(str(password), "***") if password else message
 
 
 def _error(message: str) -> None:
