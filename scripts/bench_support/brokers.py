@@ -1,0 +1,64 @@
+"""The brokers of the benchmark: a no-op broker that notes each send, and InMemoryBroker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from taskiq import AsyncBroker, InMemoryBroker
+from taskiq.message import BrokerMessage
+
+from bench_support.common import TASK_NAME, Goal
+
+
+class NoopBroker(AsyncBroker):
+    """A broker whose ``kick`` only notes the send time and the message's labels.
+
+    With ``keep_messages`` it also keeps the serialized message (to read its kwargs later).
+    Nothing is executed: this is the "no-op broker" of the benchmark.
+    """
+
+    def __init__(self, *, keep_messages: bool = False) -> None:
+        super().__init__()
+        self.goal = Goal()
+        self.kicks: list[tuple[float, dict[str, Any]]] = []
+        self.messages: list[tuple[float, bytes]] = []
+        self.keep_messages = keep_messages
+
+    async def kick(self, message: BrokerMessage) -> None:
+        now = self.goal.hit()
+        self.kicks.append((now, message.labels))
+        if self.keep_messages:
+            self.messages.append((now, message.message))
+
+    async def listen(self) -> AsyncGenerator[bytes, None]:
+        for _ in ():
+            yield b""
+
+    def sent_kwargs(self) -> list[tuple[float, dict[str, Any]]]:
+        """``(send time, kwargs)`` of every kept message."""
+        return [(at, self.formatter.loads(raw).kwargs) for at, raw in self.messages]
+
+
+def make_broker(kind: str, goal: Goal | None = None, *, keep_messages: bool = False) -> Any:
+    """A broker with the no-op task ``bench.noop`` registered.
+
+    ``kind`` is ``noop`` (:class:`NoopBroker`) or ``inmemory`` (taskiq's ``InMemoryBroker``,
+    which executes the task in this process; each execution counts on ``goal``).
+    """
+    broker: AsyncBroker
+    if kind == "noop":
+        broker = NoopBroker(keep_messages=keep_messages)
+        counter = None
+    elif kind == "inmemory":
+        broker = InMemoryBroker()
+        counter = goal if goal is not None else Goal()
+    else:
+        raise ValueError(kind)
+
+    @broker.task(task_name=TASK_NAME)
+    async def noop(*args: Any, **kwargs: Any) -> None:
+        if counter is not None:
+            counter.hit()
+
+    return broker

@@ -1,0 +1,104 @@
+"""Smoke test of ``scripts/bench.py``: every scenario runs end to end, tiny, and prints its row.
+
+Nothing is asserted about the numbers (benchmarks are not tests): only that each scenario
+runs through the same code path as a real run (fresh processes, a fresh database, the
+public API) and reports its table row without an error. SQLite always; PostgreSQL when it
+answers. To keep this file within ~20 s, the runs start at once (in parallel, two groups of
+scenarios per database), and ``--inline-setup`` loads the 20 jobs in the measuring process
+instead of in a process of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.utils import PG_HOST, PG_PORT, postgres_unavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "scripts" / "bench.py"
+GROUPS = {
+    "sqlite": [
+        ["ceiling", "ceiling-exec", "bulk", "burst", "execute"],
+        ["interval", "interval-spread", "idle", "propagation"],
+    ],
+    "postgres": [
+        ["bulk", "burst", "execute", "interval-spread"],
+        ["interval", "idle", "propagation"],
+    ],
+}
+
+pytestmark = pytest.mark.timeout(90)
+
+Runs = dict[str, list[tuple[list[str], "subprocess.Popen[str]"]] | str]
+
+
+def _postgres_problem() -> str | None:
+    """``None`` when PostgreSQL answers (asked the way bench.py asks), else why not."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_support.common import postgres_answers
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return asyncio.run(postgres_answers())
+
+
+def _start(db: str, scenarios: list[str]) -> subprocess.Popen[str]:
+    command = [sys.executable, str(BENCH), *scenarios, "--db", db]
+    command += ["--jobs", "20", "--seconds", "1", "--chunk", "7", "--inline-setup"]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def runs() -> Iterator[Runs]:
+    """Every bench run, started together; for PostgreSQL, why it cannot run if it cannot."""
+    started: Runs = {"sqlite": [(group, _start("sqlite", group)) for group in GROUPS["sqlite"]]}
+    problem = _postgres_problem()
+    if problem is None:
+        started["postgres"] = [(group, _start("postgres", group)) for group in GROUPS["postgres"]]
+    else:
+        started["postgres"] = problem
+    yield started
+    for value in started.values():
+        for _, process in value if isinstance(value, list) else []:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+def _check(value: list[tuple[list[str], subprocess.Popen[str]]] | str) -> None:
+    assert isinstance(value, list)
+    for scenarios, process in value:
+        stdout, stderr = process.communicate(timeout=80)
+        assert process.returncode == 0, stdout + stderr
+        lines = stdout.splitlines()
+        for scenario in scenarios:
+            rows = [line for line in lines if line.startswith(f"| {scenario}: ")]
+            assert rows, f"no row for {scenario}:\n{stdout}\n{stderr}"
+            for row in rows:
+                assert "failed" not in row, row
+                assert "timed out" not in row, row
+
+
+def test_sqlite_every_scenario_prints_its_row(runs: Runs) -> None:
+    _check(runs["sqlite"])
+
+
+def test_postgres_every_scenario_prints_its_row(runs: Runs) -> None:
+    problem = runs["postgres"]
+    if isinstance(problem, str):
+        postgres_unavailable(OSError(f"{PG_HOST}:{PG_PORT}: {problem}"))
+    _check(problem)
