@@ -668,6 +668,18 @@ def _times(*names: str) -> list[sa.BindParameter[Any]]:
     return [sa.bindparam(name, type_=UTCDateTime()) for name in names]
 
 
+def _run_updates(where_ids: str) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause]:
+    """Close, release and delete run rows chosen by ``where_ids`` (the dialect's id list)."""
+    close = sa.text(
+        f"UPDATE {_RUN} SET status = :status, next_attempt_at = NULL, dispatched_at = :now,"
+        f" updated_at = :now, error = NULL{where_ids}"
+    ).bindparams(*_times("now"))
+    release = sa.text(
+        f"UPDATE {_RUN} SET next_attempt_at = :now, claimed_by = NULL, updated_at = :now{where_ids}"
+    ).bindparams(*_times("now"))
+    return close, release, sa.text(f"DELETE FROM {_RUN}{where_ids}")
+
+
 class _BatchSql:
     """The engine's hot statements for one dialect."""
 
@@ -739,14 +751,7 @@ class _PostgresBatchSql(_BatchSql):
         .columns(id=sa.BigInteger(), job_id=sa.String())
     )
     _ids = " WHERE id = ANY(CAST(:ids AS BIGINT[]))"
-    close = sa.text(
-        f"UPDATE {_RUN} SET status = :status, next_attempt_at = NULL, dispatched_at = :now,"
-        f" updated_at = :now, error = NULL{_ids}"
-    ).bindparams(*_times("now"))
-    release = sa.text(
-        f"UPDATE {_RUN} SET next_attempt_at = :now, claimed_by = NULL, updated_at = :now{_ids}"
-    ).bindparams(*_times("now"))
-    delete = sa.text(f"DELETE FROM {_RUN}{_ids}")
+    close, release, delete = _run_updates(_ids)
 
     def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
         return {
@@ -791,14 +796,7 @@ class _SqliteBatchSql(_BatchSql):
         .columns(id=sa.Integer(), job_id=sa.String())
     )
     _ids = " WHERE id IN (SELECT value FROM json_each(:ids))"
-    close = sa.text(
-        f"UPDATE {_RUN} SET status = :status, next_attempt_at = NULL, dispatched_at = :now,"
-        f" updated_at = :now, error = NULL{_ids}"
-    ).bindparams(*_times("now"))
-    release = sa.text(
-        f"UPDATE {_RUN} SET next_attempt_at = :now, claimed_by = NULL, updated_at = :now{_ids}"
-    ).bindparams(*_times("now"))
-    delete = sa.text(f"DELETE FROM {_RUN}{_ids}")
+    close, release, delete = _run_updates(_ids)
 
     def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
         rows = [
