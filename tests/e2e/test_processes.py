@@ -127,7 +127,9 @@ async def test_cleanup_kills_the_processes_it_started() -> None:
         child = int(match.group(1))
         assert not _is_gone(child)
     assert process.killed
-    assert process.returncode == -signal.SIGKILL
+    # -SIGKILL, or 255 when asyncio's child watcher finds the pid already reaped ("Unknown
+    # child process pid ..., will report returncode 255"), seen once under the full suite.
+    assert process.returncode in (-signal.SIGKILL, 255)
     await wait_until(lambda: _is_gone(child), 5, message=f"grandchild {child} survived")
 
 
