@@ -70,7 +70,7 @@ class SchedulerApp:
         self.session_factory = session_factory
         self.config = config or SchedulerConfig()
         self._clock: Clock = clock or SystemClock()
-        self._store = SchedulerStore(session_factory)
+        self._store = SchedulerStore(session_factory, timeout=self.config.database_timeout_seconds)
         self._engine = SchedulerEngine(
             store=self._store,
             dispatcher=Dispatcher(

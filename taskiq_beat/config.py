@@ -24,6 +24,11 @@ class SchedulerConfig(BaseModel):
     """How many ``kiq`` calls of one batch are in flight at once."""
     dispatch_batch_size: int = Field(default=256, gt=0)
     """Most due jobs claimed and sent in one batch (one transaction each side)."""
+    misfire_grace_seconds: float = Field(default=30.0, ge=0)
+    """A fire found at most this late (the scheduler was busy, stalled on the broker, or
+    restarted) is still sent, each one as scheduled; older fires are missed: skipped when a
+    later fire is within the grace, else coalesced into one send of the latest. ``0``
+    coalesces every overdue fire."""
     record_runs: bool = True
     """Keep a ``scheduler_run`` row per fire after it was sent (claims are written regardless)."""
     default_timezone: str = "UTC"
@@ -34,6 +39,10 @@ class SchedulerConfig(BaseModel):
     """How long a claimed fire belongs to its scheduler before another one may send it."""
     dispatch_timeout_seconds: float = Field(default=10.0, gt=0)
     """Longest wait for one ``kiq``; a send that takes longer counts as failed."""
+    database_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest wait for one database operation of the scheduler loop; a slower one counts as
+    failed and the loop retries (a connection can hang without an error on a network
+    partition)."""
     shutdown_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long ``stop()`` waits for the batch in flight before giving up on it."""
 

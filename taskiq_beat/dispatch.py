@@ -38,6 +38,7 @@ class Dispatcher:
         self._broker = broker
         self._concurrency = concurrency
         self._timeout = timeout
+        self._timed_out = f"kiq timed out after {timeout:g} s"
         self._halted = False
 
     def halt(self) -> None:
@@ -53,13 +54,24 @@ class Dispatcher:
 
         A fixed pool of ``concurrency`` senders takes fires from one queue: no task, lock or
         timer is created per fire beyond the ``kiq`` itself.
+
+        Once a ``kiq`` of the batch times out, the fires not started yet fail at once with
+        the same error instead of waiting out a timeout each: a broker that hangs holds the
+        batch for one timeout, not one per ``concurrency`` fires. (Failures other than
+        timeouts do not stop the batch: they may belong to one message alone.)
         """
         outcomes: list[SendOutcome] = [SendOutcome(fire, released=True) for fire in fires]
         queue = iter(enumerate(fires))
+        stalled: list[str] = []
 
         async def sender() -> None:
             for index, fire in queue:
-                outcomes[index] = await self._send_one(fire)
+                if stalled:
+                    outcomes[index] = SendOutcome(fire, error=f"not sent: {stalled[0]}")
+                    continue
+                outcomes[index] = outcome = await self._send_one(fire)
+                if outcome.error == self._timed_out:
+                    stalled.append(f"{outcome.error} (another send of the batch)")
 
         senders = min(self._concurrency, len(fires))
         if senders == 1:
@@ -86,7 +98,7 @@ class Dispatcher:
         try:
             await _within(self._timeout, kicker.kiq(*args, **kwargs))
         except asyncio.TimeoutError:
-            return SendOutcome(fire, error=f"kiq timed out after {self._timeout} s")
+            return SendOutcome(fire, error=self._timed_out)
         except Exception as exc:
             logger.debug("kiq of job %s failed", fire.job_id, exc_info=True)
             return SendOutcome(fire, error=describe_error(exc))

@@ -23,7 +23,7 @@ from taskiq_beat.dispatch import fire_task_id
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.store import ChangeListener, Claim, JobRecord, SendOutcome
-from taskiq_beat.triggers import Trigger, latest_due_fire, trigger_from_json
+from taskiq_beat.triggers import Trigger, next_due_fire, trigger_from_json
 
 if TYPE_CHECKING:
     from taskiq_beat.clock import Clock
@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 _NEVER = datetime.max.replace(tzinfo=timezone.utc)  # retry time of outcomes that never fail
 _ERROR_BACKOFF_BASE = 0.5
-_ERROR_BACKOFF_MAX = 30.0
+_ERROR_BACKOFF_MAX = 5.0  # also the longest a scheduler takes to notice the database is back
+_OUTAGE_LINES = 10  # failed passes logged one by one; then one in every _OUTAGE_REPORT_EVERY
+_OUTAGE_REPORT_EVERY = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class SchedulerEngine:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lease = timedelta(seconds=config.claim_lease_seconds)
+        self._grace = timedelta(seconds=config.misfire_grace_seconds)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -140,14 +143,29 @@ class SchedulerEngine:
             try:
                 await self._listen()
                 await self.tick()
-                failures = 0
-            except Exception:
+            except Exception as exc:
                 failures += 1
                 delay = min(_ERROR_BACKOFF_BASE * 2 ** (failures - 1), _ERROR_BACKOFF_MAX)
-                logger.exception("scheduler loop failed; retrying in %.1f s", delay)
+                self._report_failure(exc, failures, delay)
                 await self._sleep(delay)
                 continue
+            if failures:
+                logger.info("scheduler loop running again after %d failed passes", failures)
+                failures = 0
             await self._sleep(self._idle_delay())
+
+    def _report_failure(self, exc: Exception, failures: int, delay: float) -> None:
+        """A database outage in one line per retry (then one a minute), anything else in full."""
+        reason = self._store.unavailable(exc)
+        if reason is None:
+            logger.error("scheduler loop failed; retrying in %.1f s", delay, exc_info=exc)
+        elif failures <= _OUTAGE_LINES or failures % _OUTAGE_REPORT_EVERY == 0:
+            logger.warning(
+                "database unavailable (%s); retrying in %.1f s (failed passes: %d)",
+                reason,
+                delay,
+                failures,
+            )
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep up to ``seconds``; a wake-up (now or since the pass began) ends it."""
@@ -339,7 +357,9 @@ class SchedulerEngine:
         claims: list[Claim] = []
         following: dict[str, datetime | None] = {}
         for snapshot in batch:
-            scheduled_for, after = latest_due_fire(snapshot.trigger, snapshot.next_run_at, now)
+            scheduled_for, after = next_due_fire(
+                snapshot.trigger, snapshot.next_run_at, now, self._grace
+            )
             following[snapshot.id] = after
             claims.append(
                 Claim(
@@ -401,8 +421,11 @@ class SchedulerEngine:
             self._unrecorded.pop(0)
 
     def _report(self, outcomes: list[SendOutcome], retry_at: datetime) -> int:
+        """Log a batch's outcomes: each fire at DEBUG, the batch in one line at most per
+        kind; schedule the retry of failed sends; disable jobs that can never be sent."""
         sent = 0
         final: dict[str, str] = {}
+        failed: list[SendOutcome] = []
         for outcome in outcomes:
             fire = outcome.fire
             if outcome.released:
@@ -419,15 +442,25 @@ class SchedulerEngine:
             elif outcome.final:
                 final[fire.job_id] = outcome.error
             else:
-                logger.warning(
-                    "dispatch of job %s (%s) scheduled for %s failed: %s; retrying at %s",
+                failed.append(outcome)
+                logger.debug(
+                    "dispatch of job %s (%s) scheduled for %s failed: %s",
                     fire.job_id,
                     fire.task_name,
                     fire.scheduled_for,
                     outcome.error,
-                    retry_at,
                 )
-                self.retry_at(retry_at)
+        if failed:
+            first = failed[0]
+            logger.warning(
+                "dispatch of %d fires failed (job %s scheduled for %s: %s); retrying at %s",
+                len(failed),
+                first.fire.job_id,
+                first.fire.scheduled_for,
+                first.error,
+                retry_at,
+            )
+            self.retry_at(retry_at)
         if final:
             self._disable_later(final)
         if sent:

@@ -23,12 +23,14 @@ The exactly-once contract:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -141,11 +143,78 @@ def _insert_for(dialect_name: str) -> Any:
     raise NotImplementedError(f"taskiq-beat supports SQLite and PostgreSQL, not {dialect_name!r}")
 
 
-class SchedulerStore:
-    """The scheduler's database operations. See the module docstring for the contract."""
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
 
-    def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
+
+def _time_limited(
+    method: Callable[Concatenate[SchedulerStore, _P], Awaitable[_T]],
+) -> Callable[Concatenate[SchedulerStore, _P], Awaitable[_T]]:
+    """Bound an engine operation by the store's timeout (see ``SchedulerStore._bounded``)."""
+
+    @functools.wraps(method)
+    async def bounded(store: SchedulerStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await store._bounded(method(store, *args, **kwargs))
+
+    return bounded
+
+
+class SchedulerStore:
+    """The scheduler's database operations. See the module docstring for the contract.
+
+    ``timeout`` bounds each engine operation (seconds; ``None``: unbounded).
+    """
+
+    def __init__(
+        self, session_factory: async_sessionmaker[AsyncSession], *, timeout: float | None = None
+    ) -> None:
         self._session_factory = session_factory
+        self._timeout = timeout
+        self._abandoned: set[asyncio.Future[Any]] = set()
+
+    async def _bounded(self, operation: Awaitable[_T]) -> _T:
+        """Await ``operation``, giving up after ``timeout`` seconds with ``TimeoutError``.
+
+        A connection that hangs (a network partition drops packets without a reset) would
+        otherwise stop the scheduler silently until TCP gives up, which takes minutes. The
+        operation runs in a task of its own: on timeout it is cancelled and left to unwind
+        on its own (its cleanup may wait on the same dead connection), and the caller moves
+        on. Every engine operation is safe to abandon: a claim that still commits later is
+        covered by its lease, a record by being written again.
+        """
+        if self._timeout is None:
+            return await operation
+        task = asyncio.ensure_future(operation)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self._timeout)
+        except BaseException:
+            self._abandon(task)
+            raise
+        if done:
+            return task.result()
+        self._abandon(task)
+        raise TimeoutError(f"the database did not answer within {self._timeout:g} s")
+
+    def _abandon(self, task: asyncio.Future[Any]) -> None:
+        task.cancel()
+        self._abandoned.add(task)  # keep a reference until it has unwound
+        task.add_done_callback(_forget(self._abandoned))
+
+    @staticmethod
+    def unavailable(exc: BaseException) -> str | None:
+        """Describe ``exc`` in one line if it says the database cannot be used right now and
+        trying again later may succeed: a refused, lost or timed-out connection, an exhausted
+        pool, SQLite's "database is locked". ``None`` for anything else (a bug, bad data).
+        """
+        if isinstance(exc, sa.exc.DBAPIError):
+            if exc.connection_invalidated or isinstance(
+                exc, (sa.exc.OperationalError, sa.exc.InterfaceError)
+            ):
+                return f"{type(exc.orig).__name__}: {exc.orig}".strip()
+            return None
+        if isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, sa.exc.TimeoutError)):
+            return f"{type(exc).__name__}: {exc}".strip()
+        return None
 
     # ------------------------------------------------------- management (caller's session)
 
@@ -360,6 +429,7 @@ class SchedulerStore:
 
     # ------------------------------------------------------------------ engine (own sessions)
 
+    @_time_limited
     async def listen(self, on_change: Callable[[], None]) -> ChangeListener | None:
         """Start hearing other processes' job changes; ``None`` where the database cannot
         announce them (SQLite: changes are seen at the next sync)."""
@@ -375,6 +445,7 @@ class SchedulerStore:
             raise
         return listener
 
+    @_time_limited
     async def load_due(self, horizon: datetime) -> list[JobRecord]:
         """Enabled jobs whose ``next_run_at`` is at or before ``horizon`` (uses the due index)."""
         statement = _select_records().where(
@@ -386,6 +457,7 @@ class SchedulerStore:
             result = await session.execute(statement)
             return _records(result)
 
+    @_time_limited
     async def load_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
         """The current state of the given jobs (missing ones are left out)."""
         ids = list(job_ids)
@@ -395,6 +467,7 @@ class SchedulerStore:
             result = await session.execute(_select_records().where(_job.c.id.in_(ids)))
             return _records(result)
 
+    @_time_limited
     async def claim(
         self,
         claims: Sequence[Claim],
@@ -440,6 +513,7 @@ class SchedulerStore:
         ]
         return fires, lost
 
+    @_time_limited
     async def claim_retries(
         self, *, now: datetime, lease_until: datetime, owner: str, limit: int
     ) -> list[Fire]:
@@ -485,6 +559,7 @@ class SchedulerStore:
             if job_id in jobs
         ]
 
+    @_time_limited
     async def record(
         self,
         outcomes: Sequence[SendOutcome],
@@ -525,6 +600,7 @@ class SchedulerStore:
                     ],
                 )
 
+    @_time_limited
     async def disable_jobs(self, errors: dict[str, str], *, now: datetime) -> None:
         """Disable jobs that cannot fire, keeping the reason in ``last_error``."""
         if not errors:
@@ -617,6 +693,15 @@ class ChangeListener:
             await self._connection.invalidate()
         with contextlib.suppress(Exception):
             await self._connection.close()
+
+
+def _forget(tasks: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    def done(task: asyncio.Future[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an abandoned operation's failure is no news
+
+    return done
 
 
 def _make_room(session: AsyncSession, job: SchedulerJob) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "PeriodicSchedule",
     "Trigger",
     "latest_due_fire",
+    "next_due_fire",
     "resolve_timezone",
     "trigger_from_json",
     "trigger_to_json",
@@ -415,6 +416,25 @@ def latest_due_fire(
             continue
         latest = following
         following = trigger.get_next_run_at(latest)
+    return latest, following
+
+
+def next_due_fire(
+    trigger: Trigger, first_due: datetime, now: datetime, grace: timedelta
+) -> tuple[datetime, datetime | None]:
+    """The fire to send at ``now`` for a job due since ``first_due``, and the fire after it.
+
+    A fire found at most ``grace`` late is sent as it was scheduled, so a scheduler that is
+    behind (busy, or back after a short outage) catches up fire by fire, in order. Fires
+    more than ``grace`` late are missed: they are skipped when a fire within ``grace``
+    follows them, and otherwise coalesced into the latest of them, sent once. ``grace`` of
+    zero coalesces every overdue fire into the latest one.
+    """
+    if now - first_due <= grace:
+        return first_due, trigger.get_next_run_at(first_due)
+    latest, following = latest_due_fire(trigger, first_due, now - grace)
+    if following is not None and following <= now:
+        return following, trigger.get_next_run_at(following)
     return latest, following
 
 

@@ -91,8 +91,17 @@ async def test_interval_job_fires_on_schedule_and_stays_on_its_grid(
 
 
 async def test_missed_fires_coalesce_into_the_latest_one(
-    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    clock: FakeClock,
 ) -> None:
+    app = SchedulerApp(
+        broker=broker,
+        session_factory=session_factory,
+        config=SchedulerConfig(misfire_grace_seconds=0),
+        clock=clock,
+    )
     start = clock.now()
     job = await app.single(task="tests.record").schedule(session, trigger=every(5))
     clock.advance(52)  # ten fires were due while the scheduler was away
@@ -102,6 +111,21 @@ async def test_missed_fires_coalesce_into_the_latest_one(
     assert run.scheduled_for == start + timedelta(seconds=50)
     assert (await reload(session, job.id)).next_run_at == start + timedelta(seconds=55)
     assert len(broker.sent) == 1
+
+
+async def test_fires_within_the_misfire_grace_are_each_sent_in_order(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    assert app.config.misfire_grace_seconds == 30
+    start = clock.now()
+    job = await app.single(task="tests.record").schedule(session, trigger=every(5))
+    clock.advance(52)  # fires 5..50 due; 25..50 are at most 30 s late, 5..20 are missed
+    await app.engine.sync()
+    assert await app.engine.tick() == 6
+    expected = [start + timedelta(seconds=s) for s in (25, 30, 35, 40, 45, 50)]
+    assert [r.scheduled_for for r in await runs_of(session, job.id)] == expected
+    assert [m.task_id for m in broker.sent] == [fire_task_id(job.id, t) for t in expected]
+    assert (await reload(session, job.id)).next_run_at == start + timedelta(seconds=55)
 
 
 async def test_one_off_fires_once(
@@ -466,6 +490,57 @@ async def test_stop_mid_batch_releases_unsent_fires_and_nothing_is_sent_twice(
     task_ids = [m.task_id for m in broker.sent]
     assert len(task_ids) == 10
     assert len(set(task_ids)) == 10
+    await broker.shutdown()
+
+
+async def test_a_hanging_broker_holds_a_batch_for_one_timeout_and_every_fire_is_retried(
+    session_factory: async_sessionmaker[AsyncSession], clock: FakeClock
+) -> None:
+    hang = asyncio.Event()
+    hang.set()
+
+    class HangingBroker(RecordingBroker):
+        async def kick(self, message: Any) -> None:
+            if hang.is_set():
+                await asyncio.Event().wait()  # never answers, like a blackholed connection
+            await super().kick(message)
+
+    broker = HangingBroker()
+    broker.register_task(lambda: None, task_name="tests.noop")
+    await broker.startup()
+    config = SchedulerConfig(
+        dispatch_concurrency=4, dispatch_timeout_seconds=0.2, dispatch_retry_seconds=5
+    )
+    app = SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
+    async with session_factory() as session:
+        for index in range(40):
+            await app.single(task="tests.noop").upsert(
+                session, trigger=every(60), job_id=f"job-{index}"
+            )
+    clock.advance(60)
+    await app.engine.sync()
+    began = asyncio.get_running_loop().time()
+    assert await app.engine.tick() == 0
+    took = asyncio.get_running_loop().time() - began
+    assert took < 1.0, f"one timeout (0.2 s) for the batch, not ten (2 s): {took:.2f} s"
+
+    async with session_factory() as session:
+        runs = list((await session.execute(sa.select(SchedulerRun))).scalars())
+    assert len(runs) == 40
+    assert all(r.status is RunStatus.FAILED for r in runs)
+    assert all(r.next_attempt_at == clock.now() + timedelta(seconds=5) for r in runs)
+    errors = sorted({r.error for r in runs if r.error})
+    assert errors == [
+        "kiq timed out after 0.2 s",
+        "not sent: kiq timed out after 0.2 s (another send of the batch)",
+    ]
+    assert sum(r.error == errors[0] for r in runs) == 4  # the sends in flight
+
+    hang.clear()  # the broker answers again: every fire goes out once, at its retry time
+    clock.advance(5)
+    await app.engine.sync()
+    assert await app.engine.tick() == 40
+    assert len({m.task_id for m in broker.sent}) == 40 == len(broker.sent)
     await broker.shutdown()
 
 

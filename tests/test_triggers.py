@@ -54,6 +54,7 @@ from taskiq_beat.triggers import (
     PeriodicSchedule,
     Trigger,
     latest_due_fire,
+    next_due_fire,
     resolve_timezone,
     trigger_from_json,
     trigger_to_json,
@@ -1027,6 +1028,77 @@ def test_cron_schedule_bounds_in_another_timezone() -> None:
     assert schedule.start_at is not None
     assert schedule.start_at.tzinfo is UTC
     assert schedule.first_run_at(utc(2026, 6, 1)) == utc(2026, 7, 1, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# next_due_fire: the misfire grace
+# ---------------------------------------------------------------------------------------------
+
+GRACE = timedelta(seconds=30)
+
+
+def test_next_due_fire_sends_a_fire_within_the_grace_as_scheduled() -> None:
+    schedule = every(seconds=5)
+    first_due = utc(2026, 1, 1, 12)
+    for late in (0, 4.9, 5, 29.999999, 30):
+        now = first_due + timedelta(seconds=late)
+        assert next_due_fire(schedule, first_due, now, GRACE) == (
+            first_due,
+            first_due + timedelta(seconds=5),
+        ), late
+
+
+def test_next_due_fire_skips_missed_fires_when_one_within_the_grace_follows() -> None:
+    schedule = every(seconds=5)
+    first_due = utc(2026, 1, 1, 12)
+    now = first_due + timedelta(seconds=52)  # 0..50 due; 25..50 within 30 s
+    assert next_due_fire(schedule, first_due, now, GRACE) == (
+        first_due + timedelta(seconds=25),
+        first_due + timedelta(seconds=30),
+    )
+
+
+def test_next_due_fire_coalesces_missed_fires_when_none_within_the_grace_follows() -> None:
+    schedule = every(seconds=3600)
+    first_due = utc(2026, 1, 1, 12)
+    now = first_due + timedelta(hours=5, seconds=31)
+    assert next_due_fire(schedule, first_due, now, GRACE) == (
+        first_due + timedelta(hours=5),
+        first_due + timedelta(hours=6),
+    )
+    one_off = OneOffSchedule(run_at=first_due)
+    assert next_due_fire(one_off, first_due, first_due + timedelta(days=3), GRACE) == (
+        first_due,
+        None,
+    )
+
+
+def test_next_due_fire_without_grace_is_latest_due_fire() -> None:
+    schedule = CRON_EVERY_MINUTE = PeriodicSchedule(crontab=CrontabTrigger(minute="*"))
+    first_due = utc(2026, 1, 1, 12)
+    now = first_due + timedelta(minutes=90, seconds=1)
+    assert next_due_fire(CRON_EVERY_MINUTE, first_due, now, timedelta(0)) == latest_due_fire(
+        schedule, first_due, now
+    )
+
+
+def test_next_due_fire_respects_end_at() -> None:
+    start = utc(2026, 1, 1)
+    schedule = PeriodicSchedule(
+        interval=IntervalTrigger(seconds=10), start_at=start, end_at=start + timedelta(seconds=20)
+    )
+    assert next_due_fire(
+        schedule, start + timedelta(seconds=20), start + timedelta(minutes=9), GRACE
+    ) == (
+        start + timedelta(seconds=20),
+        None,
+    )
+    assert next_due_fire(
+        schedule, start + timedelta(seconds=10), start + timedelta(seconds=25), GRACE
+    ) == (
+        start + timedelta(seconds=10),
+        start + timedelta(seconds=20),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
