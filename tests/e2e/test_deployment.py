@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from taskiq_redis import RedisAsyncResultBackend
 
-from taskiq_beat import CHAIN_TASK_NAME, RunStatus, SchedulerJob, SchedulerRun, fire_task_id
+from taskiq_beat import CHAIN_TASK_NAME, RunStatus, SchedulerJob, fire_task_id
 from tests.e2e.deployment import names
 from tests.processes import (
     PYTHON,
@@ -38,6 +38,7 @@ from tests.processes import (
     run_process,
     wait_until,
 )
+from tests.reliability.harness import Run, read_runs
 from tests.utils import temporary_postgres_database
 
 pytestmark = pytest.mark.slow
@@ -84,24 +85,6 @@ class Execution:
         return self.job_id, self.scheduled_for
 
 
-@dataclass(frozen=True)
-class Run:
-    """One ``scheduler_run`` row."""
-
-    job_id: str
-    scheduled_for: datetime
-    status: RunStatus
-    task_id: str
-    attempt: int
-    claimed_by: str | None
-    created_at: datetime
-    error: str | None
-
-    @property
-    def fire(self) -> tuple[str, datetime]:
-        return self.job_id, self.scheduled_for
-
-
 @dataclass
 class Deployment:
     """The services and processes of one test run, and how to look at them."""
@@ -127,19 +110,7 @@ class Deployment:
         return [Execution.parse(item) for item in raw]
 
     async def runs(self) -> list[Run]:
-        run = SchedulerRun
-        statement = sa.select(
-            run.job_id,
-            run.scheduled_for,
-            run.status,
-            run.task_id,
-            run.attempt,
-            run.claimed_by,
-            run.created_at,
-            run.error,
-        ).order_by(run.id)
-        async with self.db.connect() as connection:
-            return [Run(*row) for row in await connection.execute(statement)]
+        return await read_runs(self.db)
 
     async def jobs(self) -> dict[str, dict[str, Any]]:
         async with self.db.connect() as connection:

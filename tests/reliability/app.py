@@ -1,0 +1,72 @@
+"""The scheduler app the reliability tests run as real ``taskiq-beat run`` processes.
+
+Configured entirely from the environment :class:`tests.reliability.harness.Cluster` sets:
+
+- ``RELIABILITY_DATABASE_URL``: the scheduler's database (SQLite file or PostgreSQL, possibly
+  through a fault proxy);
+- ``RELIABILITY_REDIS_URL`` and ``RELIABILITY_QUEUE``: the Redis list the broker pushes every
+  message to (possibly through a fault proxy). No worker consumes it: the list *is* the record
+  of what the broker received, which the tests read;
+- ``RELIABILITY_CONFIG``: ``SchedulerConfig`` fields as a JSON object;
+- ``RELIABILITY_SEND_DELAY``: seconds each send waits before reaching Redis (a broker
+  middleware), to make batches slow enough to interrupt.
+
+Run with ``taskiq-beat run tests.reliability.app:scheduler_app``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from taskiq import TaskiqMessage, TaskiqMiddleware
+from taskiq_redis import ListQueueBroker
+
+from taskiq_beat import SchedulerApp, SchedulerConfig
+from tests.reliability import names
+
+
+def _env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise RuntimeError(f"{name} is not set: this module is configured by the tests")
+    return value
+
+
+class SlowSends(TaskiqMiddleware):
+    """Delays every message on its way to the broker."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        await asyncio.sleep(self.seconds)
+        return message
+
+
+broker = ListQueueBroker(
+    _env(names.REDIS_URL_ENV),
+    queue_name=_env(names.QUEUE_ENV),
+    socket_timeout=names.REDIS_SOCKET_TIMEOUT,
+    socket_connect_timeout=names.REDIS_SOCKET_TIMEOUT,
+)
+send_delay = float(os.environ.get(names.SEND_DELAY_ENV) or 0)
+if send_delay:
+    broker.add_middlewares(SlowSends(send_delay))
+
+
+@broker.task(task_name=names.TASK)
+async def tick(*args: Any, **kwargs: Any) -> None:
+    """Never executed: the tests read the messages from the queue."""
+
+
+engine = create_async_engine(_env(names.DATABASE_URL_ENV), pool_pre_ping=True)
+scheduler_app = SchedulerApp(
+    broker=broker,
+    session_factory=async_sessionmaker(engine, expire_on_commit=False),
+    config=SchedulerConfig(**json.loads(os.environ.get(names.CONFIG_ENV) or "{}")),
+)

@@ -1,0 +1,153 @@
+"""Ten seconds without the database, or without the broker, mid-run.
+
+The scheduler process reaches PostgreSQL or Redis through a :class:`tests.faultproxy.FaultProxy`
+which the test cuts for 10 s (the machine's servers keep running; the test reads them
+directly). The scheduler must stay up, log and back off, and afterwards:
+
+- database outage: fires due while the database was away are coalesced into one per job
+  (the missed-fire rule), every later fire is on time, nothing is sent twice;
+- broker outage: every fire was claimed on time; those whose send failed are sent again
+  every ``dispatch_retry_seconds`` until Redis answers, so in the end every fire is sent, and
+  a fire reaches Redis twice only when a send that "failed" had in fact arrived (same task id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.faultproxy import CutMode, FaultProxy
+from tests.processes import ManagedProcess
+from tests.reliability.harness import Cluster, Fire, cluster, grid, utcnow, whole_second
+
+pytestmark = pytest.mark.slow
+
+SECOND = timedelta(seconds=1)
+OUTAGE = 10.0
+JOBS = 100
+RECOVERY = 6.0
+"""Seconds after the database returns within which the scheduler fires again: its longest
+back-off between failed passes (5 s) and a sync."""
+CONFIG = {
+    "sync_interval_seconds": 1.0,
+    "claim_lease_seconds": 5.0,
+    "dispatch_timeout_seconds": 2.0,
+    "dispatch_retry_seconds": 1.0,
+    "database_timeout_seconds": 2.0,
+}
+
+
+async def sleep_until(moment: datetime) -> None:
+    await asyncio.sleep(max(0.0, (moment - utcnow()).total_seconds()))
+
+
+async def outage(
+    c: Cluster, proxy: FaultProxy, scheduler: ManagedProcess, mode: CutMode
+) -> tuple[datetime, datetime]:
+    """Cut ``proxy`` for :data:`OUTAGE` seconds, checking the scheduler stays up."""
+    cut_at = utcnow()
+    async with proxy.outage(OUTAGE, mode=mode):
+        while (utcnow() - cut_at).total_seconds() < OUTAGE - 0.5:
+            assert scheduler.running, c.details(proxy.stats.describe())
+            await asyncio.sleep(0.5)
+    return cut_at, utcnow()
+
+
+async def add_jobs(c: Cluster) -> tuple[datetime, datetime, set[Fire]]:
+    """:data:`JOBS` jobs every second for 25 s from the next whole second but one."""
+    start_at = whole_second(1)
+    end_at = start_at + 24 * SECOND
+    jobs = await c.add_interval_jobs(JOBS, start_at=start_at, end_at=end_at)
+    return start_at, end_at, {(job, when) for job in jobs for when in grid(start_at, end_at)}
+
+
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+async def test_a_database_outage_is_survived_and_nothing_doubles(
+    tmp_path: Path, redis_url: str, mode: CutMode
+) -> None:
+    async with cluster(tmp_path, "postgresql", redis_url) as c:
+        url = make_url(c.database_url)
+        async with FaultProxy(url.host or "127.0.0.1", url.port or 5432, name="db") as proxy:
+            scheduler = await c.start_scheduler(
+                "scheduler", config=CONFIG, database_url=proxy.rewrite_url(c.database_url)
+            )
+            start_at, end_at, expected = await add_jobs(c)
+
+            await sleep_until(start_at + 5.4 * SECOND)
+            mark = scheduler.mark()
+            cut_at, restored_at = await outage(c, proxy, scheduler, mode)
+            await sleep_until(end_at)
+            ledger = await c.settle(timeout=20, watch=[scheduler])
+            assert await scheduler.terminate(10) == 0, c.details()
+
+        window = (cut_at - SECOND, restored_at + RECOVERY * SECOND)
+        report = ledger.check(expected, may_coalesce=[window])
+        later = [run for run in ledger.runs if run.scheduled_for > window[1]]
+        late = max(run.dispatched_at - run.scheduled_for for run in later)  # type: ignore[operator]
+        first_after = min(
+            run.dispatched_at  # type: ignore[type-var]
+            for run in ledger.runs
+            if run.dispatched_at is not None and run.dispatched_at > restored_at
+        )
+        log = scheduler.output[mark:]
+        complaints = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+        print(
+            f"\ndatabase outage ({mode}) {OUTAGE:.0f} s: {report}; first send "
+            f"{(first_after - restored_at).total_seconds():.2f} s after the database returned, "
+            f"later fires at most {late.total_seconds():.3f} s late; "
+            f"{len(complaints)} warning/error lines; {proxy.stats.describe()}"
+        )
+        assert report.resent == 0
+        assert report.coalesced <= JOBS * (OUTAGE + RECOVERY + 2)
+        assert first_after - restored_at <= RECOVERY * SECOND
+        assert late <= SECOND
+        assert complaints, "the outage is logged"
+        assert len(complaints) <= 30, "and backed off, not logged in a loop:\n" + "\n".join(
+            complaints
+        )
+        assert "Traceback" not in log, "a lost connection is reported in one line"
+
+
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+async def test_a_broker_outage_delays_fires_but_sends_each_of_them(
+    tmp_path: Path, redis_url: str, mode: CutMode
+) -> None:
+    async with cluster(tmp_path, "postgresql", redis_url) as c:
+        target = urlsplit(redis_url)
+        async with FaultProxy(
+            target.hostname or "127.0.0.1", target.port or 6379, name="redis"
+        ) as proxy:
+            scheduler = await c.start_scheduler(
+                "scheduler", config=CONFIG, redis_url=proxy.rewrite_url(redis_url)
+            )
+            start_at, end_at, expected = await add_jobs(c)
+
+            await sleep_until(start_at + 5.4 * SECOND)
+            mark = scheduler.mark()
+            cut_at, restored_at = await outage(c, proxy, scheduler, mode)
+            await sleep_until(end_at)
+            ledger = await c.settle(len(expected), timeout=30, watch=[scheduler])
+            assert await scheduler.terminate(10) == 0, c.details()
+
+        report = ledger.check(expected)
+        during = [run for run in ledger.runs if cut_at <= run.scheduled_for <= restored_at]
+        caught_up = max(run.dispatched_at for run in during)  # type: ignore[type-var]
+        retried = [run for run in ledger.runs if run.attempt > 1]
+        warnings = [line for line in scheduler.output[mark:].splitlines() if "WARNING" in line]
+        print(
+            f"\nbroker outage ({mode}) {OUTAGE:.0f} s: {report}; {len(retried)} fires sent "
+            f"again after a failed send, all caught up "
+            f"{(caught_up - restored_at).total_seconds():.2f} s after Redis returned; "
+            f"{len(warnings)} warning lines; "
+            f"{proxy.stats.describe()}"
+        )
+        assert report.sent == report.expected, "a broker outage loses no fire"
+        assert 0 < len(warnings) <= 4 * (OUTAGE + 2), "one line per failed batch, not per fire"
+        assert len(during) >= JOBS * (OUTAGE - 1)
+        assert retried, "sends failed during the outage and were retried"
+        assert caught_up - restored_at <= 10 * SECOND
