@@ -4,8 +4,8 @@
   fires; the other sends every later fire at once and the dead one's claims when their lease
   runs out;
 - crash anywhere: one scheduler, killed at random moments of its busy second 20 times and
-  started again each time; fires due while none ran are coalesced (the missed-fire rule),
-  nothing else may be missing, and a fire may reach the broker twice only when it was sent
+  started again each time; every fire is sent (those due while none ran a little late,
+  within the misfire grace), and a fire may reach the broker twice only when it was sent
   again after its lease (``attempt`` > 1), with the same task id.
 """
 
@@ -96,25 +96,24 @@ async def test_killed_anywhere_twenty_times_no_fire_is_lost(
         start_at = whole_second(1)
         end_at = start_at + 300 * SECOND  # beyond the test: it stops firing when checked
         jobs = await c.add_interval_jobs(500, start_at=start_at, end_at=end_at)
-        down: list[tuple[datetime, datetime]] = []
         for crash in range(CRASHES):
             moment = whole_second(0) + rng.uniform(0.0, 0.5) * SECOND
             await sleep_until(moment)
             assert scheduler.running, c.details()
-            killed_at = utcnow()
             await scheduler.kill()
             scheduler = await c.start_scheduler(f"scheduler-{crash + 1}", **start)
-            down.append((killed_at - SECOND, utcnow() + SECOND))
         # Fires up to ``last`` are checked; the jobs are disabled a second later.
         last = whole_second(0)
         await sleep_until(last + SECOND)
         await c.disable_all()
         expected = {(job, when) for job in jobs for when in grid(start_at, last)}
         ledger = await c.settle(timeout=LEASE + 20, watch=[scheduler])
-        report = ledger.check(expected, may_coalesce=down, until=last)
+        # Each restart takes a second or two, far less than the misfire grace (30 s): the
+        # fires due meanwhile are sent late, each one, none coalesced.
+        report = ledger.check(expected, until=last)
         print(
             f"\n{backend}: {CRASHES} SIGKILLs (seed {seed}): {report}; "
             f"sent twice with one task id: {len(ledger.resent)}"
         )
-        assert report.sent > report.expected / 2, "most fires are sent while a scheduler runs"
+        assert report.sent == report.expected
         assert await scheduler.terminate(10) == 0, c.details()

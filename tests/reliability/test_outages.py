@@ -4,8 +4,9 @@ The scheduler process reaches PostgreSQL or Redis through a :class:`tests.faultp
 which the test cuts for 10 s (the machine's servers keep running; the test reads them
 directly). The scheduler must stay up, log and back off, and afterwards:
 
-- database outage: fires due while the database was away are coalesced into one per job
-  (the missed-fire rule), every later fire is on time, nothing is sent twice;
+- database outage: fires due while the database was away are sent late, each one (they are
+  within the misfire grace), or with no grace coalesced into one per job; every later fire
+  is on time, nothing is sent twice;
 - broker outage: every fire was claimed on time; those whose send failed are sent again
   every ``dispatch_retry_seconds`` until Redis answers, so in the end every fire is sent, and
   a fire reaches Redis twice only when a send that "failed" had in fact arrived (same task id).
@@ -66,15 +67,19 @@ async def add_jobs(c: Cluster) -> tuple[datetime, datetime, set[Fire]]:
     return start_at, end_at, {(job, when) for job in jobs for when in grid(start_at, end_at)}
 
 
-@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+@pytest.mark.parametrize(
+    ("mode", "grace"), [("refuse", 30.0), ("blackhole", 30.0), ("refuse", 0.0)]
+)
 async def test_a_database_outage_is_survived_and_nothing_doubles(
-    tmp_path: Path, redis_url: str, mode: CutMode
+    tmp_path: Path, redis_url: str, mode: CutMode, grace: float
 ) -> None:
     async with cluster(tmp_path, "postgresql", redis_url) as c:
         url = make_url(c.database_url)
         async with FaultProxy(url.host or "127.0.0.1", url.port or 5432, name="db") as proxy:
             scheduler = await c.start_scheduler(
-                "scheduler", config=CONFIG, database_url=proxy.rewrite_url(c.database_url)
+                "scheduler",
+                config={**CONFIG, "misfire_grace_seconds": grace},
+                database_url=proxy.rewrite_url(c.database_url),
             )
             start_at, end_at, expected = await add_jobs(c)
 
@@ -85,8 +90,10 @@ async def test_a_database_outage_is_survived_and_nothing_doubles(
             ledger = await c.settle(timeout=20, watch=[scheduler])
             assert await scheduler.terminate(10) == 0, c.details()
 
+        # Fires due while the database was away are sent late (within the grace), or, with
+        # no grace, coalesced into one per job.
         window = (cut_at - SECOND, restored_at + RECOVERY * SECOND)
-        report = ledger.check(expected, may_coalesce=[window])
+        report = ledger.check(expected, may_coalesce=[window] if grace == 0 else [])
         later = [run for run in ledger.runs if run.scheduled_for > window[1]]
         late = max(run.dispatched_at - run.scheduled_for for run in later)  # type: ignore[operator]
         first_after = min(
@@ -97,13 +104,18 @@ async def test_a_database_outage_is_survived_and_nothing_doubles(
         log = scheduler.output[mark:]
         complaints = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
         print(
-            f"\ndatabase outage ({mode}) {OUTAGE:.0f} s: {report}; first send "
+            f"\ndatabase outage ({mode}, grace {grace:g} s) {OUTAGE:.0f} s: {report}; first send "
             f"{(first_after - restored_at).total_seconds():.2f} s after the database returned, "
             f"later fires at most {late.total_seconds():.3f} s late; "
             f"{len(complaints)} warning/error lines; {proxy.stats.describe()}"
         )
         assert report.resent == 0
-        assert report.coalesced <= JOBS * (OUTAGE + RECOVERY + 2)
+        if grace == 0:
+            assert report.coalesced >= JOBS * (OUTAGE - 2), "the missed fires were coalesced"
+            coalesced_into = {
+                run.job_id for run in ledger.runs if window[0] <= run.scheduled_for <= window[1]
+            }
+            assert len(coalesced_into) == JOBS, "each job sent one fire for the missed ones"
         assert first_after - restored_at <= RECOVERY * SECOND
         assert late <= SECOND
         assert complaints, "the outage is logged"
