@@ -8,13 +8,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from taskiq_beat import (
     IntervalTrigger,
@@ -22,6 +28,7 @@ from taskiq_beat import (
     PeriodicSchedule,
     RunStatus,
     SchedulerApp,
+    SchedulerBase,
     SchedulerConfig,
     SchedulerJob,
     SchedulerRun,
@@ -702,3 +709,44 @@ async def test_a_row_with_unparsable_json_is_disabled_alone(
     # Management still reads the row: listings show the value it could not parse.
     listed = {job.id: job.to_dict() for job in await app.list_jobs(session)}
     assert "unreadable JSON" in json.dumps(listed[poisoned.id], default=str)
+
+
+async def test_a_locked_sqlite_file_is_waited_out_with_one_line_per_retry(
+    tmp_path: Any, broker: RecordingBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holding SQLite's write lock longer than the busy timeout: the loop
+    reports "database is locked" in one warning line (no traceback), retries, and sends the
+    fire once the lock is gone."""
+    path = tmp_path / "locked.sqlite3"
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 0.05})
+    async with engine.begin() as connection:
+        await connection.run_sync(SchedulerBase.metadata.create_all)
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    app = SchedulerApp(
+        broker=broker,
+        session_factory=factory,
+        config=SchedulerConfig(sync_interval_seconds=0.1, idle_sleep_seconds=0.05),
+    )
+    async with factory() as session:
+        job = await app.single(task="tests.record").schedule(
+            session, trigger=OneOffSchedule(run_at=datetime.now(UTC) + timedelta(seconds=0.3))
+        )
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        with caplog.at_level(logging.INFO, logger="taskiq_beat"):
+            async with app:
+                other.execute("BEGIN EXCLUSIVE")  # another process writing for a while
+                await asyncio.sleep(0.7)  # the job is due at 0.3 s: a few failed passes
+                assert broker.sent == [], "nothing can be claimed while the file is locked"
+                other.execute("COMMIT")
+                await broker.wait_sent(1, timeout=5)
+    finally:
+        other.close()
+        await engine.dispose()
+
+    outage = [r for r in caplog.records if "database unavailable" in r.getMessage()]
+    assert outage, caplog.text
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in outage)
+    assert "database is locked" in outage[0].getMessage()
+    assert any("running again after" in r.getMessage() for r in caplog.records)
+    assert [m.task_id for m in broker.sent] == [fire_task_id(job.id, job.next_run_at)]
