@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from taskiq_beat.dispatch import fire_task_id
+from taskiq_beat.dispatch import task_id_of
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.store import ChangeListener, Claim, JobRecord, SendOutcome
@@ -338,9 +338,13 @@ class SchedulerEngine:
     async def _claim(self, batch: list[JobSnapshot], now: datetime) -> list[Fire]:
         claims: list[Claim] = []
         following: dict[str, datetime | None] = {}
+        times: dict[datetime, str] = {}  # ISO text of each fire time, once per batch
         for snapshot in batch:
             scheduled_for, after = latest_due_fire(snapshot.trigger, snapshot.next_run_at, now)
             following[snapshot.id] = after
+            iso = times.get(scheduled_for)
+            if iso is None:
+                iso = times[scheduled_for] = scheduled_for.isoformat()
             claims.append(
                 Claim(
                     job_id=snapshot.id,
@@ -348,7 +352,7 @@ class SchedulerEngine:
                     expected_revision=snapshot.revision,
                     scheduled_for=scheduled_for,
                     new_next_run_at=after,
-                    task_id=fire_task_id(snapshot.id, scheduled_for),
+                    task_id=task_id_of(snapshot.id, iso),
                 )
             )
         try:
