@@ -17,13 +17,14 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from taskiq_beat.dispatch import task_id_of
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import CorruptJobError
+from taskiq_beat.models import encode_json
 from taskiq_beat.store import ChangeListener, Claim, JobRecord, SendOutcome
-from taskiq_beat.triggers import Trigger, latest_due_fire, trigger_from_json
+from taskiq_beat.triggers import Trigger, latest_due_fire, trigger_from_text
 
 if TYPE_CHECKING:
     from taskiq_beat.clock import Clock
@@ -42,13 +43,44 @@ _ERROR_BACKOFF_MAX = 30.0
 
 @dataclass(frozen=True, slots=True)
 class JobSnapshot:
-    """A job as the engine holds it: its trigger parsed, its fire time and revision as loaded."""
+    """A job as the engine holds it: its trigger parsed, its fire time and revision as loaded,
+    and what a fire sends (the task, and the stored JSON texts of the payload), which the
+    claim's compare-and-set on ``revision`` proves current."""
 
     id: str
     kind: JobKind
     trigger: Trigger
     next_run_at: datetime
     revision: int
+    task_name: str
+    args: str
+    kwargs: str
+    metadata: str
+
+    def following(self, next_run_at: datetime) -> JobSnapshot:
+        """This job after a claim: the same revision, the next fire time."""
+        return JobSnapshot(
+            self.id,
+            self.kind,
+            self.trigger,
+            next_run_at,
+            self.revision,
+            self.task_name,
+            self.args,
+            self.kwargs,
+            self.metadata,
+        )
+
+    def holds(self, record: JobRecord) -> bool:
+        """Whether ``record`` (a row read later) is the job this snapshot holds."""
+        return (
+            self.revision == record.revision
+            and self.next_run_at == record.next_run_at
+            and self.args == record.args
+            and self.kwargs == record.kwargs
+            and self.metadata == record.metadata
+            and self.task_name == record.task_name
+        )
 
 
 class SchedulerEngine:
@@ -204,11 +236,28 @@ class SchedulerEngine:
         revision: int,
         kind: JobKind,
         trigger: Trigger,
+        task_name: str,
+        args: Any,
+        kwargs: Any,
+        metadata: Any,
     ) -> None:
-        """Tell the engine a job was created, changed or paused in this process."""
+        """Tell the engine a job was created, changed or paused in this process
+        (with the values just committed)."""
         self._jobs.pop(job_id, None)
         if is_enabled and next_run_at is not None and self._within_horizon(next_run_at):
-            self._put(JobSnapshot(job_id, kind, trigger, next_run_at, revision))
+            self._put(
+                JobSnapshot(
+                    job_id,
+                    kind,
+                    trigger,
+                    next_run_at,
+                    revision,
+                    task_name,
+                    encode_json(args),
+                    encode_json(kwargs),
+                    encode_json(metadata),
+                )
+            )
             self._wakeup.set()
 
     def retry_at(self, when: datetime) -> None:
@@ -258,11 +307,7 @@ class SchedulerEngine:
         broken: dict[str, str] = {}
         for record in records:
             current = self._jobs.get(record.id)
-            if (
-                current is not None
-                and current.revision == record.revision
-                and current.next_run_at == record.next_run_at
-            ):
+            if current is not None and current.holds(record):
                 continue
             try:
                 snapshot = _snapshot(record)
@@ -353,6 +398,10 @@ class SchedulerEngine:
                     scheduled_for=scheduled_for,
                     new_next_run_at=after,
                     task_id=task_id_of(snapshot.id, iso),
+                    task_name=snapshot.task_name,
+                    args=snapshot.args,
+                    kwargs=snapshot.kwargs,
+                    metadata=snapshot.metadata,
                 )
             )
         try:
@@ -373,11 +422,7 @@ class SchedulerEngine:
             after = following[snapshot.id]
             changed_meanwhile = snapshot.id in self._jobs
             if after is not None and self._within_horizon(after) and not changed_meanwhile:
-                self._put(
-                    JobSnapshot(
-                        snapshot.id, snapshot.kind, snapshot.trigger, after, snapshot.revision
-                    )
-                )
+                self._put(snapshot.following(after))
         if lost:
             logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))
         return fires
@@ -481,7 +526,15 @@ class SchedulerEngine:
 def _snapshot(record: JobRecord) -> JobSnapshot | None:
     if record.next_run_at is None or not record.is_enabled:
         return None
-    trigger = trigger_from_json(record.trigger, job_id=record.id)
+    trigger = trigger_from_text(record.trigger, job_id=record.id)
     return JobSnapshot(
-        record.id, JobKind(record.kind), trigger, record.next_run_at, record.revision
+        record.id,
+        JobKind(record.kind),
+        trigger,
+        record.next_run_at,
+        record.revision,
+        record.task_name,
+        record.args,
+        record.kwargs,
+        record.metadata,
     )

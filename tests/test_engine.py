@@ -215,6 +215,53 @@ async def test_claim_loses_to_a_concurrent_edit_and_nothing_is_sent(
     assert (await reload(session, job.id)).next_run_at == later
 
 
+async def test_a_payload_edited_by_another_process_is_the_one_sent(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """The engine sends the payload it loaded with the job; an edit elsewhere bumps the
+    revision, so the claim fails, the job is reloaded, and the edited payload is sent."""
+    # No sync before the fire (it would see the edit): the claim has to catch it.
+    app = second_app(broker, session_factory, clock, SchedulerConfig(sync_interval_seconds=60))
+    await app.single(task="tests.record", args=[1], metadata={"v": "old"}).upsert(
+        session, trigger=every(10), job_id="edited"
+    )
+    await app.engine.sync()  # the engine now holds args [1]
+    other = second_app(broker, session_factory, clock)
+    async with session_factory() as other_session:
+        await other.single(task="tests.record", args=[2], metadata={"v": "new"}).upsert(
+            other_session, trigger=every(10), job_id="edited"
+        )
+    clock.advance(10)
+    assert await app.engine.tick() == 0  # the claim lost to the edit; the job is reloaded
+    assert await app.engine.tick() == 1
+    [message] = broker.sent
+    assert message.args == [2]
+    assert message.labels["v"] == "new"
+    clock.advance(10)
+    assert await app.engine.tick() == 1
+    assert [m.args for m in broker.sent] == [[2], [2]]
+
+
+async def test_an_edit_in_this_process_sends_the_new_payload_without_a_sync(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    await app.single(task="tests.record", args=[1]).upsert(
+        session, trigger=every(10), job_id="edited"
+    )
+    await app.engine.sync()
+    await app.single(task="tests.record", args=[2], kwargs={"k": 3}).upsert(
+        session, trigger=every(10), job_id="edited"
+    )
+    clock.advance(10)
+    assert await app.engine.tick() == 1
+    [message] = broker.sent
+    assert (message.args, message.kwargs) == ([2], {"k": 3})
+
+
 async def test_claim_loses_to_a_pause_from_another_process(
     app: SchedulerApp,
     session: AsyncSession,
@@ -396,6 +443,10 @@ async def test_a_claimed_fire_left_by_a_crashed_scheduler_is_resent_after_its_le
                 scheduled_for=due,
                 new_next_run_at=due + timedelta(seconds=10),
                 task_id=fire_task_id(job.id, due),
+                task_name=job.task_name,
+                args=json.dumps(job.args),
+                kwargs=json.dumps(job.kwargs),
+                metadata=json.dumps(job.job_metadata),
             )
         ],
         now=due,

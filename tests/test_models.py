@@ -6,6 +6,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,7 +21,7 @@ from taskiq_beat import (
     SchedulerJob,
     SchedulerRun,
 )
-from taskiq_beat.models import sqlite_datetime
+from taskiq_beat.models import UTCDateTime, sqlite_datetime
 from tests.utils import FakeClock
 
 UTC = timezone.utc
@@ -134,3 +137,16 @@ async def test_sqlite_text_format_matches_what_sqlalchemy_stores(
     )
     assert job.next_run_at is not None
     assert raw.scalar_one() == sqlite_datetime(job.next_run_at)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.datetimes(
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.timezones()
+    )
+)
+def test_sqlite_text_is_sqlalchemy_s_text_of_the_utc_time(value: datetime) -> None:
+    store_text = UTCDateTime().process_bind_param(value, sqlite.dialect())
+    processor = sqlite.DATETIME().bind_processor(sqlite.dialect())
+    assert processor is not None
+    assert sqlite_datetime(value) == processor(store_text)
