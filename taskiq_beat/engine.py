@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 _NEVER = datetime.max.replace(tzinfo=timezone.utc)  # retry time of outcomes that never fail
 _ERROR_BACKOFF_BASE = 0.5
 _ERROR_BACKOFF_MAX = 30.0
+_BATCH_GROWTH = 8  # while behind, batches double up to this many times dispatch_batch_size
+_LARGEST_GROWN_BATCH = 4096  # ... but grow no larger than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,9 @@ class SchedulerEngine:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lease = timedelta(seconds=config.claim_lease_seconds)
+        base = config.dispatch_batch_size
+        self._batch_size = base
+        self._largest_batch = max(base, min(base * _BATCH_GROWTH, _LARGEST_GROWN_BATCH))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -297,7 +302,11 @@ class SchedulerEngine:
         horizon = now + timedelta(seconds=self._config.lookahead)
         records = await self._store.load_due(horizon)
         self._horizon = horizon
-        self._next_sync_at = now + timedelta(seconds=self._config.sync_interval_seconds)
+        # Counted from the end of the load: a long one (100k jobs at start) is not followed
+        # at once by another.
+        self._next_sync_at = self._clock.now() + timedelta(
+            seconds=self._config.sync_interval_seconds
+        )
         added = self._merge(records, now)
         self._next_retry_at = now  # look for fires left to resend at every sync
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
@@ -331,14 +340,23 @@ class SchedulerEngine:
         return self._horizon is not None and when <= self._horizon
 
     def _pop_due(self, now: datetime) -> list[JobSnapshot]:
+        """The next batch of due jobs. While more are due than a batch holds, each batch is
+        twice the last (up to ``_BATCH_GROWTH`` times ``dispatch_batch_size``): far behind,
+        the cost of each batch (transactions, round trips) is spread over more fires."""
         batch: list[JobSnapshot] = []
         heap = self._heap
-        while heap and heap[0][0] <= now and len(batch) < self._config.dispatch_batch_size:
+        jobs = self._jobs
+        limit = self._batch_size
+        while heap and heap[0][0] <= now and len(batch) < limit:
             when, _, job_id = heapq.heappop(heap)
-            snapshot = self._jobs.get(job_id)
+            snapshot = jobs.get(job_id)
             if snapshot is not None and snapshot.next_run_at == when:
-                del self._jobs[job_id]
+                del jobs[job_id]
                 batch.append(snapshot)
+        if len(batch) < limit:
+            self._batch_size = self._config.dispatch_batch_size
+        elif heap and heap[0][0] <= now:
+            self._batch_size = min(limit * 2, self._largest_batch)
         return batch
 
     async def _dispatch_due(self) -> int:
@@ -359,6 +377,9 @@ class SchedulerEngine:
                     seconds=self._config.dispatch_retry_seconds
                 )
                 self._unrecorded.append((outcomes, retry_at))
+                if any(outcome.error is not None for outcome in outcomes):
+                    # A slow or failing broker: no more claims in flight than the default.
+                    self._batch_size = self._config.dispatch_batch_size
                 if recording is not None:
                     await recording
                 recording = asyncio.create_task(self._record())

@@ -551,6 +551,75 @@ async def test_sql_per_batch_does_not_grow_with_the_batch(
     assert large == small
 
 
+async def test_batches_grow_while_behind_and_shrink_back(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = SchedulerConfig(dispatch_batch_size=4)
+    app = SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
+    store = app.engine._store
+    claimed: list[int] = []
+    claim = store.claim
+
+    async def counting_claim(claims: Any, **kwargs: Any) -> Any:
+        claimed.append(len(claims))
+        return await claim(claims, **kwargs)
+
+    monkeypatch.setattr(store, "claim", counting_claim)
+    async with session_factory() as session:
+        await app.upsert_many(
+            session,
+            [
+                app.single(task="tests.record", args=[index]).definition(
+                    trigger=every(60), job_id=f"job-{index:03}"
+                )
+                for index in range(100)
+            ],
+        )
+    clock.advance(60)
+    await app.engine.sync()
+    assert await app.engine.tick() == 100
+    assert claimed == [4, 8, 16, 32, 32, 8]  # doubling up to 8 x 4, then the rest
+
+    claimed.clear()
+    clock.advance(60)
+    assert await app.engine.tick() == 100
+    assert claimed == [4, 8, 16, 32, 32, 8]  # back to the base size after the backlog
+
+    # A failing broker brings batches back to the base size (the batch claimed while the
+    # first one was sent had grown already).
+    claimed.clear()
+    broker.fail_sends = True
+    clock.advance(60)
+    assert await app.engine.tick() == 0
+    assert claimed == [4, 8] + [4] * 22
+    async with session_factory() as session:
+        assert len(await app.list_runs(session, limit=None)) == 300
+
+
+async def test_the_sync_interval_counts_from_the_end_of_a_long_load(
+    app: SchedulerApp, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = app.engine._store
+    load_due = store.load_due
+    loads: list[datetime] = []
+
+    async def slow_load_due(horizon: datetime) -> Any:
+        loads.append(clock.now())
+        clock.advance(3)  # longer than the sync interval (1 s)
+        return await load_due(horizon)
+
+    monkeypatch.setattr(store, "load_due", slow_load_due)
+    await app.engine.sync()
+    await app.engine.tick()
+    assert len(loads) == 1  # not again at once
+    clock.advance(1)
+    await app.engine.tick()
+    assert len(loads) == 2
+
+
 async def test_start_runs_the_loop_in_the_background(
     broker: RecordingBroker, session_factory: async_sessionmaker[AsyncSession]
 ) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -21,7 +23,7 @@ from taskiq_beat import (
     SchedulerJob,
     SchedulerRun,
 )
-from taskiq_beat.models import UTCDateTime, sqlite_datetime
+from taskiq_beat.models import Unreadable, UTCDateTime, decode_json, sqlite_datetime
 from tests.utils import FakeClock
 
 UTC = timezone.utc
@@ -150,3 +152,27 @@ def test_sqlite_text_is_sqlalchemy_s_text_of_the_utc_time(value: datetime) -> No
     processor = sqlite.DATETIME().bind_processor(sqlite.dialect())
     assert processor is not None
     assert sqlite_datetime(value) == processor(store_text)
+
+
+def _loads_or_unreadable(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return Unreadable(text)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(max_size=30)
+    | JSON_VALUES.map(json.dumps)
+    | st.tuples(st.sampled_from(["", " ", "\n"]), JSON_VALUES.map(json.dumps)).map("".join)
+)
+def test_decoding_stored_json_text_is_json_loads(text: str) -> None:
+    assert decode_json(text) == _loads_or_unreadable(text)
