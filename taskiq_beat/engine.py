@@ -15,9 +15,8 @@ import heapq
 import itertools
 import logging
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from taskiq_beat.dispatch import task_id_of
 from taskiq_beat.enums import JobKind
@@ -43,11 +42,11 @@ _BATCH_GROWTH = 8  # while behind, batches double up to this many times dispatch
 _LARGEST_GROWN_BATCH = 4096  # ... but grow no larger than this
 
 
-@dataclass(frozen=True, slots=True)
-class JobSnapshot:
+class JobSnapshot(NamedTuple):
     """A job as the engine holds it: its trigger parsed, its fire time and revision as loaded,
     and what a fire sends (the task, and the stored JSON texts of the payload), which the
-    claim's compare-and-set on ``revision`` proves current."""
+    claim's compare-and-set on ``revision`` proves current. (A named tuple: one is made per
+    fire, and a frozen dataclass costs several times more to make.)"""
 
     id: str
     kind: JobKind
@@ -413,16 +412,16 @@ class SchedulerEngine:
                 iso = times[scheduled_for] = scheduled_for.isoformat()
             claims.append(
                 Claim(
-                    job_id=snapshot.id,
-                    expected_next_run_at=snapshot.next_run_at,
-                    expected_revision=snapshot.revision,
-                    scheduled_for=scheduled_for,
-                    new_next_run_at=after,
-                    task_id=task_id_of(snapshot.id, iso),
-                    task_name=snapshot.task_name,
-                    args=snapshot.args,
-                    kwargs=snapshot.kwargs,
-                    metadata=snapshot.metadata,
+                    snapshot.id,  # job_id
+                    snapshot.next_run_at,  # expected_next_run_at
+                    snapshot.revision,  # expected_revision
+                    scheduled_for,
+                    after,  # new_next_run_at
+                    task_id_of(snapshot.id, iso),
+                    snapshot.task_name,
+                    snapshot.args,
+                    snapshot.kwargs,
+                    snapshot.metadata,
                 )
             )
         try:
@@ -473,19 +472,21 @@ class SchedulerEngine:
     def _report(self, outcomes: list[SendOutcome], retry_at: datetime) -> int:
         sent = 0
         final: dict[str, str] = {}
+        debug = logger.isEnabledFor(logging.DEBUG)
         for outcome in outcomes:
             fire = outcome.fire
             if outcome.released:
                 continue
             if outcome.error is None:
                 sent += 1
-                logger.debug(
-                    "dispatched job %s (%s) scheduled for %s as task %s",
-                    fire.job_id,
-                    fire.task_name,
-                    fire.scheduled_for,
-                    fire.task_id,
-                )
+                if debug:
+                    logger.debug(
+                        "dispatched job %s (%s) scheduled for %s as task %s",
+                        fire.job_id,
+                        fire.task_name,
+                        fire.scheduled_for,
+                        fire.task_id,
+                    )
             elif outcome.final:
                 final[fire.job_id] = outcome.error
             else:

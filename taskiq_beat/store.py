@@ -21,6 +21,11 @@ The exactly-once contract:
   whoever asks first, under a new lease, with the same task id.
 - :meth:`SchedulerStore.record` closes the fires that were sent, and gives failed or released
   fires a time at which they are retried.
+
+The values the engine exchanges with the store for every fire (:class:`JobRecord`,
+:class:`Claim`, :class:`Fire`, :class:`SendOutcome`) are named tuples: immutable like frozen
+dataclasses, and several times cheaper to make (a frozen dataclass sets each field through
+``object.__setattr__``; ~1.5 us each, four or five per fire).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -66,8 +71,7 @@ _job = cast("sa.Table", SchedulerJob.__table__)
 _run = cast("sa.Table", SchedulerRun.__table__)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class JobRecord:
+class JobRecord(NamedTuple):
     """What the engine needs of a job row to schedule and send it. The JSON columns
     (``trigger``, ``args``, ``kwargs``, ``metadata``) come as their stored text, decoded by the
     engine only for jobs it does not hold already (see :func:`~taskiq_beat.models.decode_json`).
@@ -100,8 +104,7 @@ class ScheduleState:
     created_at: datetime
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Claim:
+class Claim(NamedTuple):
     """A request to claim the fire of ``job_id`` at ``scheduled_for``.
 
     It succeeds only if the job still has ``expected_next_run_at`` and ``expected_revision``
@@ -122,8 +125,7 @@ class Claim:
     metadata: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Fire:
+class Fire(NamedTuple):
     """A claimed fire, ready to be sent to the broker."""
 
     run_id: int
@@ -136,8 +138,7 @@ class Fire:
     metadata: Any
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SendOutcome:
+class SendOutcome(NamedTuple):
     """What happened to a fire: sent, failed (``error``), or never started (``released``)."""
 
     fire: Fire
@@ -440,14 +441,14 @@ class SchedulerStore:
             )
         fires = [
             Fire(
-                run_id=inserted[c.job_id],
-                job_id=c.job_id,
-                scheduled_for=c.scheduled_for,
-                task_id=c.task_id,
-                task_name=c.task_name,
-                args=decode_json(c.args),
-                kwargs=decode_json(c.kwargs),
-                metadata=decode_json(c.metadata),
+                inserted[c.job_id],
+                c.job_id,
+                c.scheduled_for,
+                c.task_id,
+                c.task_name,
+                decode_json(c.args),
+                decode_json(c.kwargs),
+                decode_json(c.metadata),
             )
             for c in mine
             if c.job_id in inserted
