@@ -319,6 +319,10 @@ class SchedulerApp:
                 revision=row["revision"],
                 kind=row["kind"],
                 trigger=triggers[job_id],
+                task_name=row["task_name"],
+                args=row["args"],
+                kwargs=row["kwargs"],
+                metadata=row["job_metadata"],
             )
         return len(rows)
 
@@ -519,6 +523,10 @@ class SchedulerApp:
             revision=job.revision,
             kind=job.kind,
             trigger=trigger,
+            task_name=job.task_name,
+            args=job.args,
+            kwargs=job.kwargs,
+            metadata=job.job_metadata,
         )
 
 

@@ -23,7 +23,9 @@ class SchedulerConfig(BaseModel):
     dispatch_concurrency: int = Field(default=32, gt=0)
     """How many ``kiq`` calls of one batch are in flight at once."""
     dispatch_batch_size: int = Field(default=256, gt=0)
-    """Most due jobs claimed and sent in one batch (one transaction each side)."""
+    """Due jobs claimed and sent in one batch (one transaction each side). While more jobs
+    are due than a batch holds, batches double, up to 8 times this size (at most 4,096); they
+    fall back to this size when the backlog is gone or a send fails."""
     misfire_grace_seconds: float = Field(default=30.0, ge=0)
     """A fire found at most this late (the scheduler was busy, stalled on the broker, or
     restarted) is still sent, each one as scheduled; older fires are missed: skipped when a

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import sys
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,23 @@ SCHEDULED_FOR_LABEL = "taskiq_beat_scheduled_for"
 
 def fire_task_id(job_id: str, scheduled_for: datetime) -> str:
     """The Taskiq task id of one fire: the same for every attempt to send that fire."""
-    return uuid.uuid5(_TASK_ID_NAMESPACE, f"{job_id}\x00{scheduled_for.isoformat()}").hex
+    return task_id_of(job_id, scheduled_for.isoformat())
+
+
+_NAMESPACE_BYTES = _TASK_ID_NAMESPACE.bytes
+
+
+def task_id_of(job_id: str, scheduled_for_iso: str) -> str:
+    """:func:`fire_task_id` given the fire time's ``isoformat()`` (computed once per batch).
+
+    The same value as ``uuid.uuid5(namespace, f"{job_id}\\x00{iso}").hex``, without building
+    ``UUID`` objects: SHA-1 of namespace and name, with the version and variant bits set.
+    """
+    name = f"{job_id}\x00{scheduled_for_iso}".encode()
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return digest.hex()
 
 
 class Dispatcher:
@@ -38,7 +55,7 @@ class Dispatcher:
         self._broker = broker
         self._concurrency = concurrency
         self._timeout = timeout
-        self._timed_out = f"kiq timed out after {timeout:g} s"
+        self._timeout_error = f"kiq timed out after {timeout:g} s"
         self._halted = False
 
     def halt(self) -> None:
@@ -53,34 +70,46 @@ class Dispatcher:
         """Send ``fires``; return one outcome per fire, in order.
 
         A fixed pool of ``concurrency`` senders takes fires from one queue: no task, lock or
-        timer is created per fire beyond the ``kiq`` itself.
+        timer is created per fire beyond the ``kiq`` itself (each sender bounds its sends with
+        one re-armed timer, see :class:`_Deadline`).
 
         Once a ``kiq`` of the batch times out, the fires not started yet fail at once with
         the same error instead of waiting out a timeout each: a broker that hangs holds the
         batch for one timeout, not one per ``concurrency`` fires. (Failures other than
         timeouts do not stop the batch: they may belong to one message alone.)
         """
-        outcomes: list[SendOutcome] = [SendOutcome(fire, released=True) for fire in fires]
+        outcomes: list[SendOutcome | None] = [None] * len(fires)
         queue = iter(enumerate(fires))
+        times: dict[datetime, str] = {}  # ISO text of each scheduled time, once per batch
         stalled: list[str] = []
 
         async def sender() -> None:
-            for index, fire in queue:
-                if stalled:
-                    outcomes[index] = SendOutcome(fire, error=f"not sent: {stalled[0]}")
-                    continue
-                outcomes[index] = outcome = await self._send_one(fire)
-                if outcome.error == self._timed_out:
-                    stalled.append(f"{outcome.error} (another send of the batch)")
+            deadline = _Deadline(self._timeout) if _LAZY_DEADLINES else None
+            try:
+                for index, fire in queue:
+                    if stalled:
+                        outcomes[index] = SendOutcome(fire, error=f"not sent: {stalled[0]}")
+                        continue
+                    outcomes[index] = outcome = await self._send_one(fire, deadline, times)
+                    if outcome.error == self._timeout_error:
+                        stalled.append(f"{outcome.error} (another send of the batch)")
+            finally:
+                if deadline is not None:
+                    deadline.close()
 
         senders = min(self._concurrency, len(fires))
         if senders == 1:
             await sender()
         elif senders > 1:
             await asyncio.gather(*(sender() for _ in range(senders)))
-        return outcomes
+        return [
+            SendOutcome(fire, released=True) if outcome is None else outcome
+            for fire, outcome in zip(fires, outcomes, strict=True)
+        ]
 
-    async def _send_one(self, fire: Fire) -> SendOutcome:
+    async def _send_one(
+        self, fire: Fire, deadline: _Deadline | None, times: dict[datetime, str]
+    ) -> SendOutcome:
         if self._halted:
             return SendOutcome(fire, released=True)
         task = self._broker.find_task(fire.task_name)
@@ -91,30 +120,123 @@ class Dispatcher:
                 final=True,
             )
         try:
-            args, kwargs, labels = _payload(fire)
+            args, kwargs, labels = _payload(fire, times)
         except ValueError as exc:
             return SendOutcome(fire, error=str(exc), final=True)
         kicker = task.kicker().with_task_id(fire.task_id).with_labels(**labels)
+        if deadline is None:  # pragma: no cover - Python 3.10
+            try:
+                await asyncio.wait_for(kicker.kiq(*args, **kwargs), self._timeout)
+            except asyncio.TimeoutError:
+                return self._timed_out(fire)
+            except Exception as exc:
+                return self._failed(fire, exc)
+            return SendOutcome(fire)
+        deadline.start()
         try:
-            await _within(self._timeout, kicker.kiq(*args, **kwargs))
-        except asyncio.TimeoutError:
-            return SendOutcome(fire, error=self._timed_out)
+            await kicker.kiq(*args, **kwargs)
+        except asyncio.CancelledError:
+            if deadline.stop():
+                return self._timed_out(fire)
+            raise
         except Exception as exc:
-            logger.debug("kiq of job %s failed", fire.job_id, exc_info=True)
-            return SendOutcome(fire, error=describe_error(exc))
+            deadline.stop()
+            return self._failed(fire, exc)
+        deadline.stop()
         return SendOutcome(fire)
+
+    def _timed_out(self, fire: Fire) -> SendOutcome:
+        return SendOutcome(fire, error=self._timeout_error)
+
+    @staticmethod
+    def _failed(fire: Fire, exc: Exception) -> SendOutcome:
+        logger.debug("kiq of job %s failed", fire.job_id, exc_info=exc)
+        return SendOutcome(fire, error=describe_error(exc))
 
 
 if sys.version_info >= (3, 11):
+    _LAZY_DEADLINES = True
 
-    async def _within(seconds: float, awaitable: Awaitable[Any]) -> None:
-        async with asyncio.timeout(seconds):
-            await awaitable
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        return task.cancelling()
 
-else:  # pragma: no cover - Python 3.10
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        return task.uncancel()
 
-    async def _within(seconds: float, awaitable: Awaitable[Any]) -> None:
-        await asyncio.wait_for(awaitable, seconds)
+else:  # pragma: no cover - Python 3.10 has no Task.cancelling()/uncancel(): wait_for per kiq
+    _LAZY_DEADLINES = False
+
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        raise NotImplementedError
+
+    _uncancel = _cancelling
+
+
+class _Deadline:
+    """Bounds each ``kiq`` of one sender (one task) to ``timeout`` seconds, as
+    ``asyncio.timeout`` would, with one timer for all of them instead of one per ``kiq``.
+
+    The timer is armed at the first send's deadline; when it fires while a later send is in
+    flight it re-arms itself at that send's deadline, and only cancels the task when the send
+    in flight has reached its own. Sends that end in time cost no timer operation at all.
+    """
+
+    __slots__ = (
+        "_armed_for",
+        "_cancelling",
+        "_deadline",
+        "_fired",
+        "_loop",
+        "_task",
+        "_timeout",
+        "_timer",
+    )
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None, "senders run in a task"
+        self._task = task
+        self._timeout = timeout
+        self._deadline: float | None = None  # of the send in flight
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0
+        self._cancelling = 0
+        self._fired = False
+
+    def start(self) -> None:
+        """A send begins: it must end within ``timeout`` seconds."""
+        deadline = self._deadline = self._loop.time() + self._timeout
+        self._cancelling = _cancelling(self._task)
+        if self._timer is None:
+            self._armed_for = deadline
+            self._timer = self._loop.call_at(deadline, self._check)
+
+    def stop(self) -> bool:
+        """The send ended. Return whether its deadline cancelled it (and nothing else did:
+        a cancellation from outside must propagate)."""
+        self._deadline = None
+        if not self._fired:
+            return False
+        self._fired = False
+        return _uncancel(self._task) <= self._cancelling
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # no send in flight: the next one arms the timer again
+        if deadline > self._armed_for:  # a later send: wait until its own deadline
+            self._armed_for = deadline
+            self._timer = self._loop.call_at(deadline, self._check)
+            return
+        self._fired = True
+        self._task.cancel()
 
 
 def describe_error(exc: BaseException) -> str:
@@ -126,7 +248,9 @@ def describe_error(exc: BaseException) -> str:
     return text
 
 
-def _payload(fire: Fire) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+def _payload(
+    fire: Fire, times: dict[datetime, str]
+) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
     args, kwargs, metadata = fire.args, fire.kwargs, fire.metadata
     if not isinstance(args, list):
         raise ValueError(f"stored args are not a JSON list: {args!r:.200}")
@@ -136,5 +260,8 @@ def _payload(fire: Fire) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
         raise ValueError(f"stored metadata is not a JSON object: {metadata!r:.200}")
     labels = dict(metadata)
     labels[JOB_ID_LABEL] = fire.job_id
-    labels[SCHEDULED_FOR_LABEL] = fire.scheduled_for.isoformat()
+    scheduled_for = times.get(fire.scheduled_for)
+    if scheduled_for is None:
+        scheduled_for = times[fire.scheduled_for] = fire.scheduled_for.isoformat()
+    labels[SCHEDULED_FOR_LABEL] = scheduled_for
     return args, kwargs, labels

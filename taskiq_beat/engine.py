@@ -15,15 +15,15 @@ import heapq
 import itertools
 import logging
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from taskiq_beat.dispatch import fire_task_id
+from taskiq_beat.dispatch import task_id_of
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import CorruptJobError
+from taskiq_beat.models import encode_json
 from taskiq_beat.store import ChangeListener, Claim, JobRecord, SendOutcome
-from taskiq_beat.triggers import Trigger, next_due_fire, trigger_from_json
+from taskiq_beat.triggers import Trigger, next_due_fire, trigger_from_text
 
 if TYPE_CHECKING:
     from taskiq_beat.clock import Clock
@@ -40,17 +40,50 @@ _ERROR_BACKOFF_BASE = 0.5
 _ERROR_BACKOFF_MAX = 5.0  # also the longest a scheduler takes to notice the database is back
 _OUTAGE_LINES = 10  # failed passes logged one by one; then one in every _OUTAGE_REPORT_EVERY
 _OUTAGE_REPORT_EVERY = 12
+_BATCH_GROWTH = 8  # while behind, batches double up to this many times dispatch_batch_size
+_LARGEST_GROWN_BATCH = 4096  # ... but grow no larger than this
 
 
-@dataclass(frozen=True, slots=True)
-class JobSnapshot:
-    """A job as the engine holds it: its trigger parsed, its fire time and revision as loaded."""
+class JobSnapshot(NamedTuple):
+    """A job as the engine holds it: its trigger parsed, its fire time and revision as loaded,
+    and what a fire sends (the task, and the stored JSON texts of the payload), which the
+    claim's compare-and-set on ``revision`` proves current. (A named tuple: one is made per
+    fire, and a frozen dataclass costs several times more to make.)"""
 
     id: str
     kind: JobKind
     trigger: Trigger
     next_run_at: datetime
     revision: int
+    task_name: str
+    args: str
+    kwargs: str
+    metadata: str
+
+    def following(self, next_run_at: datetime) -> JobSnapshot:
+        """This job after a claim: the same revision, the next fire time."""
+        return JobSnapshot(
+            self.id,
+            self.kind,
+            self.trigger,
+            next_run_at,
+            self.revision,
+            self.task_name,
+            self.args,
+            self.kwargs,
+            self.metadata,
+        )
+
+    def holds(self, record: JobRecord) -> bool:
+        """Whether ``record`` (a row read later) is the job this snapshot holds."""
+        return (
+            self.revision == record.revision
+            and self.next_run_at == record.next_run_at
+            and self.args == record.args
+            and self.kwargs == record.kwargs
+            and self.metadata == record.metadata
+            and self.task_name == record.task_name
+        )
 
 
 class SchedulerEngine:
@@ -88,6 +121,9 @@ class SchedulerEngine:
         self._task: asyncio.Task[None] | None = None
         self._lease = timedelta(seconds=config.claim_lease_seconds)
         self._grace = timedelta(seconds=config.misfire_grace_seconds)
+        base = config.dispatch_batch_size
+        self._batch_size = base
+        self._largest_batch = max(base, min(base * _BATCH_GROWTH, _LARGEST_GROWN_BATCH))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -222,11 +258,28 @@ class SchedulerEngine:
         revision: int,
         kind: JobKind,
         trigger: Trigger,
+        task_name: str,
+        args: Any,
+        kwargs: Any,
+        metadata: Any,
     ) -> None:
-        """Tell the engine a job was created, changed or paused in this process."""
+        """Tell the engine a job was created, changed or paused in this process
+        (with the values just committed)."""
         self._jobs.pop(job_id, None)
         if is_enabled and next_run_at is not None and self._within_horizon(next_run_at):
-            self._put(JobSnapshot(job_id, kind, trigger, next_run_at, revision))
+            self._put(
+                JobSnapshot(
+                    job_id,
+                    kind,
+                    trigger,
+                    next_run_at,
+                    revision,
+                    task_name,
+                    encode_json(args),
+                    encode_json(kwargs),
+                    encode_json(metadata),
+                )
+            )
             self._wakeup.set()
 
     def retry_at(self, when: datetime) -> None:
@@ -266,7 +319,11 @@ class SchedulerEngine:
         horizon = now + timedelta(seconds=self._config.lookahead)
         records = await self._store.load_due(horizon)
         self._horizon = horizon
-        self._next_sync_at = now + timedelta(seconds=self._config.sync_interval_seconds)
+        # Counted from the end of the load: a long one (100k jobs at start) is not followed
+        # at once by another.
+        self._next_sync_at = self._clock.now() + timedelta(
+            seconds=self._config.sync_interval_seconds
+        )
         added = self._merge(records, now)
         self._next_retry_at = now  # look for fires left to resend at every sync
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
@@ -276,11 +333,7 @@ class SchedulerEngine:
         broken: dict[str, str] = {}
         for record in records:
             current = self._jobs.get(record.id)
-            if (
-                current is not None
-                and current.revision == record.revision
-                and current.next_run_at == record.next_run_at
-            ):
+            if current is not None and current.holds(record):
                 continue
             try:
                 snapshot = _snapshot(record)
@@ -304,14 +357,23 @@ class SchedulerEngine:
         return self._horizon is not None and when <= self._horizon
 
     def _pop_due(self, now: datetime) -> list[JobSnapshot]:
+        """The next batch of due jobs. While more are due than a batch holds, each batch is
+        twice the last (up to ``_BATCH_GROWTH`` times ``dispatch_batch_size``): far behind,
+        the cost of each batch (transactions, round trips) is spread over more fires."""
         batch: list[JobSnapshot] = []
         heap = self._heap
-        while heap and heap[0][0] <= now and len(batch) < self._config.dispatch_batch_size:
+        jobs = self._jobs
+        limit = self._batch_size
+        while heap and heap[0][0] <= now and len(batch) < limit:
             when, _, job_id = heapq.heappop(heap)
-            snapshot = self._jobs.get(job_id)
+            snapshot = jobs.get(job_id)
             if snapshot is not None and snapshot.next_run_at == when:
-                del self._jobs[job_id]
+                del jobs[job_id]
                 batch.append(snapshot)
+        if len(batch) < limit:
+            self._batch_size = self._config.dispatch_batch_size
+        elif heap and heap[0][0] <= now:
+            self._batch_size = min(limit * 2, self._largest_batch)
         return batch
 
     async def _dispatch_due(self) -> int:
@@ -332,6 +394,9 @@ class SchedulerEngine:
                     seconds=self._config.dispatch_retry_seconds
                 )
                 self._unrecorded.append((outcomes, retry_at))
+                if any(outcome.error is not None for outcome in outcomes):
+                    # A slow or failing broker: no more claims in flight than the default.
+                    self._batch_size = self._config.dispatch_batch_size
                 if recording is not None:
                     await recording
                 recording = asyncio.create_task(self._record())
@@ -356,19 +421,27 @@ class SchedulerEngine:
     async def _claim(self, batch: list[JobSnapshot], now: datetime) -> list[Fire]:
         claims: list[Claim] = []
         following: dict[str, datetime | None] = {}
+        times: dict[datetime, str] = {}  # ISO text of each fire time, once per batch
         for snapshot in batch:
             scheduled_for, after = next_due_fire(
                 snapshot.trigger, snapshot.next_run_at, now, self._grace
             )
             following[snapshot.id] = after
+            iso = times.get(scheduled_for)
+            if iso is None:
+                iso = times[scheduled_for] = scheduled_for.isoformat()
             claims.append(
                 Claim(
-                    job_id=snapshot.id,
-                    expected_next_run_at=snapshot.next_run_at,
-                    expected_revision=snapshot.revision,
-                    scheduled_for=scheduled_for,
-                    new_next_run_at=after,
-                    task_id=fire_task_id(snapshot.id, scheduled_for),
+                    snapshot.id,  # job_id
+                    snapshot.next_run_at,  # expected_next_run_at
+                    snapshot.revision,  # expected_revision
+                    scheduled_for,
+                    after,  # new_next_run_at
+                    task_id_of(snapshot.id, iso),
+                    snapshot.task_name,
+                    snapshot.args,
+                    snapshot.kwargs,
+                    snapshot.metadata,
                 )
             )
         try:
@@ -389,11 +462,7 @@ class SchedulerEngine:
             after = following[snapshot.id]
             changed_meanwhile = snapshot.id in self._jobs
             if after is not None and self._within_horizon(after) and not changed_meanwhile:
-                self._put(
-                    JobSnapshot(
-                        snapshot.id, snapshot.kind, snapshot.trigger, after, snapshot.revision
-                    )
-                )
+                self._put(snapshot.following(after))
         if lost:
             logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))
         return fires
@@ -426,19 +495,21 @@ class SchedulerEngine:
         sent = 0
         final: dict[str, str] = {}
         failed: list[SendOutcome] = []
+        debug = logger.isEnabledFor(logging.DEBUG)
         for outcome in outcomes:
             fire = outcome.fire
             if outcome.released:
                 continue
             if outcome.error is None:
                 sent += 1
-                logger.debug(
-                    "dispatched job %s (%s) scheduled for %s as task %s",
-                    fire.job_id,
-                    fire.task_name,
-                    fire.scheduled_for,
-                    fire.task_id,
-                )
+                if debug:
+                    logger.debug(
+                        "dispatched job %s (%s) scheduled for %s as task %s",
+                        fire.job_id,
+                        fire.task_name,
+                        fire.scheduled_for,
+                        fire.task_id,
+                    )
             elif outcome.final:
                 final[fire.job_id] = outcome.error
             else:
@@ -510,7 +581,15 @@ class SchedulerEngine:
 def _snapshot(record: JobRecord) -> JobSnapshot | None:
     if record.next_run_at is None or not record.is_enabled:
         return None
-    trigger = trigger_from_json(record.trigger, job_id=record.id)
+    trigger = trigger_from_text(record.trigger, job_id=record.id)
     return JobSnapshot(
-        record.id, JobKind(record.kind), trigger, record.next_run_at, record.revision
+        record.id,
+        JobKind(record.kind),
+        trigger,
+        record.next_run_at,
+        record.revision,
+        record.task_name,
+        record.args,
+        record.kwargs,
+        record.metadata,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,6 +30,8 @@ __all__ = [
     "SchedulerRun",
     "UTCDateTime",
     "Unreadable",
+    "decode_json",
+    "encode_json",
     "sqlite_datetime",
 ]
 
@@ -50,8 +53,11 @@ SQLITE_DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 
 def sqlite_datetime(value: datetime) -> str:
-    """``value`` (aware) as the SQLite text stored in a ``UTCDateTime`` column."""
-    return value.astimezone(timezone.utc).strftime(SQLITE_DATETIME_FORMAT)
+    """``value`` (aware) as the SQLite text stored in a ``UTCDateTime`` column
+    (``SQLITE_DATETIME_FORMAT``, with a four-digit year as SQLAlchemy writes it)."""
+    if value.tzinfo is not timezone.utc:
+        value = value.astimezone(timezone.utc)
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -93,6 +99,33 @@ class Unreadable:
         return f"unreadable JSON {self.text[:80]!r}"
 
     __repr__ = __str__
+
+
+def encode_json(value: Any) -> str:
+    """``value`` as the text a ``JSONValue`` column stores (SQLAlchemy's default serializer)."""
+    return json.dumps(value)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def decode_json(text: str | None) -> Any:
+    """The value of a ``JSONValue`` column read as text; :class:`Unreadable` if it does not
+    parse (as the column type would return it)."""
+    if text is None:
+        return None
+    # raw_decode() skips json.loads()'s checks and whitespace scans (most of its cost for
+    # short texts); a text it does not consume whole goes through json.loads() after all.
+    try:
+        value, end = _DECODER.raw_decode(text)
+        if end == len(text):
+            return value
+    except ValueError:
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        return Unreadable(text)
 
 
 class JSONValue(TypeDecorator[Any]):

@@ -15,6 +15,8 @@ Cron in a named timezone follows wall-clock time across daylight saving changes:
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Literal
@@ -33,6 +35,7 @@ from pydantic import (
 from taskiq_beat.clock import to_utc
 from taskiq_beat.enums import JobStrategy
 from taskiq_beat.exceptions import CorruptJobError, InvalidJobError, InvalidTriggerError
+from taskiq_beat.models import decode_json
 
 __all__ = [
     "TRIGGER_FORMAT_VERSION",
@@ -46,6 +49,7 @@ __all__ = [
     "next_due_fire",
     "resolve_timezone",
     "trigger_from_json",
+    "trigger_from_text",
     "trigger_to_json",
 ]
 
@@ -511,6 +515,26 @@ def trigger_from_json(data: Any, *, job_id: str = "?") -> Trigger:
         raise CorruptJobError(job_id, f"invalid trigger: {exc}") from exc
     assert isinstance(trigger, (ImmediateDispatch, OneOffSchedule, PeriodicSchedule))
     return trigger
+
+
+def trigger_from_text(text: str, *, job_id: str = "?") -> Trigger:
+    """Rebuild a trigger from its stored JSON text, parsing each distinct text once.
+
+    Triggers are frozen values, so jobs whose stored triggers read the same share one object
+    (many jobs share a schedule; a scheduler loading 100k jobs parses a handful of texts).
+
+    :raises CorruptJobError: if the text is not a trigger of a known version.
+    """
+    try:
+        return _parse_trigger_text(text)
+    except (ValueError, CorruptJobError):
+        pass  # again, uncached, for an error that names the job
+    return trigger_from_json(decode_json(text), job_id=job_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_trigger_text(text: str) -> Trigger:
+    return trigger_from_json(json.loads(text))
 
 
 def validate_trigger(value: Any, field: str = "trigger") -> Trigger:

@@ -246,6 +246,53 @@ async def test_claim_loses_to_a_concurrent_edit_and_nothing_is_sent(
     assert (await reload(session, job.id)).next_run_at == later
 
 
+async def test_a_payload_edited_by_another_process_is_the_one_sent(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """The engine sends the payload it loaded with the job; an edit elsewhere bumps the
+    revision, so the claim fails, the job is reloaded, and the edited payload is sent."""
+    # No sync before the fire (it would see the edit): the claim has to catch it.
+    app = second_app(broker, session_factory, clock, SchedulerConfig(sync_interval_seconds=60))
+    await app.single(task="tests.record", args=[1], metadata={"v": "old"}).upsert(
+        session, trigger=every(10), job_id="edited"
+    )
+    await app.engine.sync()  # the engine now holds args [1]
+    other = second_app(broker, session_factory, clock)
+    async with session_factory() as other_session:
+        await other.single(task="tests.record", args=[2], metadata={"v": "new"}).upsert(
+            other_session, trigger=every(10), job_id="edited"
+        )
+    clock.advance(10)
+    assert await app.engine.tick() == 0  # the claim lost to the edit; the job is reloaded
+    assert await app.engine.tick() == 1
+    [message] = broker.sent
+    assert message.args == [2]
+    assert message.labels["v"] == "new"
+    clock.advance(10)
+    assert await app.engine.tick() == 1
+    assert [m.args for m in broker.sent] == [[2], [2]]
+
+
+async def test_an_edit_in_this_process_sends_the_new_payload_without_a_sync(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    await app.single(task="tests.record", args=[1]).upsert(
+        session, trigger=every(10), job_id="edited"
+    )
+    await app.engine.sync()
+    await app.single(task="tests.record", args=[2], kwargs={"k": 3}).upsert(
+        session, trigger=every(10), job_id="edited"
+    )
+    clock.advance(10)
+    assert await app.engine.tick() == 1
+    [message] = broker.sent
+    assert (message.args, message.kwargs) == ([2], {"k": 3})
+
+
 async def test_claim_loses_to_a_pause_from_another_process(
     app: SchedulerApp,
     session: AsyncSession,
@@ -427,6 +474,10 @@ async def test_a_claimed_fire_left_by_a_crashed_scheduler_is_resent_after_its_le
                 scheduled_for=due,
                 new_next_run_at=due + timedelta(seconds=10),
                 task_id=fire_task_id(job.id, due),
+                task_name=job.task_name,
+                args=json.dumps(job.args),
+                kwargs=json.dumps(job.kwargs),
+                metadata=json.dumps(job.job_metadata),
             )
         ],
         now=due,
@@ -580,6 +631,75 @@ async def test_sql_per_batch_does_not_grow_with_the_batch(
     small = await statements_for(2, "a")
     large = await statements_for(60, "b")
     assert large == small
+
+
+async def test_batches_grow_while_behind_and_shrink_back(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = SchedulerConfig(dispatch_batch_size=4)
+    app = SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
+    store = app.engine._store
+    claimed: list[int] = []
+    claim = store.claim
+
+    async def counting_claim(claims: Any, **kwargs: Any) -> Any:
+        claimed.append(len(claims))
+        return await claim(claims, **kwargs)
+
+    monkeypatch.setattr(store, "claim", counting_claim)
+    async with session_factory() as session:
+        await app.upsert_many(
+            session,
+            [
+                app.single(task="tests.record", args=[index]).definition(
+                    trigger=every(60), job_id=f"job-{index:03}"
+                )
+                for index in range(100)
+            ],
+        )
+    clock.advance(60)
+    await app.engine.sync()
+    assert await app.engine.tick() == 100
+    assert claimed == [4, 8, 16, 32, 32, 8]  # doubling up to 8 x 4, then the rest
+
+    claimed.clear()
+    clock.advance(60)
+    assert await app.engine.tick() == 100
+    assert claimed == [4, 8, 16, 32, 32, 8]  # back to the base size after the backlog
+
+    # A failing broker brings batches back to the base size (the batch claimed while the
+    # first one was sent had grown already).
+    claimed.clear()
+    broker.fail_sends = True
+    clock.advance(60)
+    assert await app.engine.tick() == 0
+    assert claimed == [4, 8] + [4] * 22
+    async with session_factory() as session:
+        assert len(await app.list_runs(session, limit=None)) == 300
+
+
+async def test_the_sync_interval_counts_from_the_end_of_a_long_load(
+    app: SchedulerApp, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = app.engine._store
+    load_due = store.load_due
+    loads: list[datetime] = []
+
+    async def slow_load_due(horizon: datetime) -> Any:
+        loads.append(clock.now())
+        clock.advance(3)  # longer than the sync interval (1 s)
+        return await load_due(horizon)
+
+    monkeypatch.setattr(store, "load_due", slow_load_due)
+    await app.engine.sync()
+    await app.engine.tick()
+    assert len(loads) == 1  # not again at once
+    clock.advance(1)
+    await app.engine.tick()
+    assert len(loads) == 2
 
 
 async def test_start_runs_the_loop_in_the_background(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,7 +23,7 @@ from taskiq_beat import (
     SchedulerJob,
     SchedulerRun,
 )
-from taskiq_beat.models import sqlite_datetime
+from taskiq_beat.models import Unreadable, UTCDateTime, decode_json, sqlite_datetime
 from tests.utils import FakeClock
 
 UTC = timezone.utc
@@ -134,3 +139,40 @@ async def test_sqlite_text_format_matches_what_sqlalchemy_stores(
     )
     assert job.next_run_at is not None
     assert raw.scalar_one() == sqlite_datetime(job.next_run_at)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.datetimes(
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.timezones()
+    )
+)
+def test_sqlite_text_is_sqlalchemy_s_text_of_the_utc_time(value: datetime) -> None:
+    store_text = UTCDateTime().process_bind_param(value, sqlite.dialect())
+    processor = sqlite.DATETIME().bind_processor(sqlite.dialect())
+    assert processor is not None
+    assert sqlite_datetime(value) == processor(store_text)
+
+
+def _loads_or_unreadable(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return Unreadable(text)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(max_size=30)
+    | JSON_VALUES.map(json.dumps)
+    | st.tuples(st.sampled_from(["", " ", "\n"]), JSON_VALUES.map(json.dumps)).map("".join)
+)
+def test_decoding_stored_json_text_is_json_loads(text: str) -> None:
+    assert decode_json(text) == _loads_or_unreadable(text)

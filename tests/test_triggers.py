@@ -57,6 +57,7 @@ from taskiq_beat.triggers import (
     next_due_fire,
     resolve_timezone,
     trigger_from_json,
+    trigger_from_text,
     trigger_to_json,
 )
 
@@ -1848,6 +1849,44 @@ def test_corrupt_payloads(payload: Any) -> None:
     assert caught.value.job_id == "job-42"
     assert "'job-42'" in str(caught.value)
     assert caught.value.reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"version": 99, "type": "periodic"}',
+        '{"version": 1, "type": "periodic", "crontab": {"minute": "61"}}',
+        "{not json",
+        "[]",
+    ],
+    ids=["unknown_version", "bad_cron", "not_json", "not_an_object"],
+)
+def test_corrupt_stored_text_names_the_job_every_time(text: str) -> None:
+    for job_id in ("job-1", "job-2"):  # errors are not cached: each names its own job
+        with pytest.raises(CorruptJobError) as caught:
+            trigger_from_text(text, job_id=job_id)
+        assert caught.value.job_id == job_id
+
+
+def test_stored_text_is_parsed_once_and_shared() -> None:
+    trigger = PeriodicSchedule(crontab=CrontabTrigger(minute="*/5", timezone=BERLIN))
+    text = json.dumps(trigger_to_json(trigger))
+    first = trigger_from_text(text, job_id="a")
+    assert first == trigger
+    assert trigger_from_text(text, job_id="b") is first
+    # A shared cron trigger still answers for each job independently.
+    after = datetime(2026, 3, 29, 0, 7, tzinfo=UTC)
+    assert first.get_next_run_at(after) == trigger.get_next_run_at(after)
+    assert first.get_next_run_at(after - timedelta(days=30)) == trigger.get_next_run_at(
+        after - timedelta(days=30)
+    )
+    assert "unreadable JSON" in str(_corrupt("{not json"))
+
+
+def _corrupt(text: str) -> CorruptJobError:
+    with pytest.raises(CorruptJobError) as caught:
+        trigger_from_text(text, job_id="x")
+    return caught.value
 
 
 def test_corrupt_payload_keeps_the_validation_error_as_cause() -> None:

@@ -1,0 +1,121 @@
+"""The dispatcher: task ids, and the timeout of each ``kiq`` (one re-armed timer per sender)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskiq_beat import fire_task_id
+from taskiq_beat.dispatch import _TASK_ID_NAMESPACE, Dispatcher, task_id_of
+from taskiq_beat.store import Fire
+from tests.utils import RecordingBroker
+
+UTC = timezone.utc
+SCHEDULED = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    job_id=st.text(st.characters(blacklist_categories=["Cs"]), max_size=40),
+    scheduled_for=st.datetimes(timezones=st.just(UTC)),
+)
+def test_task_id_is_uuid5_of_job_and_time(job_id: str, scheduled_for: datetime) -> None:
+    expected = uuid.uuid5(_TASK_ID_NAMESPACE, f"{job_id}\x00{scheduled_for.isoformat()}").hex
+    assert fire_task_id(job_id, scheduled_for) == expected
+    assert task_id_of(job_id, scheduled_for.isoformat()) == expected
+
+
+class SteeredBroker(RecordingBroker):
+    """Each send takes as long as its first argument says (``None``: forever)."""
+
+    async def kick(self, message: Any) -> None:
+        delay = self.formatter.loads(message.message).args[0]
+        if delay is None:
+            await asyncio.Event().wait()
+        elif delay:
+            await asyncio.sleep(delay)
+        await super().kick(message)
+
+
+def fires(*delays: float | None) -> list[Fire]:
+    return [
+        Fire(
+            run_id=index,
+            job_id=f"job-{index}",
+            scheduled_for=SCHEDULED + timedelta(seconds=index),
+            task_id=uuid.uuid4().hex,
+            task_name="tests.steered",
+            args=[delay],
+            kwargs={},
+            metadata={},
+        )
+        for index, delay in enumerate(delays)
+    ]
+
+
+@pytest.fixture
+async def steered() -> Any:
+    broker = SteeredBroker()
+    broker.register_task(lambda *args: None, task_name="tests.steered")
+    await broker.startup()
+    try:
+        yield broker
+    finally:
+        await broker.shutdown()
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_a_hanging_kiq_times_out_and_stops_the_rest_of_its_batch(
+    steered: SteeredBroker, concurrency: int
+) -> None:
+    dispatcher = Dispatcher(steered, concurrency=concurrency, timeout=0.2)
+    # The first sends take a while (the timer fires during the second and is re-armed),
+    # then one hangs, then one is quick: with two senders it goes out while the other
+    # hangs; with one it comes after the timeout, which fails it at once.
+    outcomes = await asyncio.wait_for(dispatcher.send(fires(0.12, 0.12, None, 0)), 5)
+    errors = [outcome.error for outcome in outcomes]
+    assert errors[:2] == [None, None]
+    assert errors[2] == "kiq timed out after 0.2 s"
+    if concurrency == 1:
+        assert errors[3] == "not sent: kiq timed out after 0.2 s (another send of the batch)"
+    else:
+        assert errors[3] is None
+    assert not any(outcome.released or outcome.final for outcome in outcomes)
+    sent = ["job-0", "job-1"] if concurrency == 1 else ["job-0", "job-1", "job-3"]
+    assert sorted(m.labels["taskiq_beat_job_id"] for m in steered.sent) == sent
+    if sys.version_info >= (3, 11):
+        task = asyncio.current_task()  # the sender, with concurrency 1
+        assert task is not None
+        assert task.cancelling() == 0
+    # The next batch is sent as usual: a timeout leaves nothing behind.
+    [outcome] = await asyncio.wait_for(dispatcher.send(fires(0)), 5)
+    assert outcome.error is None
+
+
+async def test_labels_carry_each_fire_s_own_scheduled_time(steered: SteeredBroker) -> None:
+    dispatcher = Dispatcher(steered, concurrency=4, timeout=1)
+    sent = fires(0, 0, 0)
+    await dispatcher.send(sent)
+    assert {
+        m.labels["taskiq_beat_job_id"]: m.labels["taskiq_beat_scheduled_for"] for m in steered.sent
+    } == {fire.job_id: fire.scheduled_for.isoformat() for fire in sent}
+    assert {m.task_id for m in steered.sent} == {fire.task_id for fire in sent}
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+async def test_cancelling_the_sender_is_not_taken_for_a_timeout(
+    steered: SteeredBroker, concurrency: int
+) -> None:
+    dispatcher = Dispatcher(steered, concurrency=concurrency, timeout=30)
+    sending = asyncio.create_task(dispatcher.send(fires(None, None, None)))
+    await asyncio.sleep(0.05)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(sending, 5)
