@@ -101,6 +101,11 @@ class Unreadable:
     __repr__ = __str__
 
 
+def _json_ready(value: Any) -> Any:
+    """A stored JSON value for ``to_dict()``: unreadable text as ``{"unreadable_json": text}``."""
+    return {"unreadable_json": value.text} if isinstance(value, Unreadable) else value
+
+
 def encode_json(value: Any) -> str:
     """``value`` as the text a ``JSONValue`` column stores (SQLAlchemy's default serializer)."""
     return json.dumps(value)
@@ -215,10 +220,10 @@ class SchedulerJob(SchedulerBase):
             "task_name": self.task_name,
             "kind": self.kind.value,
             "strategy": self.strategy.value,
-            "trigger": self.trigger,
-            "args": self.args,
-            "kwargs": self.kwargs,
-            "metadata": self.job_metadata,
+            "trigger": _json_ready(self.trigger),
+            "args": _json_ready(self.args),
+            "kwargs": _json_ready(self.kwargs),
+            "metadata": _json_ready(self.job_metadata),
             "is_enabled": self.is_enabled,
             "next_run_at": _iso(self.next_run_at),
             "last_run_at": _iso(self.last_run_at),

@@ -212,6 +212,31 @@ async def test_get_job_returns_its_to_dict_values(
     assert body["last_run_at"] is None
 
 
+async def test_a_hand_edited_row_is_still_listed_and_shown(
+    client: httpx.AsyncClient,
+    app: SchedulerApp,
+    session: AsyncSession,
+    session_factory: async_sessionmaker[AsyncSession],
+    backend: str,
+) -> None:
+    await add_job(app, session, "edited")
+    await add_job(app, session, "intact")
+    # SQLite keeps any text; PostgreSQL's json type only valid JSON, so there: a wrong shape.
+    stored = "{not json" if backend == "sqlite" else '"a string, not a list"'
+    shown: Any = {"unreadable_json": "{not json"} if backend == "sqlite" else "a string, not a list"
+    async with session_factory() as other:
+        await other.execute(
+            sa.text("UPDATE scheduler_job SET args = :args WHERE id = 'edited'"), {"args": stored}
+        )
+        await other.commit()
+
+    response = await client.get("/jobs/edited")
+    assert response.status_code == 200, response.text
+    assert response.json()["args"] == shown
+    assert response.json()["kwargs"] == {"job": "edited"}
+    assert ids(await client.get("/jobs")) == ["edited", "intact"]
+
+
 async def test_pause_and_resume_change_the_database(
     client: httpx.AsyncClient,
     app: SchedulerApp,

@@ -85,7 +85,13 @@ DEFAULT_PAGE_SIZE = 100
 
 
 class JobOut(BaseModel):
-    """A scheduler job, as :meth:`SchedulerJob.to_dict` gives it (datetimes aware, UTC)."""
+    """A scheduler job, as :meth:`SchedulerJob.to_dict` gives it (datetimes aware, UTC).
+
+    ``trigger``, ``args``, ``kwargs`` and ``metadata`` are the stored JSON values. The API
+    writes them as an object, a list, an object and an object, but a row edited by hand may
+    hold any JSON there (or ``{"unreadable_json": text}`` for text that does not parse): such
+    a job is still listed, with ``last_error`` saying why it was disabled.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -95,10 +101,10 @@ class JobOut(BaseModel):
     task_name: str
     kind: JobKind
     strategy: JobStrategy
-    trigger: dict[str, Any]
-    args: list[Any]
-    kwargs: dict[str, Any]
-    metadata: dict[str, Any]
+    trigger: dict[str, Any] | Any
+    args: list[Any] | Any
+    kwargs: dict[str, Any] | Any
+    metadata: dict[str, Any] | Any
     is_enabled: bool
     next_run_at: datetime | None
     last_run_at: datetime | None
