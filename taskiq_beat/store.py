@@ -30,10 +30,11 @@ dataclasses, and several times cheaper to make (a frozen dataclass sets each fie
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -161,6 +162,24 @@ class SchedulerStore:
 
     def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
         self._session_factory = session_factory
+        bind = session_factory.kw.get("bind")
+        serial = isinstance(bind, AsyncEngine) and bind.dialect.name == "sqlite"
+        self._turns: asyncio.Lock | None = asyncio.Lock() if serial else None
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session in a transaction, committed at the end of the block.
+
+        On SQLite the engine's transactions in this process take turns: SQLite lets one
+        writer in at a time, and a second one would wait in SQLite's busy handler, which
+        sleeps 1, 2, 5, 10... ms between tries instead of starting when the first commits.
+        """
+        if self._turns is None:
+            async with self._session_factory() as session, session.begin():
+                yield session
+            return
+        async with self._turns, self._session_factory() as session, session.begin():
+            yield session
 
     # ------------------------------------------------------- management (caller's session)
 
@@ -426,7 +445,7 @@ class SchedulerStore:
         """
         if not claims:
             return [], set()
-        async with self._session_factory() as session, session.begin():
+        async with self._transaction() as session:
             batch = _batch_sql(session)
             won = {row[0] for row in await batch.advance_jobs(session, claims)}
             lost = {c.job_id for c in claims if c.job_id not in won}
@@ -459,7 +478,7 @@ class SchedulerStore:
         self, *, now: datetime, lease_until: datetime, owner: str, limit: int
     ) -> list[Fire]:
         """Claim fires that still have to be sent and whose lease or retry time has passed."""
-        async with self._session_factory() as session, session.begin():
+        async with self._transaction() as session:
             due = (
                 sa.select(_run.c.id)
                 .where(_run.c.next_attempt_at.is_not(None), _run.c.next_attempt_at <= now)
@@ -512,7 +531,7 @@ class SchedulerStore:
         sent = [o.fire.run_id for o in outcomes if o.error is None and not o.released]
         released = [o.fire.run_id for o in outcomes if o.released]
         failed = [o for o in outcomes if o.error is not None]
-        async with self._session_factory() as session, session.begin():
+        async with self._transaction() as session:
             batch = _batch_sql(session)
             if sent and keep_runs:
                 await batch.close_runs(session, sent, now=now)
@@ -544,7 +563,7 @@ class SchedulerStore:
         """Disable jobs that cannot fire, keeping the reason in ``last_error``."""
         if not errors:
             return
-        async with self._session_factory() as session, session.begin():
+        async with self._transaction() as session:
             await session.execute(
                 sa.update(_job)
                 .where(_job.c.id == sa.bindparam("job"))
