@@ -44,6 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm.util import identity_key
 
+from taskiq_beat._gc import gc_paused
 from taskiq_beat.enums import JobKind, RunStatus
 from taskiq_beat.models import (
     SchedulerJob,
@@ -608,7 +609,8 @@ def _select_records() -> sa.Select[Any]:
 
 
 def _records(rows: Iterable[Any]) -> list[JobRecord]:
-    return [JobRecord(*row) for row in rows]
+    with gc_paused():  # up to every due job at once; rows are fetched already: no await
+        return [JobRecord(*row) for row in rows]
 
 
 def _dialect_name(session: AsyncSession) -> str:
