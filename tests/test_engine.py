@@ -682,6 +682,47 @@ async def test_on_sqlite_the_engine_s_transactions_take_turns(
         assert most[0] >= 1  # PostgreSQL runs them side by side
 
 
+async def test_a_claim_whose_fire_has_a_run_already_is_neither_sent_nor_lost(
+    app: SchedulerApp,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    job = await app.single(task="tests.record", args=[7]).schedule(session, trigger=every(10))
+    due = clock.advance(10)
+    store = SchedulerStore(session_factory)
+    claim = Claim(
+        job.id,
+        due,
+        job.revision,
+        due,
+        due + timedelta(seconds=10),
+        fire_task_id(job.id, due),
+        job.task_name,
+        "[7]",
+        "{}",
+        "{}",
+    )
+    lease = due + timedelta(seconds=30)
+    [fire], lost = await store.claim([claim], now=due, lease_until=lease, owner="first")
+    assert not lost
+    assert (fire.job_id, fire.scheduled_for, fire.args) == (job.id, due, [7])
+    # The job is put back on the same fire time (as a hand edit would): the compare-and-set
+    # succeeds again, but the fire has its run row, so it is not claimed a second time.
+    await session.execute(
+        sa.update(SchedulerJob).where(SchedulerJob.id == job.id).values(next_run_at=due)
+    )
+    await session.commit()
+    fires, lost = await store.claim([claim], now=due, lease_until=lease, owner="second")
+    assert fires == []
+    assert lost == set()
+    [run] = await runs_of(session, job.id)
+    assert run.claimed_by == "first"
+    # A claim whose compare-and-set fails is lost.
+    fires, lost = await store.claim([claim], now=due, lease_until=lease, owner="third")
+    assert (fires, lost) == ([], {job.id})
+
+
 async def test_start_runs_the_loop_in_the_background(
     broker: RecordingBroker, session_factory: async_sessionmaker[AsyncSession]
 ) -> None:
