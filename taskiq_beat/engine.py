@@ -18,6 +18,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from taskiq_beat._gc import gc_paused
 from taskiq_beat.dispatch import task_id_of
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import CorruptJobError
@@ -329,6 +330,10 @@ class SchedulerEngine:
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
 
     def _merge(self, records: list[JobRecord], now: datetime) -> int:
+        with gc_paused():
+            return self._merge_records(records)
+
+    def _merge_records(self, records: list[JobRecord]) -> int:
         added = 0
         broken: dict[str, str] = {}
         for record in records:

@@ -35,9 +35,9 @@ import contextlib
 import dataclasses
 import functools
 import json
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeVar, Union, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -45,6 +45,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm.util import identity_key
 
+from taskiq_beat._gc import gc_paused
 from taskiq_beat.enums import JobKind, RunStatus
 from taskiq_beat.models import (
     SchedulerJob,
@@ -68,6 +69,7 @@ __all__ = [
     "SendOutcome",
 ]
 
+_Executor = Union["AsyncSession", AsyncConnection]  # what the engine's statements run on
 _CHUNK = 2000  # rows per statement in bulk operations (SQLite allows 32766 parameters)
 _job = cast("sa.Table", SchedulerJob.__table__)
 _run = cast("sa.Table", SchedulerRun.__table__)
@@ -186,6 +188,42 @@ class SchedulerStore:
         self._session_factory = session_factory
         self._timeout = timeout
         self._abandoned: set[asyncio.Future[Any]] = set()
+        bind = session_factory.kw.get("bind")
+        # The engine's operations use the factory's engine directly where it has one: a
+        # Core connection costs a fraction of an ORM session per transaction.
+        self._engine = bind if isinstance(bind, AsyncEngine) else None
+        serial = self._engine is not None and self._engine.dialect.name == "sqlite"
+        self._turns: asyncio.Lock | None = asyncio.Lock() if serial else None
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[_Executor]:
+        """A connection (or session) in a transaction, committed at the end of the block.
+
+        On SQLite the engine's transactions in this process take turns: SQLite lets one
+        writer in at a time, and a second one would wait in SQLite's busy handler, which
+        sleeps 1, 2, 5, 10... ms between tries instead of starting when the first commits.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            if self._turns is not None:
+                await stack.enter_async_context(self._turns)
+            if self._engine is not None:
+                yield await stack.enter_async_context(self._engine.begin())
+            else:
+                session = await stack.enter_async_context(self._session_factory())
+                await stack.enter_async_context(session.begin())
+                yield session
+
+    @contextlib.asynccontextmanager
+    async def _one_statement(self) -> AsyncIterator[_Executor]:
+        """Where the claim is one statement (PostgreSQL, with an engine): a connection in
+        autocommit mode, so the statement is its own transaction, in one round trip instead
+        of four (``BEGIN``, two statements, ``COMMIT``). Otherwise :meth:`_transaction`."""
+        if self._engine is None or not _BATCH_SQL[self._engine.dialect.name].claims_at_once:
+            async with self._transaction() as executor:
+                yield executor
+            return
+        async with self._engine.connect() as connection:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
     async def _bounded(self, operation: Awaitable[_T]) -> _T:
         """Await ``operation``, giving up after ``timeout`` seconds with ``TimeoutError``.
@@ -499,19 +537,12 @@ class SchedulerStore:
         """
         if not claims:
             return [], set()
-        async with self._session_factory() as session, session.begin():
-            batch = _batch_sql(session)
-            won = {row[0] for row in await batch.advance_jobs(session, claims)}
-            lost = {c.job_id for c in claims if c.job_id not in won}
-            mine = [c for c in claims if c.job_id in won]
-            if not mine:
-                return [], lost
-            inserted = dict(
-                (job_id, run_id)
-                for run_id, job_id in await batch.insert_runs(
-                    session, mine, owner=owner, lease_until=lease_until, now=now
-                )
+        async with self._one_statement() as executor:
+            won, inserted = await _batch_sql(executor).claim(
+                executor, claims, owner=owner, lease_until=lease_until, now=now
             )
+        lost = {c.job_id for c in claims if c.job_id not in won}
+        mine = [c for c in claims if c.job_id in won]
         fires = [
             Fire(
                 inserted[c.job_id],
@@ -533,7 +564,7 @@ class SchedulerStore:
         self, *, now: datetime, lease_until: datetime, owner: str, limit: int
     ) -> list[Fire]:
         """Claim fires that still have to be sent and whose lease or retry time has passed."""
-        async with self._session_factory() as session, session.begin():
+        async with self._transaction() as session:
             due = (
                 sa.select(_run.c.id)
                 .where(_run.c.next_attempt_at.is_not(None), _run.c.next_attempt_at <= now)
@@ -587,7 +618,7 @@ class SchedulerStore:
         sent = [o.fire.run_id for o in outcomes if o.error is None and not o.released]
         released = [o.fire.run_id for o in outcomes if o.released]
         failed = [o for o in outcomes if o.error is not None]
-        async with self._session_factory() as session, session.begin():
+        async with self._transaction() as session:
             batch = _batch_sql(session)
             if sent and keep_runs:
                 await batch.close_runs(session, sent, now=now)
@@ -620,7 +651,7 @@ class SchedulerStore:
         """Disable jobs that cannot fire, keeping the reason in ``last_error``."""
         if not errors:
             return
-        async with self._session_factory() as session, session.begin():
+        async with self._transaction() as session:
             await session.execute(
                 sa.update(_job)
                 .where(_job.c.id == sa.bindparam("job"))
@@ -665,10 +696,13 @@ def _select_records() -> sa.Select[Any]:
 
 
 def _records(rows: Iterable[Any]) -> list[JobRecord]:
-    return [JobRecord(*row) for row in rows]
+    with gc_paused():  # up to every due job at once; rows are fetched already: no await
+        return [JobRecord(*row) for row in rows]
 
 
-def _dialect_name(session: AsyncSession) -> str:
+def _dialect_name(session: _Executor) -> str:
+    if isinstance(session, AsyncConnection):
+        return session.dialect.name
     bind = session.get_bind()
     return bind.dialect.name
 
@@ -789,6 +823,27 @@ class _BatchSql:
     close: sa.TextClause
     release: sa.TextClause
     delete: sa.TextClause
+    claims_at_once = False
+    """Whether :meth:`claim` is one statement (and needs no transaction around it)."""
+
+    async def claim(
+        self,
+        session: _Executor,
+        claims: Sequence[Claim],
+        *,
+        owner: str,
+        lease_until: datetime,
+        now: datetime,
+    ) -> tuple[set[str], dict[str, int]]:
+        """Advance the jobs by compare-and-set and insert the runs of those advanced (unless
+        they exist). Returns the ids of the jobs advanced, and the run id of each inserted run
+        by job id. Run in one transaction."""
+        won = {row[0] for row in await self.advance_jobs(session, claims)}
+        mine = [c for c in claims if c.job_id in won]
+        if not mine:
+            return won, {}
+        rows = await self.insert_runs(session, mine, owner=owner, lease_until=lease_until, now=now)
+        return won, {job_id: run_id for run_id, job_id in rows}
 
     def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
         raise NotImplementedError
@@ -799,12 +854,12 @@ class _BatchSql:
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         raise NotImplementedError
 
-    async def advance_jobs(self, session: AsyncSession, claims: Sequence[Claim]) -> list[Any]:
+    async def advance_jobs(self, session: _Executor, claims: Sequence[Claim]) -> list[Any]:
         return list(await session.execute(self.advance, self.claim_params(claims)))
 
     async def insert_runs(
         self,
-        session: AsyncSession,
+        session: _Executor,
         claims: Sequence[Claim],
         *,
         owner: str,
@@ -815,16 +870,14 @@ class _BatchSql:
         params.update(self.run_params(claims))
         return list(await session.execute(self.insert, params))
 
-    async def close_runs(self, session: AsyncSession, ids: Sequence[int], *, now: datetime) -> None:
+    async def close_runs(self, session: _Executor, ids: Sequence[int], *, now: datetime) -> None:
         params = {"now": now, "status": _DISPATCHED, **self.id_params(ids)}
         await session.execute(self.close, params)
 
-    async def release_runs(
-        self, session: AsyncSession, ids: Sequence[int], *, now: datetime
-    ) -> None:
+    async def release_runs(self, session: _Executor, ids: Sequence[int], *, now: datetime) -> None:
         await session.execute(self.release, {"now": now, **self.id_params(ids)})
 
-    async def delete_runs(self, session: AsyncSession, ids: Sequence[int]) -> None:
+    async def delete_runs(self, session: _Executor, ids: Sequence[int]) -> None:
         await session.execute(self.delete, self.id_params(ids))
 
 
@@ -853,6 +906,54 @@ class _PostgresBatchSql(_BatchSql):
     )
     _ids = " WHERE id = ANY(CAST(:ids AS BIGINT[]))"
     close, release, delete = _run_updates(_ids)
+    # advance + insert in one statement: data-modifying CTEs run in one snapshot, and the
+    # statement is atomic on its own. Rows: each job advanced (run id NULL), and each run
+    # inserted (a fire that had its run already has none). No join: CTE scans have no index.
+    claim_all = (
+        sa.text(
+            "WITH claim AS (SELECT * FROM unnest(CAST(:job_ids AS VARCHAR[]),"
+            " CAST(:expected AS TIMESTAMPTZ[]), CAST(:revisions AS INTEGER[]),"
+            " CAST(:new_next AS TIMESTAMPTZ[]), CAST(:scheduled_for AS TIMESTAMPTZ[]),"
+            " CAST(:task_ids AS VARCHAR[]))"
+            " AS c(job_id, expected, revision, new_next, scheduled_for, task_id)),"
+            f" won AS (UPDATE {_JOB} AS job"
+            " SET next_run_at = claim.new_next, last_run_at = claim.scheduled_for"
+            " FROM claim WHERE job.id = claim.job_id AND job.next_run_at = claim.expected"
+            " AND job.revision = claim.revision AND job.is_enabled"
+            " RETURNING job.id, claim.scheduled_for, claim.task_id),"
+            f" run AS ({_RUN_INSERT} SELECT won.id, won.scheduled_for, :status, won.task_id, 1,"
+            " :owner, :lease_until, :now, :now FROM won"
+            " ON CONFLICT DO NOTHING RETURNING id, job_id)"
+            " SELECT won.id, CAST(NULL AS BIGINT) FROM won"
+            " UNION ALL SELECT run.job_id, run.id FROM run"
+        )
+        .bindparams(*_times("lease_until", "now"))
+        .columns(job_id=sa.String(), run_id=sa.BigInteger())
+    )
+    claims_at_once = True
+
+    async def claim(
+        self,
+        session: _Executor,
+        claims: Sequence[Claim],
+        *,
+        owner: str,
+        lease_until: datetime,
+        now: datetime,
+    ) -> tuple[set[str], dict[str, int]]:
+        params = self.claim_params(claims)
+        params.update(
+            task_ids=[c.task_id for c in claims],
+            owner=owner,
+            lease_until=lease_until,
+            now=now,
+            status=_STATUS,
+        )
+        rows = list(await session.execute(self.claim_all, params))
+        return (
+            {job_id for job_id, _ in rows},
+            {job_id: run_id for job_id, run_id in rows if run_id is not None},
+        )
 
     def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
         return {
@@ -937,7 +1038,7 @@ _BATCH_SQL: dict[str, _BatchSql] = {
 }
 
 
-def _batch_sql(session: AsyncSession) -> _BatchSql:
+def _batch_sql(session: _Executor) -> _BatchSql:
     name = _dialect_name(session)
     try:
         return _BATCH_SQL[name]

@@ -702,6 +702,109 @@ async def test_the_sync_interval_counts_from_the_end_of_a_long_load(
     assert len(loads) == 2
 
 
+async def test_on_sqlite_the_engine_s_transactions_take_turns(
+    app: SchedulerApp,
+    session: AsyncSession,
+    clock: FakeClock,
+    db_engine: AsyncEngine,
+    backend: str,
+) -> None:
+    """Two writers at once would make SQLite's busy handler sleep; they queue instead."""
+    for index in range(6):
+        await app.single(task="tests.record").upsert(
+            session, trigger=every(60), job_id=f"job-{index}"
+        )
+    clock.advance(60)
+    open_transactions: list[int] = [0]
+    most: list[int] = [0]
+
+    def began(*_: Any) -> None:
+        open_transactions[0] += 1
+        most[0] = max(most[0], open_transactions[0])
+
+    def ended(*_: Any) -> None:
+        open_transactions[0] -= 1
+
+    events = [("begin", began), ("commit", ended), ("rollback", ended)]
+    for name, listener in events:
+        event.listen(db_engine.sync_engine, name, listener)
+    try:
+        await app.engine.sync()
+        store = app.engine._store
+        now = clock.now()
+        claims = [
+            Claim(
+                f"job-{index}",
+                now,
+                1,
+                now,
+                now + timedelta(seconds=60),
+                fire_task_id(f"job-{index}", now),
+                "tests.record",
+                "[]",
+                "{}",
+                "{}",
+            )
+            for index in range(6)
+        ]
+        lease = now + timedelta(seconds=30)
+        results = await asyncio.gather(
+            *(
+                store.claim(claims[index : index + 2], now=now, lease_until=lease, owner="me")
+                for index in range(0, 6, 2)
+            )
+        )
+    finally:
+        for name, listener in events:
+            event.remove(db_engine.sync_engine, name, listener)
+    assert sum(len(fires) for fires, _ in results) == 6
+    if backend == "sqlite":
+        assert most[0] == 1
+    else:
+        assert most[0] >= 1  # PostgreSQL runs them side by side
+
+
+async def test_a_claim_whose_fire_has_a_run_already_is_neither_sent_nor_lost(
+    app: SchedulerApp,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    job = await app.single(task="tests.record", args=[7]).schedule(session, trigger=every(10))
+    due = clock.advance(10)
+    store = SchedulerStore(session_factory)
+    claim = Claim(
+        job.id,
+        due,
+        job.revision,
+        due,
+        due + timedelta(seconds=10),
+        fire_task_id(job.id, due),
+        job.task_name,
+        "[7]",
+        "{}",
+        "{}",
+    )
+    lease = due + timedelta(seconds=30)
+    [fire], lost = await store.claim([claim], now=due, lease_until=lease, owner="first")
+    assert not lost
+    assert (fire.job_id, fire.scheduled_for, fire.args) == (job.id, due, [7])
+    # The job is put back on the same fire time (as a hand edit would): the compare-and-set
+    # succeeds again, but the fire has its run row, so it is not claimed a second time.
+    await session.execute(
+        sa.update(SchedulerJob).where(SchedulerJob.id == job.id).values(next_run_at=due)
+    )
+    await session.commit()
+    fires, lost = await store.claim([claim], now=due, lease_until=lease, owner="second")
+    assert fires == []
+    assert lost == set()
+    [run] = await runs_of(session, job.id)
+    assert run.claimed_by == "first"
+    # A claim whose compare-and-set fails is lost.
+    fires, lost = await store.claim([claim], now=due, lease_until=lease, owner="third")
+    assert (fires, lost) == ([], {job.id})
+
+
 async def test_start_runs_the_loop_in_the_background(
     broker: RecordingBroker, session_factory: async_sessionmaker[AsyncSession]
 ) -> None:
