@@ -18,7 +18,6 @@ import asyncio
 import contextvars
 import math
 import statistics
-import sys
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,22 +27,28 @@ from taskiq.abc.schedule_source import ScheduleSource
 from taskiq.cli.scheduler.run import SchedulerLoop, get_all_schedules
 from taskiq.message import BrokerMessage
 
+from bench_support import scenarios
 from bench_support.brokers import NoopBroker, make_broker
 from bench_support.common import (
     TASK_NAME,
     UTC,
     Goal,
     Options,
-    Profiled,
     StallMonitor,
     cpu_percent,
     grace,
     job_id,
-    load_average,
-    peak_rss_mb,
     percentiles,
     rss_mb,
     warmup,
+)
+from bench_support.scenarios import (
+    burst_broker,
+    fires_in_window,
+    idle_window,
+    interval_result,
+    propagate,
+    writer_pause,
 )
 
 SYSTEM = "taskiq"
@@ -95,6 +100,12 @@ def _scheduled(index: int, **when: Any) -> ScheduledTask:
     )
 
 
+def _in_an_hour() -> str:
+    """A cron expression due an hour from now (once a day)."""
+    when = datetime.now(UTC) + timedelta(hours=1)
+    return f"{when.minute} {when.hour} * * *"
+
+
 async def _run_loop(
     broker: AsyncBroker, source: ScheduleSource, update_interval: timedelta = UPDATE_INTERVAL
 ) -> tuple[TaskiqScheduler, TickLoop, asyncio.Task[None]]:
@@ -130,37 +141,25 @@ async def setup(opts: Options) -> dict[str, Any]:
         return {}
     source = _redis_source(opts)
     await source.startup()
-    when = datetime.now(UTC) + timedelta(hours=1)
+    cron = _in_an_hour()
     for index in range(opts.jobs):
-        await source.add_schedule(_scheduled(index, cron=f"{when.minute} {when.hour} * * *"))
+        await source.add_schedule(_scheduled(index, cron=cron))
     await source.shutdown()
     return {"setup": "ListRedisScheduleSource.add_schedule"}
 
 
 async def measure(opts: Options) -> dict[str, Any]:
-    scenario = opts.scenario
-    with Profiled(opts.profile) as profiled:
-        if scenario == "ceiling":
-            result = await _ceiling(opts)
-        elif scenario == "ceiling-exec":
-            result = await _ceiling_exec(opts)
-        elif scenario in ("burst", "execute"):
-            result = await _burst(opts, "noop" if scenario == "burst" else "inmemory")
-        elif scenario == "interval":
-            result = await _interval(opts)
-        elif scenario == "idle":
-            result = await _idle(opts)
-        elif scenario == "bulk":
-            result = await _bulk(opts)
-        elif scenario == "propagation":
-            result = await _propagation(opts)
-        else:
-            raise SystemExit(f"scenario {scenario!r} is not run on {SYSTEM}")
-    if profiled.breakdown:
-        result["profile"] = profiled.breakdown
-        result["profile_detail"] = dict(list(profiled.detail.items())[:12])
-    result.setdefault("version", _version())
-    return result
+    runs: dict[str, scenarios.Scenario] = {
+        "ceiling": _ceiling,
+        "ceiling-exec": _ceiling_exec,
+        "burst": _burst,
+        "execute": _burst,
+        "interval": _interval,
+        "idle": _idle,
+        "bulk": _bulk,
+        "propagation": _propagation,
+    }
+    return await scenarios.measure(opts, SYSTEM, runs, _version)
 
 
 def _labels(index: int) -> dict[str, str]:
@@ -227,8 +226,9 @@ async def _ceiling_exec(opts: Options) -> dict[str, Any]:
     }
 
 
-async def _burst(opts: Options, broker_kind: str) -> dict[str, Any]:
+async def _burst(opts: Options) -> dict[str, Any]:
     """One-off schedules whose time is past: all due at the first tick."""
+    broker_kind = burst_broker(opts)
     past = datetime.now(UTC) - timedelta(seconds=1)
     schedules = [_scheduled(index, time=past) for index in range(opts.jobs)]
     executed = Goal()
@@ -263,32 +263,28 @@ async def _interval(opts: Options) -> dict[str, Any]:
     end = first + opts.seconds
     busy = await cpu_percent(end + grace(opts.seconds) - time.time())
     await _stop_loop(scheduler, runner)
-    lateness: list[float] = []
-    seen: set[tuple[str, float]] = set()
-    for at, labels in broker.kicks:
-        tick = labels.get("bench_tick")
-        if tick is None:
-            continue
-        slot = math.floor(tick)
-        if first <= slot < end:
-            seen.add((labels["schedule_id"], slot))
-            lateness.append((at - slot) * 1000)
-    due = opts.jobs * round(opts.seconds)
-    return {
-        "done": len(seen),
-        "due": due,
-        "pct": 100 * len(seen) / due if due else 0.0,
-        "rows": None,
-        "cpu_pct": busy,
-        "dist": percentiles(lateness),
-        "dist_what": "lateness: send - whole second of its tick [ms]",
-    }
+    seen, lateness = fires_in_window(
+        (
+            (labels["schedule_id"], math.floor(labels["bench_tick"]), at)
+            for at, labels in broker.kicks
+            if labels.get("bench_tick") is not None
+        ),
+        first,
+        end,
+    )
+    return interval_result(
+        opts,
+        seen,
+        lateness,
+        rows=None,
+        busy=busy,
+        dist_what="lateness: send - whole second of its tick [ms]",
+    )
 
 
 async def _idle(opts: Options) -> dict[str, Any]:
     """Cron schedules due in an hour (checked by the loop every second)."""
-    when = datetime.now(UTC) + timedelta(hours=1)
-    cron = f"{when.minute} {when.hour} * * *"
+    cron = _in_an_hour()
     base = rss_mb()
     schedules = [_scheduled(index, cron=cron) for index in range(opts.jobs)]
     broker = make_broker("noop")
@@ -303,27 +299,16 @@ async def _idle(opts: Options) -> dict[str, Any]:
     await asyncio.sleep(1.5)  # past the wait for a whole second and the first tick
     start_stall = max(await monitor.stop(), default=0.0)
     loaded = rss_mb()
-    half = max(opts.seconds / 2, 0.5)
-    busy = await cpu_percent(half)
-    monitor.start()
-    await asyncio.sleep(half)
-    stalls = await monitor.stop()
-    idle = rss_mb()
-    await _stop_loop(scheduler, runner)
-    return {
-        "start_s": start_s,
-        "rss_base_mb": base,
-        "rss_loaded_mb": loaded,
-        "rss_mb": idle,
-        "peak_rss_mb": peak_rss_mb(),
-        "cpu_pct": busy,
-        "start_stall_ms": start_stall * 1000,
-        "dist": percentiles([s * 1000 for s in stalls]),
-        "dist_what": "event-loop stall while idle [ms]",
-        "stall_cpu_ms": 1000 * monitor.cpu_of_longest(),
-        "load": load_average(),
-        "note": "in-memory source; start = loading the schedules",
-    }
+    return await idle_window(
+        opts.seconds,
+        monitor,
+        lambda: _stop_loop(scheduler, runner),
+        start_s=start_s,
+        start_stall=start_stall,
+        rss_base=base,
+        rss_loaded=loaded,
+        note="in-memory source; start = loading the schedules",
+    )
 
 
 def _redis_source(opts: Options) -> Any:
@@ -345,9 +330,9 @@ async def _bulk(opts: Options) -> dict[str, Any]:
     """``add_schedule`` one by one (taskiq has no bulk API) on a Redis schedule source."""
     source = _redis_source(opts)
     await source.startup()
-    when = datetime.now(UTC) + timedelta(hours=1)
+    cron = _in_an_hour()
     jobs = min(opts.jobs, 10_000)
-    schedules = [_scheduled(i, cron=f"{when.minute} {when.hour} * * *") for i in range(jobs)]
+    schedules = [_scheduled(i, cron=cron) for i in range(jobs)]
     began = time.perf_counter()
     for schedule in schedules:
         await source.add_schedule(schedule)
@@ -374,25 +359,20 @@ async def _propagation(opts: Options) -> dict[str, Any]:
         broker, _redis_source(opts), update_interval=timedelta(seconds=interval)
     )
     await asyncio.sleep(1 + warmup(opts.seconds))  # the first tick waits for a whole second
-    count = max(3, round(opts.seconds / opts.spacing))
-    command = [sys.executable, opts.bench_path, "_run", "propagation", "--system", SYSTEM]
-    command += ["--phase", "writer", "--db", opts.db, "--url", opts.url, "--jobs", str(count)]
-    command += ["--spacing", str(opts.spacing), "--prefix", opts.prefix]
-    command += ["--redis-url", opts.redis_url]
-    writer = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-    await writer.communicate()
-    await broker.goal.wait(count, interval * 3 + 3)
-    await _stop_loop(scheduler, runner)
-    await _drop_redis_keys(opts)
-    latency = [(at - kwargs["t"]) * 1000 for at, kwargs in broker.sent_kwargs() if "t" in kwargs]
-    return {
-        "seen": len(latency),
-        "sent": count,
-        "sync_interval_s": interval,
-        "dist": percentiles(latency),
-        "dist_what": "schedule added elsewhere -> sent here [ms]",
-        "note": f"ListRedisScheduleSource, update_interval={interval:g} s (CLI default 60 s)",
-    }
+
+    async def stop() -> None:
+        await _stop_loop(scheduler, runner)
+        await _drop_redis_keys(opts)
+
+    return await propagate(
+        opts,
+        broker,
+        stop,
+        sync_interval=interval,
+        dist_what="schedule added elsewhere -> sent here [ms]",
+        writer_args=("--prefix", opts.prefix, "--redis-url", opts.redis_url),
+        note=f"ListRedisScheduleSource, update_interval={interval:g} s (CLI default 60 s)",
+    )
 
 
 async def writer(opts: Options) -> dict[str, Any]:
@@ -409,6 +389,6 @@ async def writer(opts: Options) -> dict[str, Any]:
             time=now,
         )
         await source.add_schedule(schedule)
-        await asyncio.sleep(opts.spacing * (0.5 + (index * 7919 % 100) / 100))
+        await writer_pause(opts, index)
     await source.shutdown()
     return {"sent": opts.jobs}
