@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -693,6 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in args.scenarios if name not in [*SCENARIOS, "all"]]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r} (choose from {', '.join(SCENARIOS)})")
+    if args.profile and importlib.util.find_spec("pyinstrument") is None:
+        parser.error("--profile needs pyinstrument in this interpreter: pip install pyinstrument")
     if not args.scenarios or "all" in args.scenarios:
         scenarios = list(SCENARIOS)
     else:
