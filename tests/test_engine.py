@@ -973,3 +973,31 @@ async def test_a_locked_sqlite_file_is_waited_out_with_one_line_per_retry(
     assert "database is locked" in outage[0].getMessage()
     assert any("running again after" in r.getMessage() for r in caplog.records)
     assert [m.task_id for m in broker.sent] == [fire_task_id(job.id, job.next_run_at)]
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ConnectionRefusedError(111, "Connect call failed"), "ConnectionRefusedError"),
+        (TimeoutError("the database did not answer within 2 s"), "TimeoutError"),
+        (sa.exc.TimeoutError("QueuePool limit reached"), "TimeoutError"),
+        (
+            sa.exc.OperationalError("UPDATE", {}, sqlite3.OperationalError("database is locked")),
+            "OperationalError: database is locked",
+        ),
+        (
+            sa.exc.DBAPIError("SELECT 1", {}, ConnectionError("lost"), connection_invalidated=True),
+            "ConnectionError: lost",
+        ),
+        (sa.exc.IntegrityError("INSERT", {}, ValueError("duplicate key")), None),
+        (ValueError("a bug"), None),
+        (KeyError("job"), None),
+    ],
+)
+def test_outages_are_told_from_other_failures(error: BaseException, reason: str | None) -> None:
+    described = SchedulerStore.unavailable(error)
+    if reason is None:
+        assert described is None
+    else:
+        assert described is not None
+        assert reason in described, described
