@@ -56,6 +56,7 @@ class Dispatcher:
         self._concurrency = concurrency
         self._timeout = timeout
         self._timeout_error = f"kiq timed out after {timeout:g} s"
+        self._stalled_error = f"not sent: {self._timeout_error} (another send of the batch)"
         self._halted = False
 
     def halt(self) -> None:
@@ -81,18 +82,19 @@ class Dispatcher:
         outcomes: list[SendOutcome | None] = [None] * len(fires)
         queue = iter(enumerate(fires))
         times: dict[datetime, str] = {}  # ISO text of each scheduled time, once per batch
-        stalled: list[str] = []
+        stalled = False
 
         async def sender() -> None:
+            nonlocal stalled
             deadline = _Deadline(self._timeout) if _LAZY_DEADLINES else None
             try:
                 for index, fire in queue:
                     if stalled:
-                        outcomes[index] = SendOutcome(fire, error=f"not sent: {stalled[0]}")
+                        outcomes[index] = SendOutcome(fire, error=self._stalled_error)
                         continue
                     outcomes[index] = outcome = await self._send_one(fire, deadline, times)
                     if outcome.error == self._timeout_error:
-                        stalled.append(f"{outcome.error} (another send of the batch)")
+                        stalled = True
             finally:
                 if deadline is not None:
                     deadline.close()

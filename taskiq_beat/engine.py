@@ -499,7 +499,8 @@ class SchedulerEngine:
         kind; schedule the retry of failed sends; disable jobs that can never be sent."""
         sent = 0
         final: dict[str, str] = {}
-        failed: list[SendOutcome] = []
+        failed = 0
+        first_failed: SendOutcome | None = None
         debug = logger.isEnabledFor(logging.DEBUG)
         for outcome in outcomes:
             fire = outcome.fire
@@ -518,22 +519,24 @@ class SchedulerEngine:
             elif outcome.final:
                 final[fire.job_id] = outcome.error
             else:
-                failed.append(outcome)
-                logger.debug(
-                    "dispatch of job %s (%s) scheduled for %s failed: %s",
-                    fire.job_id,
-                    fire.task_name,
-                    fire.scheduled_for,
-                    outcome.error,
-                )
-        if failed:
-            first = failed[0]
+                failed += 1
+                if first_failed is None:
+                    first_failed = outcome
+                if debug:
+                    logger.debug(
+                        "dispatch of job %s (%s) scheduled for %s failed: %s",
+                        fire.job_id,
+                        fire.task_name,
+                        fire.scheduled_for,
+                        outcome.error,
+                    )
+        if first_failed is not None:
             logger.warning(
                 "dispatch of %d fires failed (job %s scheduled for %s: %s); retrying at %s",
-                len(failed),
-                first.fire.job_id,
-                first.fire.scheduled_for,
-                first.error,
+                failed,
+                first_failed.fire.job_id,
+                first_failed.fire.scheduled_for,
+                first_failed.error,
                 retry_at,
             )
             self.retry_at(retry_at)

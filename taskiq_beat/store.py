@@ -486,10 +486,9 @@ class SchedulerStore:
     async def listen(self, on_change: Callable[[], None]) -> ChangeListener | None:
         """Start hearing other processes' job changes; ``None`` where the database cannot
         announce them (SQLite: changes are seen at the next sync)."""
-        bind = self._session_factory.kw.get("bind")
-        if not isinstance(bind, AsyncEngine) or bind.dialect.name != "postgresql":
+        if self._engine is None or self._engine.dialect.name != "postgresql":
             return None
-        connection = await bind.connect()
+        connection = await self._engine.connect()
         listener = ChangeListener(connection, on_change)
         try:
             await listener.start()
@@ -501,14 +500,11 @@ class SchedulerStore:
     @_time_limited
     async def load_due(self, horizon: datetime) -> list[JobRecord]:
         """Enabled jobs whose ``next_run_at`` is at or before ``horizon`` (uses the due index)."""
-        statement = _select_records().where(
+        return await self._load(
             _job.c.is_enabled.is_(True),
             _job.c.next_run_at.is_not(None),
             _job.c.next_run_at <= horizon,
         )
-        async with self._session_factory() as session:
-            result = await session.execute(statement)
-            return _records(result)
 
     @_time_limited
     async def load_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
@@ -516,9 +512,11 @@ class SchedulerStore:
         ids = list(job_ids)
         if not ids:
             return []
+        return await self._load(_job.c.id.in_(ids))
+
+    async def _load(self, *where: sa.ColumnElement[bool]) -> list[JobRecord]:
         async with self._session_factory() as session:
-            result = await session.execute(_select_records().where(_job.c.id.in_(ids)))
-            return _records(result)
+            return _records(await session.execute(_select_records().where(*where)))
 
     @_time_limited
     async def claim(
