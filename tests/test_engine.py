@@ -500,6 +500,26 @@ async def test_a_claimed_fire_left_by_a_crashed_scheduler_is_resent_after_its_le
     assert runs[due].status is RunStatus.DISPATCHED
 
 
+async def due_noop_jobs(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    clock: FakeClock,
+    config: SchedulerConfig,
+    count: int,
+) -> SchedulerApp:
+    """An app on ``broker`` with ``count`` jobs of the task ``tests.noop``, all due now."""
+    broker.register_task(lambda: None, task_name="tests.noop")
+    await broker.startup()
+    app = SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
+    async with session_factory() as session:
+        for index in range(count):
+            await app.single(task="tests.noop").upsert(
+                session, trigger=every(60), job_id=f"job-{index}"
+            )
+    clock.advance(60)
+    return app
+
+
 async def test_stop_mid_batch_releases_unsent_fires_and_nothing_is_sent_twice(
     session_factory: async_sessionmaker[AsyncSession], clock: FakeClock
 ) -> None:
@@ -513,16 +533,8 @@ async def test_stop_mid_batch_releases_unsent_fires_and_nothing_is_sent_twice(
             await super().kick(message)
 
     broker = SlowBroker()
-    broker.register_task(lambda: None, task_name="tests.noop")
-    await broker.startup()
     config = SchedulerConfig(dispatch_concurrency=2)
-    app = SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
-    async with session_factory() as session:
-        for index in range(10):
-            await app.single(task="tests.noop").upsert(
-                session, trigger=every(60), job_id=f"job-{index}"
-            )
-    clock.advance(60)
+    app = await due_noop_jobs(broker, session_factory, clock, config, 10)
     await app.start()
     await asyncio.wait_for(started.wait(), 5)
     stopping = asyncio.create_task(app.stop())
@@ -564,18 +576,10 @@ async def test_a_hanging_broker_holds_a_batch_for_one_timeout_and_every_fire_is_
             await super().kick(message)
 
     broker = HangingBroker()
-    broker.register_task(lambda: None, task_name="tests.noop")
-    await broker.startup()
     config = SchedulerConfig(
         dispatch_concurrency=4, dispatch_timeout_seconds=0.2, dispatch_retry_seconds=5
     )
-    app = SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
-    async with session_factory() as session:
-        for index in range(40):
-            await app.single(task="tests.noop").upsert(
-                session, trigger=every(60), job_id=f"job-{index}"
-            )
-    clock.advance(60)
+    app = await due_noop_jobs(broker, session_factory, clock, config, 40)
     await app.engine.sync()
     began = asyncio.get_running_loop().time()
     assert await app.engine.tick() == 0

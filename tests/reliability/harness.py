@@ -246,6 +246,7 @@ class Ledger:
             if run.fire in self.by_fire:
                 self.duplicate_runs.append(run)  # impossible: (job_id, scheduled_for) is unique
             self.by_fire[run.fire] = run
+        self.by_task_id = {run.task_id: run for run in self.runs}
         self.received = Counter(message.task_id for message in self.messages)
         self.fires_received = {message.fire for message in self.messages}
 
@@ -299,7 +300,7 @@ class Ledger:
         resent_first_attempt = [
             task_id
             for task_id in self.resent
-            if (run := self._run_of(task_id)) is None or run.attempt < 2
+            if (run := self.by_task_id.get(task_id)) is None or run.attempt < 2
         ]
         report = Report(
             expected=len(expected),
@@ -326,12 +327,6 @@ class Ledger:
             ]
         )
         return report
-
-    def _run_of(self, task_id: str) -> Run | None:
-        for run in self.runs:
-            if run.task_id == task_id:
-                return run
-        return None
 
     def summary(self) -> str:
         return (
