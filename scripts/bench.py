@@ -302,13 +302,35 @@ def run_one(plan: Plan, system: str, scenario: str, db: str) -> dict[str, Any]:
             path = os.path.join(plan.profile, f"{system}-{scenario}-{db}.txt")
             measure_args += ["--profile", path]
         row["load_before"] = os.getloadavg()[0]
+        before = _cpu_times()
         result, error = _run_child(python, measure_args, timeout)
+        row["stolen"] = _stolen_share(before, _cpu_times())
     if result is None:
         row["error"] = f"measure failed: {error}"
         return row
     row.update(setup or {})
     row.update(result)
     return row
+
+
+def _cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``: user, nice, system, idle, iowait,
+    irq, softirq, steal), or ``None`` where there is no such file."""
+    try:
+        with open("/proc/stat") as stat:
+            return [int(field) for field in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def _stolen_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Of the CPU time that passed between two readings, the share a virtual machine's host
+    took for others (steal): the cores a scenario had were that much slower than idle ones."""
+    if before is None or after is None:
+        return None
+    deltas = [late - early for early, late in zip(before, after, strict=False)]
+    total = sum(deltas)
+    return deltas[7] / total if total > 0 else None
 
 
 def _dbs_for(system: str, scenario: str, dbs: list[str]) -> list[str]:
@@ -474,6 +496,8 @@ def format_row(row: dict[str, Any]) -> str:
             notes[0] = f"setup: {row['setup']} at {_n(row['setup_rate'])} jobs/s"
         if (row.get("load_before") or 0) >= 0.5:
             notes.append(f"machine load {row['load_before']:.1f} before it")
+        if (row.get("stolen") or 0) >= 0.02:
+            notes.append(f"{row['stolen']:.0%} of the CPU taken by the VM host meanwhile")
         if notes:
             result += " [" + "; ".join(notes) + "]"
         cells = [title, system, row["db"], jobs, result, *_dist(row)]

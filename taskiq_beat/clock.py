@@ -33,6 +33,8 @@ def to_utc(value: datetime, field: str) -> datetime:
     """
     if not isinstance(value, datetime):
         raise InvalidJobError(field, value, "expected a timezone-aware datetime")
+    if value.tzinfo is timezone.utc:  # the common case, on every fire: nothing to convert
+        return value
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidJobError(
             field, value, "naive datetime; pass a timezone-aware one (e.g. tzinfo=timezone.utc)"

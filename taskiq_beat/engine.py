@@ -334,10 +334,11 @@ class SchedulerEngine:
             return self._merge_records(records)
 
     def _merge_records(self, records: list[JobRecord]) -> int:
-        added = 0
+        added: list[JobSnapshot] = []
         broken: dict[str, str] = {}
+        jobs = self._jobs
         for record in records:
-            current = self._jobs.get(record.id)
+            current = jobs.get(record.id)
             if current is not None and current.holds(record):
                 continue
             try:
@@ -346,17 +347,31 @@ class SchedulerEngine:
                 broken[record.id] = str(exc)
                 continue
             if snapshot is None:
-                self._jobs.pop(record.id, None)
+                jobs.pop(record.id, None)
                 continue
-            self._put(snapshot)
-            added += 1
+            jobs[snapshot.id] = snapshot
+            added.append(snapshot)
+        self._push(added)
         if broken:
             self._disable_later(broken)
-        return added
+        return len(added)
 
     def _put(self, snapshot: JobSnapshot) -> None:
         self._jobs[snapshot.id] = snapshot
         heapq.heappush(self._heap, (snapshot.next_run_at, next(self._sequence), snapshot.id))
+
+    def _push(self, snapshots: list[JobSnapshot]) -> None:
+        """Put many snapshots (already in ``_jobs``) on the heap: a heap that grows by more
+        than it holds is rebuilt in linear time instead of pushed to one entry at a time."""
+        heap = self._heap
+        sequence = self._sequence
+        entries = [(s.next_run_at, next(sequence), s.id) for s in snapshots]
+        if len(entries) > len(heap):
+            heap.extend(entries)
+            heapq.heapify(heap)
+        else:
+            for entry in entries:
+                heapq.heappush(heap, entry)
 
     def _within_horizon(self, when: datetime) -> bool:
         return self._horizon is not None and when <= self._horizon
@@ -589,10 +604,13 @@ class SchedulerEngine:
 def _snapshot(record: JobRecord) -> JobSnapshot | None:
     if record.next_run_at is None or not record.is_enabled:
         return None
+    kind = record.kind
+    if not isinstance(kind, JobKind):
+        raise CorruptJobError(record.id, f"unknown kind {kind!r}")
     trigger = trigger_from_text(record.trigger, job_id=record.id)
     return JobSnapshot(
         record.id,
-        JobKind(record.kind),
+        kind,
         trigger,
         record.next_run_at,
         record.revision,

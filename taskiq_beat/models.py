@@ -119,6 +119,11 @@ def decode_json(text: str | None) -> Any:
     parse (as the column type would return it)."""
     if text is None:
         return None
+    # The empty object and list are most kwargs and metadata: no parser for them.
+    if text == "{}":
+        return {}
+    if text == "[]":
+        return []
     # raw_decode() skips json.loads()'s checks and whitespace scans (most of its cost for
     # short texts); a text it does not consume whole goes through json.loads() after all.
     try:

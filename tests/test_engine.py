@@ -897,6 +897,39 @@ async def test_changes_from_another_process_wake_the_scheduler_at_once(
     assert first_latency < 2
 
 
+async def edit_one_of_two_and_run(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    assignment: str,
+) -> tuple[str, str]:
+    """Two jobs every second; ``SET assignment`` on the first behind the API's back; three
+    passes. The other job must have fired each time and the edited one never. Returns the
+    edited job's id and ``last_error``, after checking it is disabled."""
+    poisoned = await app.single(task="tests.record").schedule(session, trigger=every(1))
+    healthy = await app.single(task="tests.record").schedule(session, trigger=every(1))
+    await session.execute(
+        sa.text(f"UPDATE scheduler_job SET {assignment} WHERE id = :id"), {"id": poisoned.id}
+    )
+    await session.commit()
+    for _ in range(3):
+        clock.advance(1)
+        await app.engine.sync()
+        await app.engine.tick()
+    assert len(broker.sent_for(healthy.id)) == 3
+    assert broker.sent_for(poisoned.id) == []
+    result = await session.execute(
+        sa.select(SchedulerJob.is_enabled, SchedulerJob.last_error).where(
+            SchedulerJob.id == poisoned.id
+        )
+    )
+    is_enabled, last_error = result.one()
+    await session.commit()
+    assert is_enabled is False
+    return poisoned.id, last_error
+
+
 @pytest.mark.parametrize("backend", ["sqlite"])  # PostgreSQL refuses invalid JSON on write
 @pytest.mark.parametrize("column", ["trigger", "args", "kwargs", "metadata"])
 async def test_a_row_with_unparsable_json_is_disabled_alone(
@@ -908,34 +941,80 @@ async def test_a_row_with_unparsable_json_is_disabled_alone(
     clock: FakeClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    poisoned = await app.single(task="tests.record").schedule(session, trigger=every(1))
-    healthy = await app.single(task="tests.record").schedule(session, trigger=every(1))
-    await session.execute(
-        sa.text(f"UPDATE scheduler_job SET {column} = '{{not json' WHERE id = :id"),
-        {"id": poisoned.id},
-    )
-    await session.commit()
     with caplog.at_level(logging.WARNING, logger="taskiq_beat"):
-        for _ in range(3):
-            clock.advance(1)
-            await app.engine.sync()
-            await app.engine.tick()
-    assert len(broker.sent_for(healthy.id)) == 3
-    assert broker.sent_for(poisoned.id) == []
-    result = await session.execute(
-        sa.select(SchedulerJob.is_enabled, SchedulerJob.last_error).where(
-            SchedulerJob.id == poisoned.id
+        poisoned, last_error = await edit_one_of_two_and_run(
+            app, session, broker, clock, f"{column} = '{{not json'"
         )
-    )
-    is_enabled, last_error = result.one()
-    await session.commit()
-    assert is_enabled is False
     assert "unreadable JSON" in last_error
-    assert [r for r in caplog.records if poisoned.id in r.getMessage()] != []
+    assert [r for r in caplog.records if poisoned in r.getMessage()] != []
     assert len([r for r in caplog.records if "disabling job" in r.getMessage()]) == 1
     # Management still reads the row: listings show the value it could not parse.
     listed = {job.id: job.to_dict() for job in await app.list_jobs(session)}
-    assert "unreadable JSON" in json.dumps(listed[poisoned.id], default=str)
+    assert "unreadable JSON" in json.dumps(listed[poisoned], default=str)
+
+
+async def test_a_row_of_an_unknown_kind_is_disabled_alone(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    _, last_error = await edit_one_of_two_and_run(app, session, broker, clock, "kind = 'bogus'")
+    assert "unknown kind 'bogus'" in last_error
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        datetime(2026, 3, 29, 1, 30, tzinfo=UTC),  # no microseconds
+        datetime(2026, 3, 29, 1, 30, 0, 1, tzinfo=UTC),
+        datetime(2026, 10, 25, 3, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5))),
+    ],
+)
+async def test_the_engine_reads_next_run_at_as_the_orm_does(
+    stored: datetime, app: SchedulerApp, session: AsyncSession, session_factory: Any
+) -> None:
+    """The engine loads rows without SQLAlchemy's type processing: its times must be the
+    ORM's, aware and in UTC, on both databases."""
+    job = await app.single(task="tests.record").schedule(session, trigger=every(60))
+    await session.execute(
+        sa.update(SchedulerJob).where(SchedulerJob.id == job.id).values(next_run_at=stored)
+    )
+    await session.commit()
+    orm = (await reload(session, job.id)).next_run_at
+    (record,) = await SchedulerStore(session_factory).load_jobs([job.id])
+    assert record.next_run_at == orm == stored
+    assert record.next_run_at is not None
+    assert record.next_run_at.tzinfo is UTC
+    assert record.is_enabled is True
+    (due,) = await SchedulerStore(session_factory).load_due(stored)
+    assert due == record
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-22 18:19:14", datetime(2026, 11, 22, 18, 19, 14, tzinfo=UTC)),
+        ("2026-11-22T18:19:14.5+01:00", datetime(2026, 11, 22, 17, 19, 14, 500000, tzinfo=UTC)),
+        ("2026-11-22 18:19:14.25", datetime(2026, 11, 22, 18, 19, 14, 250000, tzinfo=UTC)),
+    ],
+)
+async def test_a_hand_written_sqlite_time_is_read_as_utc(
+    backend: str,
+    text: str,
+    expected: datetime,
+    app: SchedulerApp,
+    session: AsyncSession,
+    session_factory: Any,
+) -> None:
+    job = await app.single(task="tests.record").schedule(session, trigger=every(60))
+    await session.execute(
+        sa.text("UPDATE scheduler_job SET next_run_at = :text WHERE id = :id"),
+        {"text": text, "id": job.id},
+    )
+    await session.commit()
+    (record,) = await SchedulerStore(session_factory).load_jobs([job.id])
+    assert record.next_run_at == expected
+    assert record.next_run_at is not None
+    assert record.next_run_at.tzinfo is UTC
 
 
 async def test_a_locked_sqlite_file_is_waited_out_with_one_line_per_retry(
