@@ -34,7 +34,7 @@ from taskiq_beat import (
     SchedulerRun,
     fire_task_id,
 )
-from taskiq_beat.store import Claim, SchedulerStore
+from taskiq_beat.store import Claim, SchedulerStore, _PostgresBatchSql
 from tests.utils import FakeClock, RecordingBroker
 
 UTC = timezone.utc
@@ -674,13 +674,13 @@ async def test_batches_grow_while_behind_and_shrink_back(
     assert await app.engine.tick() == 100
     assert claimed == [4, 8, 16, 32, 32, 8]  # back to the base size after the backlog
 
-    # A failing broker brings batches back to the base size (the batch claimed while the
-    # first one was sent had grown already).
+    # A failing broker brings batches back to the base size (the two batches claimed while
+    # the first one was sent had grown already).
     claimed.clear()
     broker.fail_sends = True
     clock.advance(60)
     assert await app.engine.tick() == 0
-    assert claimed == [4, 8] + [4] * 22
+    assert claimed == [4, 8, 16] + [4] * 18
     async with session_factory() as session:
         assert len(await app.list_runs(session, limit=None)) == 300
 
@@ -1084,3 +1084,40 @@ def test_outages_are_told_from_other_failures(error: BaseException, reason: str 
     else:
         assert described is not None
         assert reason in described, described
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_claim_looks_its_jobs_up_by_primary_key(
+    backend: str, app: SchedulerApp, session: AsyncSession, db_engine: AsyncEngine
+) -> None:
+    """The work of a claim grows with its batch, not with the table: PostgreSQL's plan
+    finds the batch's jobs through the primary key, not by reading every job."""
+    await app.upsert_many(
+        session,
+        [
+            app.single(task="tests.record").definition(trigger=every(60), job_id=f"job-{i:05}")
+            for i in range(40_000)
+        ],
+    )
+    async with db_engine.connect() as connection:
+        await connection.execute(sa.text("ANALYZE scheduler_job"))
+        await connection.commit()
+    store = SchedulerStore(async_sessionmaker(db_engine))
+    records = await store.load_jobs([f"job-{i:05}" for i in range(0, 40_000, 20)])
+    claims = [
+        Claim(r.id, r.next_run_at, r.revision, r.next_run_at, None, r.id, "t", "[]", "{}", "{}")
+        for r in records
+        if r.next_run_at is not None
+    ]
+    statement = _PostgresBatchSql.claim_all
+    params = _PostgresBatchSql().claim_params(claims)
+    now = datetime.now(UTC)
+    params.update(task_ids=[c.task_id for c in claims], owner="o", lease_until=now, now=now)
+    params["status"] = "claimed"
+    compiled = statement.compile(dialect=db_engine.dialect)
+    arguments = tuple(params[name] for name in compiled.positiontup or ())
+    async with db_engine.connect() as connection:
+        result = await connection.exec_driver_sql(f"EXPLAIN {compiled}", arguments)
+        plan = "\n".join(row[0] for row in result)
+    assert "Seq Scan on scheduler_job" not in plan, plan
+    assert "pk_scheduler_job" in plan, plan
