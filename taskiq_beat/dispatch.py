@@ -48,12 +48,6 @@ def task_id_of(job_id: str, scheduled_for_iso: str) -> str:
     return digest.hex()
 
 
-# A broker whose kick() never waits (in-memory, or one that buffers) would let a batch's sends
-# run without giving the event loop a turn; meanwhile the database's answers to the claims
-# and records in flight wait unread, and each of their round trips takes a whole batch.
-_YIELD_EVERY = 32
-
-
 class Dispatcher:
     """Sends fires with ``kiq``, ``concurrency`` at a time, each bounded by ``timeout`` seconds."""
 
@@ -89,7 +83,6 @@ class Dispatcher:
         queue = iter(enumerate(fires))
         times: dict[datetime, str] = {}  # ISO text of each scheduled time, once per batch
         stalled = False
-        turns = _Turns(_YIELD_EVERY)
 
         async def sender() -> None:
             nonlocal stalled
@@ -99,7 +92,6 @@ class Dispatcher:
                     if stalled:
                         outcomes[index] = SendOutcome(fire, error=self._stalled_error)
                         continue
-                    await turns.take()
                     outcomes[index] = outcome = await self._send_one(fire, deadline, times)
                     if outcome.error == self._timeout_error:
                         stalled = True
@@ -180,35 +172,6 @@ else:  # pragma: no cover - Python 3.10 has no Task.cancelling()/uncancel(): wai
         raise NotImplementedError
 
     _uncancel = _cancelling
-
-
-class _Turns:
-    """Gives the event loop a turn after every ``every`` sends of a batch, however many
-    senders share the batch: once one sender stops for the turn, the others stop too until
-    the loop has gone round (a sender that only yielded itself would leave the loop to the
-    next sender, and one round of the loop would take ``concurrency`` times as many sends).
-    """
-
-    __slots__ = ("_count", "_every", "_loop", "_turn")
-
-    def __init__(self, every: int) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._every = every
-        self._count = 0
-        self._turn = asyncio.Event()  # cleared while a turn of the loop is due
-        self._turn.set()
-
-    async def take(self) -> None:
-        """Before a send: return at once, or after the loop's turn if one is due."""
-        turn = self._turn
-        if turn.is_set():
-            self._count += 1
-            if self._count < self._every:
-                return
-            self._count = 0
-            turn.clear()
-            self._loop.call_soon(turn.set)  # in the loop's next round
-        await turn.wait()
 
 
 class _Deadline:

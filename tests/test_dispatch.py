@@ -109,32 +109,6 @@ async def test_labels_carry_each_fire_s_own_scheduled_time(steered: SteeredBroke
     assert {m.task_id for m in steered.sent} == {fire.task_id for fire in sent}
 
 
-@pytest.mark.parametrize("concurrency", [1, 4])
-async def test_a_broker_that_never_waits_still_lets_the_event_loop_run(
-    steered: SteeredBroker, concurrency: int
-) -> None:
-    """Sends that complete without waiting give the loop a turn every 32 of them: other
-    tasks (the claims and records in flight, a web app sharing the loop) are not held up
-    for a whole batch."""
-    dispatcher = Dispatcher(steered, concurrency=concurrency, timeout=1)
-    turns = 0
-    sending = True
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while sending:
-            turns += 1
-            await asyncio.sleep(0)
-
-    counter = asyncio.create_task(count_turns())
-    await asyncio.sleep(0)
-    outcomes = await dispatcher.send(fires(*[0] * 640))
-    sending = False
-    await counter
-    assert [outcome.error for outcome in outcomes] == [None] * 640
-    assert turns >= 640 // 32
-
-
 @pytest.mark.parametrize("concurrency", [1, 3])
 async def test_cancelling_the_sender_is_not_taken_for_a_timeout(
     steered: SteeredBroker, concurrency: int

@@ -115,11 +115,26 @@ async def test_killed_anywhere_twenty_times_no_fire_is_lost(
             assert scheduler.running, c.details()
             await scheduler.kill()
             scheduler = await c.start_scheduler(f"scheduler-{crash + 1}", **start)
-        # Fires up to ``last`` are checked; the jobs are disabled a second later.
+        # Fires up to ``last`` are checked. The last scheduler started behind (the fires due
+        # while it started up); the jobs are disabled once it has claimed every fire up to
+        # ``last``, which it must do well within the misfire grace (30 s).
         last = whole_second(0)
-        await sleep_until(last + SECOND)
-        await c.disable_all()
         expected = {(job, when) for job in jobs for when in grid(start_at, last)}
+
+        async def caught_up() -> bool:
+            runs = await c.runs()
+            return len({(r.job_id, r.scheduled_for) for r in runs} & expected) == len(expected)
+
+        await sleep_until(last + SECOND)
+        await wait_until(
+            caught_up,
+            timeout=15,
+            interval=0.25,
+            message=f"the last scheduler did not claim every fire due up to {last}",
+            details=c.details,
+            watch=[scheduler],
+        )
+        await c.disable_all()
         ledger = await c.settle(timeout=LEASE + 20, watch=[scheduler])
         # Each restart takes a second or two, far less than the misfire grace (30 s): the
         # fires due meanwhile are sent late, each one, none coalesced.
