@@ -330,11 +330,11 @@ class SchedulerEngine:
         self._next_sync_at = self._clock.now() + timedelta(
             seconds=self._config.sync_interval_seconds
         )
-        added = self._merge(records, now)
+        added = self._merge(records)
         self._next_retry_at = now  # look for fires left to resend at every sync
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
 
-    def _merge(self, records: list[JobRecord], now: datetime) -> int:
+    def _merge(self, records: list[JobRecord]) -> int:
         with gc_paused():
             return self._merge_records(records)
 
@@ -606,8 +606,7 @@ class SchedulerEngine:
                 if r.is_enabled
                 and r.next_run_at is not None
                 and self._within_horizon(r.next_run_at)
-            ],
-            self._clock.now(),
+            ]
         )
 
 

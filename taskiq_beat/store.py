@@ -751,6 +751,7 @@ class _StoredTimes(dict[Any, "datetime | None"]):
         super().__init__()
         self[None] = None
         self._dialect = dialect
+        self._type = UTCDateTime()
 
     def __call__(self, value: Any) -> datetime | None:
         if type(value) is datetime and value.tzinfo is timezone.utc:
@@ -764,16 +765,12 @@ class _StoredTimes(dict[Any, "datetime | None"]):
     def _convert(self, value: Any) -> datetime | None:
         if isinstance(value, str):
             try:
-                parsed = datetime.fromisoformat(value)
+                value = datetime.fromisoformat(value)
             except ValueError:  # another spelling SQLAlchemy reads: let it
-                column_type = UTCDateTime()
-                processor = column_type.result_processor(self._dialect, None)
+                processor = self._type.result_processor(self._dialect, None)
                 return processor(value) if processor is not None else None
-            if parsed.tzinfo is None:
-                return parsed.replace(tzinfo=timezone.utc)
-            return parsed.astimezone(timezone.utc)
         if isinstance(value, datetime):
-            return UTCDateTime().process_result_value(value, self._dialect)
+            return self._type.process_result_value(value, self._dialect)
         raise TypeError(f"next_run_at read as {type(value).__name__}: {value!r}")
 
 
@@ -895,8 +892,6 @@ def _run_updates(where_ids: str) -> tuple[sa.TextClause, sa.TextClause, sa.TextC
 class _BatchSql:
     """The engine's hot statements for one dialect."""
 
-    advance: sa.TextualSelect
-    insert: sa.TextualSelect
     close: sa.TextClause
     release: sa.TextClause
     delete: sa.TextClause
@@ -915,37 +910,10 @@ class _BatchSql:
         """Advance the jobs by compare-and-set and insert the runs of those advanced (unless
         they exist). Returns the ids of the jobs advanced, and the run id of each inserted run
         by job id. Run in one transaction."""
-        won = {row[0] for row in await self.advance_jobs(session, claims)}
-        mine = [c for c in claims if c.job_id in won]
-        if not mine:
-            return won, {}
-        rows = await self.insert_runs(session, mine, owner=owner, lease_until=lease_until, now=now)
-        return won, {job_id: run_id for run_id, job_id in rows}
-
-    def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def run_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
         raise NotImplementedError
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         raise NotImplementedError
-
-    async def advance_jobs(self, session: _Executor, claims: Sequence[Claim]) -> list[Any]:
-        return list(await session.execute(self.advance, self.claim_params(claims)))
-
-    async def insert_runs(
-        self,
-        session: _Executor,
-        claims: Sequence[Claim],
-        *,
-        owner: str,
-        lease_until: datetime,
-        now: datetime,
-    ) -> list[Any]:
-        params = {"owner": owner, "lease_until": lease_until, "now": now, "status": _STATUS}
-        params.update(self.run_params(claims))
-        return list(await session.execute(self.insert, params))
 
     async def close_runs(self, session: _Executor, ids: Sequence[int], *, now: datetime) -> None:
         params = {"now": now, "status": _DISPATCHED, **self.id_params(ids)}
@@ -958,41 +926,16 @@ class _BatchSql:
         await session.execute(self.delete, self.id_params(ids))
 
 
-# The jobs a claim updates, found by primary key: joined to the claims alone, the planner
-# reads every job (a sequential scan and a hash of the whole table, per batch: 75 of 170 ms
-# for 2,048 claims among 100k jobs); with the id list it looks the batch's jobs up in the
-# primary key index once the table has statistics (10 ms).
-_BY_PRIMARY_KEY = " AND job.id = ANY(CAST(:job_ids AS VARCHAR[]))"
-
-
 class _PostgresBatchSql(_BatchSql):
-    advance = sa.text(
-        f"UPDATE {_JOB} AS job"
-        " SET next_run_at = claim.new_next, last_run_at = claim.scheduled_for"
-        " FROM unnest(CAST(:job_ids AS VARCHAR[]), CAST(:expected AS TIMESTAMPTZ[]),"
-        " CAST(:revisions AS INTEGER[]), CAST(:new_next AS TIMESTAMPTZ[]),"
-        " CAST(:scheduled_for AS TIMESTAMPTZ[]))"
-        " AS claim(job_id, expected, revision, new_next, scheduled_for)"
-        " WHERE job.id = claim.job_id AND job.next_run_at = claim.expected"
-        " AND job.revision = claim.revision AND job.is_enabled"
-        f"{_BY_PRIMARY_KEY} RETURNING job.id"
-    ).columns(id=sa.String())
-    insert = (
-        sa.text(
-            f"{_RUN_INSERT} SELECT run.job_id, run.scheduled_for, :status, run.task_id, 1,"
-            " :owner, :lease_until, :now, :now"
-            " FROM unnest(CAST(:job_ids AS VARCHAR[]), CAST(:scheduled_for AS TIMESTAMPTZ[]),"
-            " CAST(:task_ids AS VARCHAR[])) AS run(job_id, scheduled_for, task_id)"
-            " ON CONFLICT DO NOTHING RETURNING id, job_id"
-        )
-        .bindparams(*_times("lease_until", "now"))
-        .columns(id=sa.BigInteger(), job_id=sa.String())
-    )
     _ids = " WHERE id = ANY(CAST(:ids AS BIGINT[]))"
     close, release, delete = _run_updates(_ids)
     # advance + insert in one statement: data-modifying CTEs run in one snapshot, and the
     # statement is atomic on its own. Rows: each job advanced (run id NULL), and each run
     # inserted (a fire that had its run already has none). No join: CTE scans have no index.
+    # The jobs are also looked up by id: joined to the claims alone, the planner reads every
+    # job (a sequential scan and a hash of the whole table, per batch: 75 of 170 ms for 2,048
+    # claims among 100k jobs); with the id list it uses the primary key once the table has
+    # statistics (10 ms).
     claim_all = (
         sa.text(
             "WITH claim AS (SELECT * FROM unnest(CAST(:job_ids AS VARCHAR[]),"
@@ -1003,7 +946,8 @@ class _PostgresBatchSql(_BatchSql):
             f" won AS (UPDATE {_JOB} AS job"
             " SET next_run_at = claim.new_next, last_run_at = claim.scheduled_for"
             " FROM claim WHERE job.id = claim.job_id AND job.next_run_at = claim.expected"
-            f" AND job.revision = claim.revision AND job.is_enabled{_BY_PRIMARY_KEY}"
+            " AND job.revision = claim.revision AND job.is_enabled"
+            " AND job.id = ANY(CAST(:job_ids AS VARCHAR[]))"
             " RETURNING job.id, claim.scheduled_for, claim.task_id),"
             f" run AS ({_RUN_INSERT} SELECT won.id, won.scheduled_for, :status, won.task_id, 1,"
             " :owner, :lease_until, :now, :now FROM won"
@@ -1048,13 +992,6 @@ class _PostgresBatchSql(_BatchSql):
             "scheduled_for": [c.scheduled_for for c in claims],
         }
 
-    def run_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
-        return {
-            "job_ids": [c.job_id for c in claims],
-            "scheduled_for": [c.scheduled_for for c in claims],
-            "task_ids": [c.task_id for c in claims],
-        }
-
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         return {"ids": list(ids)}
 
@@ -1092,6 +1029,24 @@ class _SqliteBatchSql(_BatchSql):
     )
     _ids = " WHERE id IN (SELECT value FROM json_each(:ids))"
     close, release, delete = _run_updates(_ids)
+
+    async def claim(
+        self,
+        session: _Executor,
+        claims: Sequence[Claim],
+        *,
+        owner: str,
+        lease_until: datetime,
+        now: datetime,
+    ) -> tuple[set[str], dict[str, int]]:
+        won = {row[0] for row in await session.execute(self.advance, self.claim_params(claims))}
+        mine = [c for c in claims if c.job_id in won]
+        if not mine:
+            return won, {}
+        params = {"owner": owner, "lease_until": lease_until, "now": now, "status": _STATUS}
+        params.update(self.run_params(mine))
+        rows = await session.execute(self.insert, params)
+        return won, {job_id: run_id for run_id, job_id in rows}
 
     def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
         text = _SqliteTimes()
