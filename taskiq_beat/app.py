@@ -27,7 +27,13 @@ from taskiq_beat.dispatch import Dispatcher, fire_task_id
 from taskiq_beat.engine import SchedulerEngine
 from taskiq_beat.enums import RunStatus
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
-from taskiq_beat.models import JOB_ID_MAX_LENGTH, NAME_MAX_LENGTH, SchedulerJob, SchedulerRun
+from taskiq_beat.models import (
+    JOB_ID_MAX_LENGTH,
+    NAME_MAX_LENGTH,
+    SchedulerJob,
+    SchedulerRun,
+    encode_json,
+)
 from taskiq_beat.store import Fire, SchedulerStore
 from taskiq_beat.triggers import (
     ImmediateDispatch,
@@ -485,7 +491,14 @@ class SchedulerApp:
         if run_id is None:
             raise JobExistsError("job_id", job_id, f"a fire scheduled for {now} exists already")
         fire = Fire(
-            run_id, job_id, now, task_id, spec.task_name, spec.args, spec.kwargs, spec.metadata
+            run_id,
+            job_id,
+            now,
+            task_id,
+            spec.task_name,
+            encode_json(spec.args),
+            encode_json(spec.kwargs),
+            encode_json(spec.metadata),
         )
         [outcome] = await self._now_dispatcher.send([fire])
         sent_at = self._clock.now()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from taskiq_beat.models import decode_json
 from taskiq_beat.store import Fire, SendOutcome
 
 if TYPE_CHECKING:
@@ -253,7 +254,11 @@ def describe_error(exc: BaseException) -> str:
 def _payload(
     fire: Fire, times: dict[datetime, str]
 ) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
-    args, kwargs, metadata = fire.args, fire.kwargs, fire.metadata
+    args, kwargs, metadata = (
+        decode_json(fire.args),
+        decode_json(fire.kwargs),
+        decode_json(fire.metadata),
+    )
     if not isinstance(args, list):
         raise ValueError(f"stored args are not a JSON list: {args!r:.200}")
     if not isinstance(kwargs, dict):

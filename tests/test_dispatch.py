@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -52,9 +53,9 @@ def fires(*delays: float | None) -> list[Fire]:
             scheduled_for=SCHEDULED + timedelta(seconds=index),
             task_id=uuid.uuid4().hex,
             task_name="tests.steered",
-            args=[delay],
-            kwargs={},
-            metadata={},
+            args=json.dumps([delay]),
+            kwargs="{}",
+            metadata="{}",
         )
         for index, delay in enumerate(delays)
     ]

@@ -792,7 +792,7 @@ async def test_a_claim_whose_fire_has_a_run_already_is_neither_sent_nor_lost(
     lease = due + timedelta(seconds=30)
     [fire], lost = await store.claim([claim], now=due, lease_until=lease, owner="first")
     assert not lost
-    assert (fire.job_id, fire.scheduled_for, fire.args) == (job.id, due, [7])
+    assert (fire.job_id, fire.scheduled_for, fire.args) == (job.id, due, "[7]")
     # The job is put back on the same fire time (as a hand edit would): the compare-and-set
     # succeeds again, but the fire has its run row, so it is not claimed a second time.
     await session.execute(
