@@ -504,7 +504,7 @@ class SchedulerApp:
         sent_at = self._clock.now()
         retry_at = sent_at + timedelta(seconds=self.config.dispatch_retry_seconds)
         await self._store.record(
-            [outcome], now=sent_at, retry_at=retry_at, keep_runs=self.config.record_runs
+            [fire], [outcome], now=sent_at, retry_at=retry_at, keep_runs=self.config.record_runs
         )
         if outcome.error is not None:
             logger.warning(

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from taskiq_beat.models import decode_json
-from taskiq_beat.store import Fire, SendOutcome
+from taskiq_beat.store import RELEASED, SENT, Fire, SendOutcome
 
 if TYPE_CHECKING:
     from taskiq import AsyncBroker
@@ -56,8 +56,9 @@ class Dispatcher:
         self._broker = broker
         self._concurrency = concurrency
         self._timeout = timeout
-        self._timeout_error = f"kiq timed out after {timeout:g} s"
-        self._stalled_error = f"not sent: {self._timeout_error} (another send of the batch)"
+        timed_out = f"kiq timed out after {timeout:g} s"
+        self._timed_out = SendOutcome(error=timed_out)
+        self._stalled = SendOutcome(error=f"not sent: {timed_out} (another send of the batch)")
         self._halted = False
 
     def halt(self) -> None:
@@ -69,7 +70,8 @@ class Dispatcher:
         self._halted = False
 
     async def send(self, fires: Sequence[Fire]) -> list[SendOutcome]:
-        """Send ``fires``; return one outcome per fire, in order.
+        """Send ``fires``; return one outcome per fire, in order (:data:`SENT` for each fire
+        sent: no object per fire).
 
         A fixed pool of ``concurrency`` senders takes fires from one queue: no task, lock or
         timer is created per fire beyond the ``kiq`` itself (each sender bounds its sends with
@@ -91,10 +93,10 @@ class Dispatcher:
             try:
                 for index, fire in queue:
                     if stalled:
-                        outcomes[index] = SendOutcome(fire, error=self._stalled_error)
+                        outcomes[index] = self._stalled
                         continue
                     outcomes[index] = outcome = await self._send_one(fire, deadline, times)
-                    if outcome.error == self._timeout_error:
+                    if outcome is self._timed_out:
                         stalled = True
             finally:
                 if deadline is not None:
@@ -105,56 +107,49 @@ class Dispatcher:
             await sender()
         elif senders > 1:
             await asyncio.gather(*(sender() for _ in range(senders)))
-        return [
-            SendOutcome(fire, released=True) if outcome is None else outcome
-            for fire, outcome in zip(fires, outcomes, strict=True)
-        ]
+        return [RELEASED if outcome is None else outcome for outcome in outcomes]
 
     async def _send_one(
         self, fire: Fire, deadline: _Deadline | None, times: dict[datetime, str]
     ) -> SendOutcome:
         if self._halted:
-            return SendOutcome(fire, released=True)
+            return RELEASED
         task = self._broker.find_task(fire.task_name)
         if task is None:
             return SendOutcome(
-                fire,
                 error=f"task {fire.task_name!r} is not registered on the broker",
                 final=True,
             )
         try:
             args, kwargs, labels = _payload(fire, times)
         except ValueError as exc:
-            return SendOutcome(fire, error=str(exc), final=True)
+            return SendOutcome(error=str(exc), final=True)
         kicker = task.kicker().with_task_id(fire.task_id).with_labels(**labels)
         if deadline is None:  # pragma: no cover - Python 3.10
             try:
                 await asyncio.wait_for(kicker.kiq(*args, **kwargs), self._timeout)
             except asyncio.TimeoutError:
-                return self._timed_out(fire)
+                return self._timed_out
             except Exception as exc:
                 return self._failed(fire, exc)
-            return SendOutcome(fire)
+            return SENT
         deadline.start()
         try:
             await kicker.kiq(*args, **kwargs)
         except asyncio.CancelledError:
             if deadline.stop():
-                return self._timed_out(fire)
+                return self._timed_out
             raise
         except Exception as exc:
             deadline.stop()
             return self._failed(fire, exc)
         deadline.stop()
-        return SendOutcome(fire)
-
-    def _timed_out(self, fire: Fire) -> SendOutcome:
-        return SendOutcome(fire, error=self._timeout_error)
+        return SENT
 
     @staticmethod
     def _failed(fire: Fire, exc: Exception) -> SendOutcome:
         logger.debug("kiq of job %s failed", fire.job_id, exc_info=exc)
-        return SendOutcome(fire, error=describe_error(exc))
+        return SendOutcome(error=describe_error(exc))
 
 
 if sys.version_info >= (3, 11):

@@ -24,7 +24,7 @@ from taskiq_beat.dispatch import task_id_of
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.models import encode_json
-from taskiq_beat.store import ChangeListener, Claim, JobRecord, SendOutcome
+from taskiq_beat.store import RELEASED, ChangeListener, Claim, JobRecord, SendOutcome
 from taskiq_beat.triggers import Trigger, next_due_fire, trigger_from_text
 
 if TYPE_CHECKING:
@@ -117,7 +117,8 @@ class SchedulerEngine:
         self._next_retry_at: datetime | None = None
         self._reload: set[str] = set()
         self._disable: dict[str, str] = {}
-        self._unrecorded: list[tuple[list[SendOutcome], datetime]] = []
+        # fires sent and their outcomes, with the retry time of those that failed
+        self._unrecorded: list[tuple[list[Fire], list[SendOutcome], datetime]] = []
         self._listener: ChangeListener | None = None
         self._can_listen = True
         self._listen_again_at: datetime | None = None
@@ -421,20 +422,19 @@ class SchedulerEngine:
                 retry_at = self._clock.now() + timedelta(
                     seconds=self._config.dispatch_retry_seconds
                 )
-                self._unrecorded.append((outcomes, retry_at))
+                self._unrecorded.append((fires, outcomes, retry_at))
                 if any(outcome.error is not None for outcome in outcomes):
                     # A slow or failing broker: no more claims in flight than the default.
                     self._batch_size = self._config.dispatch_batch_size
                 if recording is not None:
                     await recording
                 recording = asyncio.create_task(self._record())
-                sent += self._report(outcomes, retry_at)
+                sent += self._report(fires, outcomes, retry_at)
         finally:
             # Only after a failure: give back what the claims still in flight took, unsent.
             for claimed in await asyncio.gather(*claims, return_exceptions=True):
                 if isinstance(claimed, list):
-                    released = [SendOutcome(fire, released=True) for fire in claimed]
-                    self._unrecorded.append((released, _NEVER))
+                    self._unrecorded.append((claimed, [RELEASED] * len(claimed), _NEVER))
             if recording is not None:
                 await recording
         return sent
@@ -503,15 +503,16 @@ class SchedulerEngine:
         outcomes = await self._dispatcher.send(fires)
         now = self._clock.now()
         retry_at = now + timedelta(seconds=self._config.dispatch_retry_seconds)
-        self._unrecorded.append((outcomes, retry_at))
+        self._unrecorded.append((fires, outcomes, retry_at))
         await self._record()
-        return self._report(outcomes, retry_at)
+        return self._report(fires, outcomes, retry_at)
 
     async def _record(self) -> None:
         """Write the outcomes of sends; kept in memory and retried while the database fails."""
         while self._unrecorded:
-            outcomes, retry_at = self._unrecorded[0]
+            fires, outcomes, retry_at = self._unrecorded[0]
             await self._store.record(
+                fires,
                 outcomes,
                 now=self._clock.now(),
                 retry_at=retry_at,
@@ -519,16 +520,15 @@ class SchedulerEngine:
             )
             self._unrecorded.pop(0)
 
-    def _report(self, outcomes: list[SendOutcome], retry_at: datetime) -> int:
+    def _report(self, fires: list[Fire], outcomes: list[SendOutcome], retry_at: datetime) -> int:
         """Log a batch's outcomes: each fire at DEBUG, the batch in one line at most per
         kind; schedule the retry of failed sends; disable jobs that can never be sent."""
         sent = 0
         final: dict[str, str] = {}
         failed = 0
-        first_failed: SendOutcome | None = None
+        first_failed: tuple[Fire, str] | None = None
         debug = logger.isEnabledFor(logging.DEBUG)
-        for outcome in outcomes:
-            fire = outcome.fire
+        for fire, outcome in zip(fires, outcomes, strict=True):
             if outcome.released:
                 continue
             if outcome.error is None:
@@ -546,7 +546,7 @@ class SchedulerEngine:
             else:
                 failed += 1
                 if first_failed is None:
-                    first_failed = outcome
+                    first_failed = (fire, outcome.error)
                 if debug:
                     logger.debug(
                         "dispatch of job %s (%s) scheduled for %s failed: %s",
@@ -556,12 +556,13 @@ class SchedulerEngine:
                         outcome.error,
                     )
         if first_failed is not None:
+            failed_fire, failed_error = first_failed
             logger.warning(
                 "dispatch of %d fires failed (job %s scheduled for %s: %s); retrying at %s",
                 failed,
-                first_failed.fire.job_id,
-                first_failed.fire.scheduled_for,
-                first_failed.error,
+                failed_fire.job_id,
+                failed_fire.scheduled_for,
+                failed_error,
                 retry_at,
             )
             self.retry_at(retry_at)

@@ -23,7 +23,7 @@ The exactly-once contract:
   fires a time at which they are retried.
 
 The values the engine exchanges with the store for every fire (:class:`JobRecord`,
-:class:`Claim`, :class:`Fire`, :class:`SendOutcome`) are named tuples: immutable like frozen
+:class:`Claim`, :class:`Fire`) are named tuples: immutable like frozen
 dataclasses, and several times cheaper to make (a frozen dataclass sets each field through
 ``object.__setattr__``; ~1.5 us each, four or five per fire).
 """
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHANGES_CHANNEL",
+    "RELEASED",
+    "SENT",
     "ChangeListener",
     "Claim",
     "Fire",
@@ -149,13 +151,18 @@ class Fire(NamedTuple):
 
 
 class SendOutcome(NamedTuple):
-    """What happened to a fire: sent, failed (``error``), or never started (``released``)."""
+    """What happened to one fire of a batch: sent (:data:`SENT`), failed (``error``), or
+    never started (:data:`RELEASED`). Outcomes come in a list beside the batch's fires; the
+    common ones are shared constants (no object per fire)."""
 
-    fire: Fire
     error: str | None = None
     released: bool = False
     final: bool = False
     """With ``error``: retrying cannot help (e.g. the task does not exist)."""
+
+
+SENT = SendOutcome()
+RELEASED = SendOutcome(released=True)
 
 
 def _insert_for(dialect_name: str) -> Any:
@@ -617,16 +624,25 @@ class SchedulerStore:
     @_time_limited
     async def record(
         self,
+        fires: Sequence[Fire],
         outcomes: Sequence[SendOutcome],
         *,
         now: datetime,
         retry_at: datetime,
         keep_runs: bool,
     ) -> None:
-        """Close sent fires, schedule failed ones for ``retry_at`` and released ones for now."""
-        sent = [o.fire.run_id for o in outcomes if o.error is None and not o.released]
-        released = [o.fire.run_id for o in outcomes if o.released]
-        failed = [o for o in outcomes if o.error is not None]
+        """Close sent fires, schedule failed ones for ``retry_at`` and released ones for now
+        (``outcomes[i]`` is what happened to ``fires[i]``)."""
+        sent: list[int] = []
+        released: list[int] = []
+        failed: list[tuple[Fire, SendOutcome]] = []
+        for fire, outcome in zip(fires, outcomes, strict=True):
+            if outcome.released:
+                released.append(fire.run_id)
+            elif outcome.error is not None:
+                failed.append((fire, outcome))
+            else:
+                sent.append(fire.run_id)
         async with self._transaction() as session:
             batch = _batch_sql(session)
             if sent and keep_runs:
@@ -647,11 +663,11 @@ class SchedulerStore:
                     ),
                     [
                         {
-                            "run": o.fire.run_id,
+                            "run": f.run_id,
                             "message": o.error,
                             "retry": None if o.final else retry_at,
                         }
-                        for o in failed
+                        for f, o in failed
                     ],
                 )
 

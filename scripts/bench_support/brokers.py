@@ -11,8 +11,13 @@ from taskiq.message import BrokerMessage
 from bench_support.common import TASK_NAME, Goal
 
 
+NOTED_LABELS = ("taskiq_beat_job_id", "taskiq_beat_scheduled_for", "schedule_id", "bench_tick")
+"""The labels the scenarios read back from a send: ours, and those of the TaskiqScheduler runs."""
+
+
 class NoopBroker(AsyncBroker):
-    """A broker whose ``kick`` only notes the send time and the message's labels.
+    """A broker whose ``kick`` only notes the send time and the message's labels (those the
+    scenarios read: :data:`NOTED_LABELS`).
 
     With ``keep_messages`` it also keeps the serialized message (to read its kwargs later).
     Nothing is executed: this is the "no-op broker" of the benchmark.
@@ -21,19 +26,34 @@ class NoopBroker(AsyncBroker):
     def __init__(self, *, keep_messages: bool = False) -> None:
         super().__init__()
         self.goal = Goal()
-        self.kicks: list[tuple[float, dict[str, Any]]] = []
+        # (send time, the value of each of NOTED_LABELS): one tuple of strings and numbers,
+        # which the cyclic garbage collector stops tracking, where the message's labels dict
+        # would be tracked for the whole run (a real broker keeps nothing of what it sent)
+        self._kicks: list[tuple[Any, ...]] = []
         self.messages: list[tuple[float, bytes]] = []
         self.keep_messages = keep_messages
 
     async def kick(self, message: BrokerMessage) -> None:
         now = self.goal.hit()
-        self.kicks.append((now, message.labels))
+        labels = message.labels
+        self._kicks.append((now, *[labels.get(name) for name in NOTED_LABELS]))
         if self.keep_messages:
             self.messages.append((now, message.message))
 
     async def listen(self) -> AsyncGenerator[bytes, None]:
         for _ in ():
             yield b""
+
+    @property
+    def kicks(self) -> list[tuple[float, dict[str, Any]]]:
+        """``(send time, labels)`` of every send so far."""
+        return [
+            (at, {name: value for name, value in zip(NOTED_LABELS, values) if value is not None})
+            for at, *values in self._kicks
+        ]
+
+    def forget_kicks(self) -> None:
+        self._kicks.clear()
 
     def sent_kwargs(self) -> list[tuple[float, dict[str, Any]]]:
         """``(send time, kwargs)`` of every kept message."""
