@@ -24,7 +24,7 @@ from taskiq_beat.dispatch import task_id_of
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.models import encode_json
-from taskiq_beat.store import RELEASED, ChangeListener, Claim, JobRecord, SendOutcome
+from taskiq_beat.store import RELEASED, ChangeListener, Claims, JobRecord, SendOutcome
 from taskiq_beat.triggers import Trigger, next_due_fire, trigger_from_text
 
 if TYPE_CHECKING:
@@ -449,7 +449,8 @@ class SchedulerEngine:
             claims.append(asyncio.create_task(self._claim(batch, now)))
 
     async def _claim(self, batch: list[JobSnapshot], now: datetime) -> list[Fire]:
-        claims: list[Claim] = []
+        claims = Claims()
+        add = claims.add
         following: dict[str, datetime | None] = {}
         times: dict[datetime, str] = {}  # ISO text of each fire time, once per batch
         for snapshot in batch:
@@ -460,19 +461,17 @@ class SchedulerEngine:
             iso = times.get(scheduled_for)
             if iso is None:
                 iso = times[scheduled_for] = scheduled_for.isoformat()
-            claims.append(
-                Claim(
-                    snapshot.id,  # job_id
-                    snapshot.next_run_at,  # expected_next_run_at
-                    snapshot.revision,  # expected_revision
-                    scheduled_for,
-                    after,  # new_next_run_at
-                    task_id_of(snapshot.id, iso),
-                    snapshot.task_name,
-                    snapshot.args,
-                    snapshot.kwargs,
-                    snapshot.metadata,
-                )
+            add(
+                snapshot.id,  # job_id
+                snapshot.next_run_at,  # expected_next_run_at
+                snapshot.revision,  # expected_revision
+                scheduled_for,
+                after,  # new_next_run_at
+                task_id_of(snapshot.id, iso),
+                snapshot.task_name,
+                snapshot.args,
+                snapshot.kwargs,
+                snapshot.metadata,
             )
         try:
             fires, lost = await self._store.claim(

@@ -5,7 +5,7 @@ Two kinds of operations live here:
 - management operations run in the caller's ``AsyncSession`` (the one passed to
   ``.schedule()``, ``pause()``...), one short transaction each, committed here;
 - engine operations open their own session from the session factory, one short transaction
-  per call, and work on plain values (:class:`JobRecord`, :class:`Claim`, :class:`Fire`).
+  per call, and work on plain values (:class:`JobRecord`, :class:`Claims`, :class:`Fire`).
 
 The exactly-once contract:
 
@@ -22,10 +22,12 @@ The exactly-once contract:
 - :meth:`SchedulerStore.record` closes the fires that were sent, and gives failed or released
   fires a time at which they are retried.
 
-The values the engine exchanges with the store for every fire (:class:`JobRecord`,
-:class:`Claim`, :class:`Fire`) are named tuples: immutable like frozen
-dataclasses, and several times cheaper to make (a frozen dataclass sets each field through
-``object.__setattr__``; ~1.5 us each, four or five per fire).
+The values the engine exchanges with the store for every job and fire (:class:`JobRecord`,
+:class:`Fire`) are named tuples: immutable like frozen dataclasses, and several times
+cheaper to make (a frozen dataclass sets each field through ``object.__setattr__``; ~1.5 us
+each). A batch's claims go as columns (:class:`Claims`), and what happened to its sends as
+a list of mostly shared :class:`SendOutcome` constants: no object per fire that lives from
+claim to record, for the cyclic garbage collector to scan again and again.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ __all__ = [
     "RELEASED",
     "SENT",
     "ChangeListener",
-    "Claim",
+    "Claims",
     "Fire",
     "JobRecord",
     "ScheduleState",
@@ -111,25 +113,57 @@ class ScheduleState:
     created_at: datetime
 
 
-class Claim(NamedTuple):
-    """A request to claim the fire of ``job_id`` at ``scheduled_for``.
+@dataclasses.dataclass(eq=False)
+class Claims:
+    """The claims of one batch, column by column: claim ``i`` asks for the fire of
+    ``job_ids[i]`` at ``scheduled_for[i]``.
 
-    It succeeds only if the job still has ``expected_next_run_at`` and ``expected_revision``
-    and is enabled; ``next_run_at`` then becomes ``new_next_run_at``. ``task_name`` and the
-    stored JSON texts ``args``, ``kwargs`` and ``metadata`` are those loaded with
-    ``expected_revision``: the fire sends them.
+    It succeeds only if the job still has ``expected_next_run_at[i]`` and
+    ``expected_revisions[i]`` and is enabled; its ``next_run_at`` then becomes
+    ``new_next_run_at[i]``. ``task_names[i]`` and the stored JSON texts ``args[i]``,
+    ``kwargs[i]`` and ``metadata[i]`` are those loaded with that revision: the fire sends
+    them. (Columns rather than an object per claim: PostgreSQL takes them as they are, and a
+    batch being claimed holds no object per fire for the cyclic garbage collector to scan.)
     """
 
-    job_id: str
-    expected_next_run_at: datetime
-    expected_revision: int
-    scheduled_for: datetime
-    new_next_run_at: datetime | None
-    task_id: str
-    task_name: str
-    args: str
-    kwargs: str
-    metadata: str
+    job_ids: list[str] = dataclasses.field(default_factory=list)
+    expected_next_run_at: list[datetime] = dataclasses.field(default_factory=list)
+    expected_revisions: list[int] = dataclasses.field(default_factory=list)
+    scheduled_for: list[datetime] = dataclasses.field(default_factory=list)
+    new_next_run_at: list[datetime | None] = dataclasses.field(default_factory=list)
+    task_ids: list[str] = dataclasses.field(default_factory=list)
+    task_names: list[str] = dataclasses.field(default_factory=list)
+    args: list[str] = dataclasses.field(default_factory=list)
+    kwargs: list[str] = dataclasses.field(default_factory=list)
+    metadata: list[str] = dataclasses.field(default_factory=list)
+
+    def add(
+        self,
+        job_id: str,
+        expected_next_run_at: datetime,
+        expected_revision: int,
+        scheduled_for: datetime,
+        new_next_run_at: datetime | None,
+        task_id: str,
+        task_name: str,
+        args: str,
+        kwargs: str,
+        metadata: str,
+    ) -> None:
+        """Add the claim of one fire."""
+        self.job_ids.append(job_id)
+        self.expected_next_run_at.append(expected_next_run_at)
+        self.expected_revisions.append(expected_revision)
+        self.scheduled_for.append(scheduled_for)
+        self.new_next_run_at.append(new_next_run_at)
+        self.task_ids.append(task_id)
+        self.task_names.append(task_name)
+        self.args.append(args)
+        self.kwargs.append(kwargs)
+        self.metadata.append(metadata)
+
+    def __len__(self) -> int:
+        return len(self.job_ids)
 
 
 class Fire(NamedTuple):
@@ -539,7 +573,7 @@ class SchedulerStore:
     @_time_limited
     async def claim(
         self,
-        claims: Sequence[Claim],
+        claims: Claims,
         *,
         now: datetime,
         lease_until: datetime,
@@ -557,22 +591,25 @@ class SchedulerStore:
             won, inserted = await _batch_sql(executor).claim(
                 executor, claims, owner=owner, lease_until=lease_until, now=now
             )
-        lost = {c.job_id for c in claims if c.job_id not in won}
-        mine = [c for c in claims if c.job_id in won]
-        fires = [
-            Fire(
-                inserted[c.job_id],
-                c.job_id,
-                c.scheduled_for,
-                c.task_id,
-                c.task_name,
-                c.args,
-                c.kwargs,
-                c.metadata,
-            )
-            for c in mine
-            if c.job_id in inserted
-        ]
+        lost: set[str] = set()
+        fires: list[Fire] = []
+        for job_id, scheduled_for, task_id, task_name, args, kwargs, metadata in zip(
+            claims.job_ids,
+            claims.scheduled_for,
+            claims.task_ids,
+            claims.task_names,
+            claims.args,
+            claims.kwargs,
+            claims.metadata,
+            strict=True,
+        ):
+            run_id = inserted.get(job_id)
+            if run_id is not None:
+                fires.append(
+                    Fire(run_id, job_id, scheduled_for, task_id, task_name, args, kwargs, metadata)
+                )
+            elif job_id not in won:
+                lost.add(job_id)
         return fires, lost
 
     @_time_limited
@@ -930,7 +967,7 @@ class _BatchSql:
     async def claim(
         self,
         session: _Executor,
-        claims: Sequence[Claim],
+        claims: Claims,
         *,
         owner: str,
         lease_until: datetime,
@@ -991,7 +1028,7 @@ class _PostgresBatchSql(_BatchSql):
     async def claim(
         self,
         session: _Executor,
-        claims: Sequence[Claim],
+        claims: Claims,
         *,
         owner: str,
         lease_until: datetime,
@@ -999,7 +1036,6 @@ class _PostgresBatchSql(_BatchSql):
     ) -> tuple[set[str], dict[str, int]]:
         params = self.claim_params(claims)
         params.update(
-            task_ids=[c.task_id for c in claims],
             owner=owner,
             lease_until=lease_until,
             now=now,
@@ -1008,13 +1044,14 @@ class _PostgresBatchSql(_BatchSql):
         won, run_jobs, run_ids = (await session.execute(self.claim_all, params)).one()
         return set(won or ()), dict(zip(run_jobs or (), run_ids or (), strict=True))
 
-    def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
+    def claim_params(self, claims: Claims) -> dict[str, Any]:
         return {
-            "job_ids": [c.job_id for c in claims],
-            "expected": [c.expected_next_run_at for c in claims],
-            "revisions": [c.expected_revision for c in claims],
-            "new_next": [c.new_next_run_at for c in claims],
-            "scheduled_for": [c.scheduled_for for c in claims],
+            "job_ids": claims.job_ids,
+            "expected": claims.expected_next_run_at,
+            "revisions": claims.expected_revisions,
+            "new_next": claims.new_next_run_at,
+            "scheduled_for": claims.scheduled_for,
+            "task_ids": claims.task_ids,
         }
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
@@ -1058,38 +1095,53 @@ class _SqliteBatchSql(_BatchSql):
     async def claim(
         self,
         session: _Executor,
-        claims: Sequence[Claim],
+        claims: Claims,
         *,
         owner: str,
         lease_until: datetime,
         now: datetime,
     ) -> tuple[set[str], dict[str, int]]:
-        won = {row[0] for row in await session.execute(self.advance, self.claim_params(claims))}
-        mine = [c for c in claims if c.job_id in won]
-        if not mine:
+        text = _SqliteTimes()
+        won = {
+            job_id
+            for (job_id,) in await session.execute(self.advance, self.claim_params(claims, text))
+        }
+        if not won:
             return won, {}
         params = {"owner": owner, "lease_until": lease_until, "now": now, "status": _STATUS}
-        params.update(self.run_params(mine))
+        params.update(self.run_params(claims, won, text))
         rows = await session.execute(self.insert, params)
         return won, {job_id: run_id for run_id, job_id in rows}
 
-    def claim_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
-        text = _SqliteTimes()
+    def claim_params(self, claims: Claims, text: _SqliteTimes) -> dict[str, Any]:
         rows = [
             [
-                c.job_id,
-                text(c.expected_next_run_at),
-                c.expected_revision,
-                None if c.new_next_run_at is None else text(c.new_next_run_at),
-                text(c.scheduled_for),
+                job_id,
+                text(expected),
+                revision,
+                None if new_next is None else text(new_next),
+                text(scheduled_for),
             ]
-            for c in claims
+            for job_id, expected, revision, new_next, scheduled_for in zip(
+                claims.job_ids,
+                claims.expected_next_run_at,
+                claims.expected_revisions,
+                claims.new_next_run_at,
+                claims.scheduled_for,
+                strict=True,
+            )
         ]
         return {"claims": json.dumps(rows)}
 
-    def run_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
-        text = _SqliteTimes()
-        rows = [[c.job_id, text(c.scheduled_for), c.task_id] for c in claims]
+    def run_params(self, claims: Claims, won: set[str], text: _SqliteTimes) -> dict[str, Any]:
+        """The runs to insert: those of the claims in ``won``."""
+        rows = [
+            [job_id, text(scheduled_for), task_id]
+            for job_id, scheduled_for, task_id in zip(
+                claims.job_ids, claims.scheduled_for, claims.task_ids, strict=True
+            )
+            if job_id in won
+        ]
         return {"runs": json.dumps(rows)}
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from taskiq_beat import (
     SchedulerRun,
     fire_task_id,
 )
-from taskiq_beat.store import Claim, SchedulerStore, _PostgresBatchSql
+from taskiq_beat.store import Claims, SchedulerStore, _PostgresBatchSql
 from tests.utils import FakeClock, RecordingBroker
 
 UTC = timezone.utc
@@ -465,21 +465,21 @@ async def test_a_claimed_fire_left_by_a_crashed_scheduler_is_resent_after_its_le
     due = clock.advance(10)
     # A scheduler claims the fire and dies before sending it.
     store = SchedulerStore(session_factory)
+    claims = Claims()
+    claims.add(
+        job_id=job.id,
+        expected_next_run_at=due,
+        expected_revision=job.revision,
+        scheduled_for=due,
+        new_next_run_at=due + timedelta(seconds=10),
+        task_id=fire_task_id(job.id, due),
+        task_name=job.task_name,
+        args=json.dumps(job.args),
+        kwargs=json.dumps(job.kwargs),
+        metadata=json.dumps(job.job_metadata),
+    )
     fires, lost = await store.claim(
-        [
-            Claim(
-                job_id=job.id,
-                expected_next_run_at=due,
-                expected_revision=job.revision,
-                scheduled_for=due,
-                new_next_run_at=due + timedelta(seconds=10),
-                task_id=fire_task_id(job.id, due),
-                task_name=job.task_name,
-                args=json.dumps(job.args),
-                kwargs=json.dumps(job.kwargs),
-                metadata=json.dumps(job.job_metadata),
-            )
-        ],
+        claims,
         now=due,
         lease_until=due + timedelta(seconds=30),
         owner="crashed",
@@ -736,8 +736,9 @@ async def test_on_sqlite_the_engine_s_transactions_take_turns(
         await app.engine.sync()
         store = app.engine._store
         now = clock.now()
-        claims = [
-            Claim(
+        batches = [Claims() for _ in range(3)]
+        for index in range(6):
+            batches[index // 2].add(
                 f"job-{index}",
                 now,
                 1,
@@ -749,14 +750,9 @@ async def test_on_sqlite_the_engine_s_transactions_take_turns(
                 "{}",
                 "{}",
             )
-            for index in range(6)
-        ]
         lease = now + timedelta(seconds=30)
         results = await asyncio.gather(
-            *(
-                store.claim(claims[index : index + 2], now=now, lease_until=lease, owner="me")
-                for index in range(0, 6, 2)
-            )
+            *(store.claim(batch, now=now, lease_until=lease, owner="me") for batch in batches)
         )
     finally:
         for name, listener in events:
@@ -777,7 +773,8 @@ async def test_a_claim_whose_fire_has_a_run_already_is_neither_sent_nor_lost(
     job = await app.single(task="tests.record", args=[7]).schedule(session, trigger=every(10))
     due = clock.advance(10)
     store = SchedulerStore(session_factory)
-    claim = Claim(
+    claims = Claims()
+    claims.add(
         job.id,
         due,
         job.revision,
@@ -790,7 +787,7 @@ async def test_a_claim_whose_fire_has_a_run_already_is_neither_sent_nor_lost(
         "{}",
     )
     lease = due + timedelta(seconds=30)
-    [fire], lost = await store.claim([claim], now=due, lease_until=lease, owner="first")
+    [fire], lost = await store.claim(claims, now=due, lease_until=lease, owner="first")
     assert not lost
     assert (fire.job_id, fire.scheduled_for, fire.args) == (job.id, due, "[7]")
     # The job is put back on the same fire time (as a hand edit would): the compare-and-set
@@ -799,13 +796,13 @@ async def test_a_claim_whose_fire_has_a_run_already_is_neither_sent_nor_lost(
         sa.update(SchedulerJob).where(SchedulerJob.id == job.id).values(next_run_at=due)
     )
     await session.commit()
-    fires, lost = await store.claim([claim], now=due, lease_until=lease, owner="second")
+    fires, lost = await store.claim(claims, now=due, lease_until=lease, owner="second")
     assert fires == []
     assert lost == set()
     [run] = await runs_of(session, job.id)
     assert run.claimed_by == "first"
     # A claim whose compare-and-set fails is lost.
-    fires, lost = await store.claim([claim], now=due, lease_until=lease, owner="third")
+    fires, lost = await store.claim(claims, now=due, lease_until=lease, owner="third")
     assert (fires, lost) == ([], {job.id})
 
 
@@ -1104,15 +1101,16 @@ async def test_a_claim_looks_its_jobs_up_by_primary_key(
         await connection.commit()
     store = SchedulerStore(async_sessionmaker(db_engine))
     records = await store.load_jobs([f"job-{i:05}" for i in range(0, 40_000, 20)])
-    claims = [
-        Claim(r.id, r.next_run_at, r.revision, r.next_run_at, None, r.id, "t", "[]", "{}", "{}")
-        for r in records
-        if r.next_run_at is not None
-    ]
+    claims = Claims()
+    for r in records:
+        assert r.next_run_at is not None
+        claims.add(
+            r.id, r.next_run_at, r.revision, r.next_run_at, None, r.id, "t", "[]", "{}", "{}"
+        )
     statement = _PostgresBatchSql.claim_all
     params = _PostgresBatchSql().claim_params(claims)
     now = datetime.now(UTC)
-    params.update(task_ids=[c.task_id for c in claims], owner="o", lease_until=now, now=now)
+    params.update(owner="o", lease_until=now, now=now)
     params["status"] = "claimed"
     compiled = statement.compile(dialect=db_engine.dialect)
     arguments = tuple(params[name] for name in compiled.positiontup or ())
