@@ -440,8 +440,15 @@ class SchedulerEngine:
         return sent
 
     def _claim_ahead(self, claims: collections.deque[asyncio.Task[list[Fire]]]) -> None:
-        """Start claiming due batches until ``_CLAIMS_IN_FLIGHT`` claims are under way."""
+        """Start claiming due batches until ``_CLAIMS_IN_FLIGHT`` claims are under way.
+
+        None once a sync is due: the pass then ends with the batches under way, and the next
+        one syncs first. (A scheduler that is behind would otherwise go on claiming without
+        syncing: changes made elsewhere would wait, and jobs whose next fire lies beyond the
+        last sync's window would drop out of the heap until the next load.)"""
         now = self._clock.now()
+        if self._next_sync_at is not None and now >= self._next_sync_at:
+            return
         while len(claims) < _CLAIMS_IN_FLIGHT:
             batch = self._pop_due(now)
             if not batch:

@@ -161,9 +161,10 @@ class IntervalTrigger(_Frozen):
             raise InvalidJobError("period", period, "the interval must be longer than zero")
         return self
 
-    @property
+    @functools.cached_property
     def period(self) -> timedelta:
-        """The interval as a ``timedelta`` (microsecond precision)."""
+        """The interval as a ``timedelta`` (microsecond precision). Computed once: it is read
+        on every fire (pydantic keeps cached properties out of equality and dumps)."""
         return timedelta(
             weeks=self.weeks,
             days=self.days,

@@ -685,6 +685,55 @@ async def test_batches_grow_while_behind_and_shrink_back(
         assert len(await app.list_runs(session, limit=None)) == 300
 
 
+async def test_a_scheduler_behind_its_backlog_still_syncs_every_sync_interval(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass still sending when a sync falls due claims no further batch: it ends after the
+    batches under way, and the next pass syncs first (changes made elsewhere are not held
+    up by a backlog, and the look-ahead window moves on)."""
+    config = SchedulerConfig(dispatch_batch_size=4)  # sync every 1 s
+    app = SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
+    store = app.engine._store
+    loads: list[datetime] = []
+    load_due = store.load_due
+
+    async def counting_load_due(horizon: datetime) -> Any:
+        loads.append(clock.now())
+        return await load_due(horizon)
+
+    kick = broker.kick
+
+    async def slow_kick(message: Any) -> None:
+        clock.advance(0.05)  # 100 sends: 5 s, five sync intervals
+        await kick(message)
+
+    monkeypatch.setattr(store, "load_due", counting_load_due)
+    monkeypatch.setattr(broker, "kick", slow_kick)
+    async with session_factory() as session:
+        await app.upsert_many(
+            session,
+            [
+                app.single(task="tests.record", args=[index]).definition(
+                    trigger=OneOffSchedule(run_at=clock.now()), job_id=f"job-{index:03}"
+                )
+                for index in range(100)
+            ],
+        )
+    await app.engine.sync()
+    started = clock.now()
+    # Batches of 4, 8 and 16 go out in 1.4 s; the two of 32 claimed by then are sent, and
+    # no further batch is claimed: the sync due at 1 s comes first.
+    assert await app.engine.tick() == 4 + 8 + 16 + 32 + 32
+    assert loads == [started]
+    assert await app.engine.tick() == 8
+    assert len(loads) == 2
+    assert loads[1] > started + timedelta(seconds=1)
+    assert sorted(m.args[0] for m in broker.sent) == list(range(100))
+
+
 async def test_the_sync_interval_counts_from_the_end_of_a_long_load(
     app: SchedulerApp, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

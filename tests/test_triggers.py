@@ -1619,6 +1619,22 @@ def test_evaluated_cron_survives_copy_and_pickle() -> None:
         assert clone.get_next_run_at(AWARE) == first
 
 
+def test_an_interval_keeps_its_period_out_of_its_value() -> None:
+    """The period is computed once and kept on the trigger; it is not part of its value."""
+    used = PeriodicSchedule(interval=IntervalTrigger(minutes=5))
+    used.get_next_run_at(AWARE)
+    fresh = PeriodicSchedule(interval=IntervalTrigger(minutes=5))
+    assert used == fresh
+    assert hash(used) == hash(fresh)
+    assert used.interval is not None
+    assert used.interval.period == timedelta(minutes=5)
+    assert used.interval.model_dump() == IntervalTrigger(minutes=5).model_dump()
+    assert trigger_to_json(used) == trigger_to_json(fresh)
+    for clone in (copy.deepcopy(used), pickle.loads(pickle.dumps(used))):
+        assert clone == fresh
+        assert clone.get_next_run_at(AWARE) == fresh.get_next_run_at(AWARE)
+
+
 def test_equal_triggers_hash_alike() -> None:
     assert hash(IntervalTrigger(seconds=60)) == hash(IntervalTrigger(seconds=60.0))
     assert hash(OneOffSchedule(run_at=AWARE)) == hash(
