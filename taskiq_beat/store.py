@@ -1059,12 +1059,11 @@ class _PostgresBatchSql(_BatchSql):
 
 
 class _SqliteTimes(dict[datetime, str]):
-    """``sqlite_datetime`` of each distinct time once (a batch's fires share a few times)."""
+    """``sqlite_datetime`` of each distinct time once (a batch's fires share a few times):
+    ``times[value]``, a plain dictionary lookup once a time is known."""
 
-    def __call__(self, value: datetime) -> str:
-        text = self.get(value)
-        if text is None:
-            text = self[value] = sqlite_datetime(value)
+    def __missing__(self, value: datetime) -> str:
+        text = self[value] = sqlite_datetime(value)
         return text
 
 
@@ -1117,10 +1116,10 @@ class _SqliteBatchSql(_BatchSql):
         rows = [
             [
                 job_id,
-                text(expected),
+                text[expected],
                 revision,
-                None if new_next is None else text(new_next),
-                text(scheduled_for),
+                None if new_next is None else text[new_next],
+                text[scheduled_for],
             ]
             for job_id, expected, revision, new_next, scheduled_for in zip(
                 claims.job_ids,
@@ -1136,7 +1135,7 @@ class _SqliteBatchSql(_BatchSql):
     def run_params(self, claims: Claims, won: set[str], text: _SqliteTimes) -> dict[str, Any]:
         """The runs to insert: those of the claims in ``won``."""
         rows = [
-            [job_id, text(scheduled_for), task_id]
+            [job_id, text[scheduled_for], task_id]
             for job_id, scheduled_for, task_id in zip(
                 claims.job_ids, claims.scheduled_for, claims.task_ids, strict=True
             )
