@@ -15,6 +15,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -48,6 +49,7 @@ _LARGEST_GROWN_BATCH = 4096  # ... but grow no larger than this
 # slowly than the broker takes a batch (PostgreSQL: ~100 ms for 2,048 claims, as long as
 # sending them) still has the next claim ready.
 _CLAIMS_IN_FLIGHT = 2
+_SYNC_SPACING = 10  # the next sync waits at least 10x as long as the last one took
 
 
 class JobSnapshot(NamedTuple):
@@ -323,15 +325,18 @@ class SchedulerEngine:
     async def sync(self) -> None:
         """Load the jobs due within the look-ahead window into the heap."""
         now = self._clock.now()
+        began = time.perf_counter()
         horizon = now + timedelta(seconds=self._config.lookahead)
         records = await self._store.load_due(horizon)
         self._horizon = horizon
-        # Counted from the end of the load: a long one (100k jobs at start) is not followed
-        # at once by another.
-        self._next_sync_at = self._clock.now() + timedelta(
-            seconds=self._config.sync_interval_seconds
-        )
         added = self._merge(records)
+        # Counted from the end of the load: a long one (100k jobs at start) is not followed
+        # at once by another. And at least _SYNC_SPACING times as long as this one took: a
+        # sync reads every job due, also those waiting in the heap, so a scheduler working
+        # through a backlog of 100k would otherwise spend a third of its time reading it.
+        took = time.perf_counter() - began
+        interval = max(self._config.sync_interval_seconds, _SYNC_SPACING * took)
+        self._next_sync_at = self._clock.now() + timedelta(seconds=interval)
         self._next_retry_at = now  # look for fires left to resend at every sync
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
 
@@ -443,9 +448,8 @@ class SchedulerEngine:
         """Start claiming due batches until ``_CLAIMS_IN_FLIGHT`` claims are under way.
 
         None once a sync is due: the pass then ends with the batches under way, and the next
-        one syncs first. (A scheduler that is behind would otherwise go on claiming without
-        syncing: changes made elsewhere would wait, and jobs whose next fire lies beyond the
-        last sync's window would drop out of the heap until the next load.)"""
+        one syncs first (with jobs due all the time, a pass would otherwise never end, and
+        changes made elsewhere, retries and reloads would wait for a gap)."""
         now = self._clock.now()
         if self._next_sync_at is not None and now >= self._next_sync_at:
             return
@@ -491,13 +495,21 @@ class SchedulerEngine:
                 if self._jobs[snapshot.id] is snapshot:
                     self._put(snapshot)
             raise
+        # The next fire of a job just claimed stays in the heap if it falls within the last
+        # sync's window or within the look-ahead from now. The window alone is not enough:
+        # it ends one look-ahead after the last sync began, syncs come a little more than a
+        # sync interval apart, and each job whose next fire fell in between dropped out of
+        # the heap, to be loaded (its trigger parsed) again by the next sync.
+        keep_until = now + timedelta(seconds=self._config.lookahead)
+        if self._horizon is not None and self._horizon > keep_until:
+            keep_until = self._horizon
         for snapshot in batch:
             if snapshot.id in lost:
                 self._reload.add(snapshot.id)
                 continue
             after = following[snapshot.id]
             changed_meanwhile = snapshot.id in self._jobs
-            if after is not None and self._within_horizon(after) and not changed_meanwhile:
+            if after is not None and after <= keep_until and not changed_meanwhile:
                 self._put(snapshot.following(after))
         if lost:
             logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))

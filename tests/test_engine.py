@@ -10,6 +10,7 @@ import json
 import logging
 import sqlite3
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,6 +35,7 @@ from taskiq_beat import (
     SchedulerRun,
     fire_task_id,
 )
+from taskiq_beat import engine as engine_module
 from taskiq_beat.store import Claims, SchedulerStore, _PostgresBatchSql
 from tests.utils import FakeClock, RecordingBroker
 
@@ -751,6 +753,50 @@ async def test_the_sync_interval_counts_from_the_end_of_a_long_load(
     await app.engine.tick()
     assert len(loads) == 1  # not again at once
     clock.advance(1)
+    await app.engine.tick()
+    assert len(loads) == 2
+
+
+async def test_a_claimed_job_whose_next_fire_is_within_the_look_ahead_stays_loaded(
+    app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    """The next fire of a job just claimed stays in the heap when it is due within the
+    look-ahead from now, also past the last sync's window (syncs come a little more than
+    a sync interval apart: such jobs would drop out between two, to be loaded again)."""
+    start = clock.now()
+    trigger = PeriodicSchedule(
+        interval=IntervalTrigger(seconds=1.5), start_at=start + timedelta(seconds=0.9)
+    )
+    await app.single(task="tests.record").upsert(session, trigger=trigger, job_id="job")
+    await app.engine.sync()  # window: up to start + 2 s; next sync at start + 1 s
+    clock.advance(0.9)
+    assert await app.engine.tick() == 1  # no sync: not due yet
+    # The next fire, start + 2.4 s, is past the window but within 2 s from now.
+    assert app.engine.loaded_jobs == 1
+
+
+async def test_a_sync_that_takes_long_spaces_out_the_next_ones(
+    app: SchedulerApp, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync reads every job due, a backlog waiting in the heap included: one that took
+    0.3 s is followed by the next after 3 s at the earliest, not after the sync interval."""
+    store = app.engine._store
+    load_due = store.load_due
+    loads: list[datetime] = []
+    elapsed = [0.0]  # the engine's measure of a sync's duration
+
+    async def slow_load_due(horizon: datetime) -> Any:
+        loads.append(clock.now())
+        elapsed[0] += 0.3
+        return await load_due(horizon)
+
+    monkeypatch.setattr(store, "load_due", slow_load_due)
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: elapsed[0]))
+    await app.engine.sync()
+    clock.advance(2.5)
+    await app.engine.tick()
+    assert len(loads) == 1  # the sync interval (1 s) is over, ten times 0.3 s is not
+    clock.advance(0.6)
     await app.engine.tick()
     assert len(loads) == 2
 
