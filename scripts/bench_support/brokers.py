@@ -10,7 +10,6 @@ from taskiq.message import BrokerMessage
 
 from bench_support.common import TASK_NAME, Goal
 
-
 NOTED_LABELS = ("taskiq_beat_job_id", "taskiq_beat_scheduled_for", "schedule_id", "bench_tick")
 """The labels the scenarios read back from a send: ours, and those of the TaskiqScheduler runs."""
 
@@ -48,7 +47,14 @@ class NoopBroker(AsyncBroker):
     def kicks(self) -> list[tuple[float, dict[str, Any]]]:
         """``(send time, labels)`` of every send so far."""
         return [
-            (at, {name: value for name, value in zip(NOTED_LABELS, values) if value is not None})
+            (
+                at,
+                {
+                    name: value
+                    for name, value in zip(NOTED_LABELS, values, strict=True)
+                    if value is not None
+                },
+            )
             for at, *values in self._kicks
         ]
 
