@@ -384,8 +384,20 @@ class SchedulerEngine:
             for entry in entries:
                 heapq.heappush(heap, entry)
 
+    def _held_until(self) -> datetime | None:
+        """The latest fire time of a job the heap holds: the end of the last sync's window,
+        or the look-ahead from now if that is later (None before the first sync).
+
+        The window alone is not enough: it ends one look-ahead after the last sync began,
+        syncs come a little more than a sync interval apart, and each job whose next fire
+        fell in between dropped out of the heap, to be loaded (its trigger parsed) again."""
+        if self._horizon is None:
+            return None
+        return max(self._horizon, self._clock.now() + timedelta(seconds=self._config.lookahead))
+
     def _within_horizon(self, when: datetime) -> bool:
-        return self._horizon is not None and when <= self._horizon
+        held_until = self._held_until()
+        return held_until is not None and when <= held_until
 
     def _pop_due(self, now: datetime) -> list[JobSnapshot]:
         """The next batch of due jobs. While more are due than a batch holds, each batch is
@@ -495,21 +507,19 @@ class SchedulerEngine:
                 if self._jobs[snapshot.id] is snapshot:
                     self._put(snapshot)
             raise
-        # The next fire of a job just claimed stays in the heap if it falls within the last
-        # sync's window or within the look-ahead from now. The window alone is not enough:
-        # it ends one look-ahead after the last sync began, syncs come a little more than a
-        # sync interval apart, and each job whose next fire fell in between dropped out of
-        # the heap, to be loaded (its trigger parsed) again by the next sync.
-        keep_until = now + timedelta(seconds=self._config.lookahead)
-        if self._horizon is not None and self._horizon > keep_until:
-            keep_until = self._horizon
+        held_until = self._held_until()  # once per batch
         for snapshot in batch:
             if snapshot.id in lost:
                 self._reload.add(snapshot.id)
                 continue
             after = following[snapshot.id]
             changed_meanwhile = snapshot.id in self._jobs
-            if after is not None and after <= keep_until and not changed_meanwhile:
+            if (
+                after is not None
+                and held_until is not None
+                and after <= held_until
+                and not changed_meanwhile
+            ):
                 self._put(snapshot.following(after))
         if lost:
             logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))
