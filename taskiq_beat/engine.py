@@ -17,6 +17,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Collection
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -50,6 +51,10 @@ _LARGEST_GROWN_BATCH = 4096  # ... but grow no larger than this
 # sending them) still has the next claim ready.
 _CLAIMS_IN_FLIGHT = 2
 _SYNC_SPACING = 10  # the next sync waits at least 10x as long as the last one took
+# start() loads the jobs due first, at most this many, and starts sending them while the
+# first pass loads the rest of the window: a scheduler that starts behind (100k due) sends
+# its first fires within ~0.1 s instead of after reading the whole backlog.
+_FIRST_LOAD = 16384
 
 
 class JobSnapshot(NamedTuple):
@@ -116,6 +121,11 @@ class SchedulerEngine:
         self._sequence = itertools.count()
         self._horizon: datetime | None = None
         self._next_sync_at: datetime | None = None
+        # The sync under way (it runs while the pass sends what is due already), and the
+        # jobs the engine has touched since it began: its rows of them may predate the
+        # engine's own news (a claim, a change in this process), so they are not merged.
+        self._loading: asyncio.Task[None] | None = None
+        self._touched: set[str] | None = None
         self._next_retry_at: datetime | None = None
         self._reload: set[str] = set()
         self._disable: dict[str, str] = {}
@@ -152,7 +162,7 @@ class SchedulerEngine:
         self._stopping = False
         self._dispatcher.resume()
         await self._listen()
-        await self.sync()
+        await self._load_window(self._clock.now(), limit=_FIRST_LOAD)
         self._task = asyncio.create_task(self._run(), name="taskiq-beat-engine")
 
     async def stop(self) -> None:
@@ -175,6 +185,7 @@ class SchedulerEngine:
             await asyncio.gather(task, return_exceptions=True)
         finally:
             self._task = None
+            await self._cancel_sync()
             if self._listener is not None:
                 await self._listener.close()
                 self._listener = None
@@ -224,7 +235,7 @@ class SchedulerEngine:
         deadlines = [now + timedelta(seconds=self._config.idle_sleep_seconds)]
         if self._heap:
             deadlines.append(self._heap[0][0])
-        if self._next_sync_at is not None:
+        if self._next_sync_at is not None and self._loading is None:
             deadlines.append(self._next_sync_at)
         if self._next_retry_at is not None:
             deadlines.append(self._next_retry_at)
@@ -275,6 +286,7 @@ class SchedulerEngine:
         """Tell the engine a job was created, changed or paused in this process
         (with the values just committed)."""
         self._jobs.pop(job_id, None)
+        self._touch(job_id)
         if is_enabled and next_run_at is not None and self._within_horizon(next_run_at):
             self._put(
                 JobSnapshot(
@@ -300,20 +312,35 @@ class SchedulerEngine:
     def job_deleted(self, job_id: str) -> None:
         """Tell the engine a job was deleted in this process."""
         self._jobs.pop(job_id, None)
+        self._touch(job_id)
+
+    def _touch(self, job_id: str) -> None:
+        if self._touched is not None:
+            self._touched.add(job_id)
 
     # ------------------------------------------------------------------ the loop's steps
 
     async def tick(self) -> int:
         """One pass: sync if due, resend due retries, claim and send everything due now.
 
-        Returns the number of fires sent to the broker.
+        The sync reads the database while the pass claims and sends the jobs already due
+        in the heap; the pass waits for it once those are done, and then sends what it
+        brought. Returns the number of fires sent to the broker.
         """
+        try:
+            return await self._pass()
+        except BaseException:
+            await self._cancel_sync()  # the next pass starts afresh
+            raise
+
+    async def _pass(self) -> int:
         if self._unrecorded:
             await self._record()
         now = self._clock.now()
-        if self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at:
-            self._changed_elsewhere = False
-            await self.sync()
+        if self._loading is None and (
+            self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at
+        ):
+            self._begin_sync(now)
         sent = 0
         if self._next_retry_at is not None and now >= self._next_retry_at:
             sent += await self._send_retries()
@@ -323,13 +350,50 @@ class SchedulerEngine:
         return sent
 
     async def sync(self) -> None:
-        """Load the jobs due within the look-ahead window into the heap."""
-        now = self._clock.now()
+        """Load the jobs due within the look-ahead window into the heap (or wait for the
+        sync under way)."""
+        if self._loading is None:
+            self._begin_sync(self._clock.now())
+        await self._sync_done()
+
+    def _begin_sync(self, now: datetime) -> None:
+        """Start a sync in the background; :meth:`_sync_done` waits for it."""
+        self._changed_elsewhere = False  # a change heard from now on needs the next sync
+        self._next_retry_at = now  # look for fires left to resend at every sync
+        self._touched = set()
+        self._loading = asyncio.create_task(self._load_window(now), name="taskiq-beat-sync")
+
+    async def _cancel_sync(self) -> None:
+        loading, self._loading = self._loading, None
+        if loading is not None:
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+
+    async def _sync_done(self) -> None:
+        loading = self._loading
+        if loading is None:
+            return
+        try:
+            await loading
+        finally:
+            if loading.done():
+                self._loading = None
+
+    async def _load_window(self, now: datetime, *, limit: int | None = None) -> None:
+        """Load the jobs due within the look-ahead window from ``now``, or the first
+        ``limit`` of them (the rest then wait for the next pass's sync)."""
         began = time.perf_counter()
         horizon = now + timedelta(seconds=self._config.lookahead)
-        records = await self._store.load_due(horizon)
-        self._horizon = horizon
-        added = self._merge(records)
+        try:
+            records = await self._store.load_due(horizon, limit=limit)
+            self._horizon = horizon
+            added = self._merge(records, skip=self._touched)
+        finally:
+            self._touched = None
+        if limit is not None and len(records) == limit:
+            self._next_sync_at = None  # the rest of the window: at the first pass
+            logger.debug("loaded the first %d due jobs", limit)
+            return
         # Counted from the end of the load: a long one (100k jobs at start) is not followed
         # at once by another. And at least _SYNC_SPACING times as long as this one took: a
         # sync reads every job due, also those waiting in the heap, so a scheduler working
@@ -337,18 +401,19 @@ class SchedulerEngine:
         took = time.perf_counter() - began
         interval = max(self._config.sync_interval_seconds, _SYNC_SPACING * took)
         self._next_sync_at = self._clock.now() + timedelta(seconds=interval)
-        self._next_retry_at = now  # look for fires left to resend at every sync
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
 
-    def _merge(self, records: list[JobRecord]) -> int:
+    def _merge(self, records: list[JobRecord], *, skip: set[str] | None = None) -> int:
         with gc_paused():
-            return self._merge_records(records)
+            return self._merge_records(records, skip or ())
 
-    def _merge_records(self, records: list[JobRecord]) -> int:
+    def _merge_records(self, records: list[JobRecord], skip: Collection[str]) -> int:
         added: list[JobSnapshot] = []
         broken: dict[str, str] = {}
         jobs = self._jobs
         for record in records:
+            if record.id in skip:  # the engine knows newer of it than this row
+                continue
             current = jobs.get(record.id)
             if current is not None and current.holds(record):
                 continue
@@ -429,7 +494,13 @@ class SchedulerEngine:
         self._claim_ahead(claims)
         recording: asyncio.Task[None] | None = None
         try:
-            while claims:
+            while True:
+                if not claims:
+                    if self._loading is None or self._stopping:
+                        break
+                    await self._sync_done()  # then send what it brought
+                    self._claim_ahead(claims)
+                    continue
                 fires = await claims.popleft()
                 if not self._stopping:
                     self._claim_ahead(claims)
@@ -463,12 +534,14 @@ class SchedulerEngine:
         one syncs first (with jobs due all the time, a pass would otherwise never end, and
         changes made elsewhere, retries and reloads would wait for a gap)."""
         now = self._clock.now()
-        if self._next_sync_at is not None and now >= self._next_sync_at:
+        if self._loading is None and self._next_sync_at is not None and now >= self._next_sync_at:
             return
         while len(claims) < _CLAIMS_IN_FLIGHT:
             batch = self._pop_due(now)
             if not batch:
                 return
+            if self._touched is not None:
+                self._touched.update(snapshot.id for snapshot in batch)
             claims.append(asyncio.create_task(self._claim(batch, now)))
 
     async def _claim(self, batch: list[JobSnapshot], now: datetime) -> list[Fire]:
@@ -507,6 +580,8 @@ class SchedulerEngine:
                 if self._jobs[snapshot.id] is snapshot:
                     self._put(snapshot)
             raise
+        if self._touched is not None:  # a sync began while this claim was under way
+            self._touched.update(snapshot.id for snapshot in batch)
         held_until = self._held_until()  # once per batch
         for snapshot in batch:
             if snapshot.id in lost:
@@ -619,6 +694,7 @@ class SchedulerEngine:
         for job_id, message in errors.items():
             logger.warning("disabling job %s: %s", job_id, message)
             self._jobs.pop(job_id, None)
+            self._touch(job_id)
         self._disable.update(errors)
 
     async def _apply_pending(self) -> None:
@@ -628,6 +704,8 @@ class SchedulerEngine:
             await self._store.disable_jobs(errors, now=self._clock.now())
         ids, self._reload = self._reload, set()
         records = await self._store.load_jobs(ids)
+        if self._touched is not None:  # fresher than the rows of a sync under way
+            self._touched.update(ids)
         self._merge(
             [
                 r

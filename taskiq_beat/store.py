@@ -545,13 +545,19 @@ class SchedulerStore:
         return listener
 
     @_time_limited
-    async def load_due(self, horizon: datetime) -> list[JobRecord]:
-        """Enabled jobs whose ``next_run_at`` is at or before ``horizon`` (uses the due index)."""
-        return await self._load(
+    async def load_due(self, horizon: datetime, *, limit: int | None = None) -> list[JobRecord]:
+        """Enabled jobs whose ``next_run_at`` is at or before ``horizon`` (uses the due index).
+
+        With ``limit``, only the ``limit`` due first (read in the index's order, so no more
+        rows than that are read whatever the number due)."""
+        statement = _select_records().where(
             _job.c.is_enabled.is_(True),
             _job.c.next_run_at.is_not(None),
             _job.c.next_run_at <= horizon,
         )
+        if limit is not None:
+            statement = statement.order_by(_job.c.next_run_at).limit(limit)
+        return await self._fetch(statement)
 
     @_time_limited
     async def load_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
@@ -559,10 +565,9 @@ class SchedulerStore:
         ids = list(job_ids)
         if not ids:
             return []
-        return await self._load(_job.c.id.in_(ids))
+        return await self._fetch(_select_records().where(_job.c.id.in_(ids)))
 
-    async def _load(self, *where: sa.ColumnElement[bool]) -> list[JobRecord]:
-        statement = _select_records().where(*where)
+    async def _fetch(self, statement: sa.Select[Any]) -> list[JobRecord]:
         if self._engine is not None:
             async with self._engine.connect() as connection:
                 return _records(await connection.execute(statement), connection.dialect)

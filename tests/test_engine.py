@@ -702,9 +702,9 @@ async def test_a_scheduler_behind_its_backlog_still_syncs_every_sync_interval(
     loads: list[datetime] = []
     load_due = store.load_due
 
-    async def counting_load_due(horizon: datetime) -> Any:
+    async def counting_load_due(horizon: datetime, **options: Any) -> Any:
         loads.append(clock.now())
-        return await load_due(horizon)
+        return await load_due(horizon, **options)
 
     kick = broker.kick
 
@@ -743,10 +743,10 @@ async def test_the_sync_interval_counts_from_the_end_of_a_long_load(
     load_due = store.load_due
     loads: list[datetime] = []
 
-    async def slow_load_due(horizon: datetime) -> Any:
+    async def slow_load_due(horizon: datetime, **options: Any) -> Any:
         loads.append(clock.now())
         clock.advance(3)  # longer than the sync interval (1 s)
-        return await load_due(horizon)
+        return await load_due(horizon, **options)
 
     monkeypatch.setattr(store, "load_due", slow_load_due)
     await app.engine.sync()
@@ -785,10 +785,10 @@ async def test_a_sync_that_takes_long_spaces_out_the_next_ones(
     loads: list[datetime] = []
     elapsed = [0.0]  # the engine's measure of a sync's duration
 
-    async def slow_load_due(horizon: datetime) -> Any:
+    async def slow_load_due(horizon: datetime, **options: Any) -> Any:
         loads.append(clock.now())
         elapsed[0] += 0.3
-        return await load_due(horizon)
+        return await load_due(horizon, **options)
 
     monkeypatch.setattr(store, "load_due", slow_load_due)
     monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: elapsed[0]))
@@ -799,6 +799,99 @@ async def test_a_sync_that_takes_long_spaces_out_the_next_ones(
     clock.advance(0.6)
     await app.engine.tick()
     assert len(loads) == 2
+
+
+async def _due_one_offs(app: SchedulerApp, session: AsyncSession, at: datetime, count: int) -> None:
+    await app.upsert_many(
+        session,
+        [
+            app.single(task="tests.record", args=[index]).definition(
+                trigger=OneOffSchedule(run_at=at), job_id=f"job-{index:03}"
+            )
+            for index in range(count)
+        ],
+    )
+
+
+async def test_start_sends_the_first_jobs_due_while_the_first_pass_loads_the_rest(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scheduler that starts with a backlog loads only the jobs due first, and its first
+    pass sends them while it reads the rest of the window: the rest cannot arrive before a
+    fire of the first ones was sent (the load below waits for one), yet every job is sent,
+    and claimed, once."""
+    monkeypatch.setattr(engine_module, "_FIRST_LOAD", 5)
+    await _due_one_offs(app, session, clock.now() - timedelta(seconds=5), 12)
+    store = app.engine._store
+    load_due, claim = store.load_due, store.claim
+    limits: list[int | None] = []
+    claimed: list[str] = []
+
+    async def load_after_a_send(horizon: datetime, *, limit: int | None = None) -> Any:
+        limits.append(limit)
+        if limit is None:
+            await broker.wait_sent(1)
+        return await load_due(horizon, limit=limit)
+
+    async def counting_claim(claims: Claims, **options: Any) -> Any:
+        claimed.extend(claims.job_ids)
+        return await claim(claims, **options)
+
+    monkeypatch.setattr(store, "load_due", load_after_a_send)
+    monkeypatch.setattr(store, "claim", counting_claim)
+    await app.engine.start()
+    assert app.engine.loaded_jobs == 5  # the first five due; the rest come with the first pass
+    try:
+        await broker.wait_sent(12)
+    finally:
+        await app.engine.stop()
+    assert limits[:2] == [5, None]
+    assert sorted(m.args[0] for m in broker.sent) == list(range(12))
+    assert sorted(claimed) == [f"job-{index:03}" for index in range(12)]
+
+
+async def test_a_sync_under_way_does_not_bring_back_a_job_claimed_meanwhile(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pass claims what is due while its sync reads the database. A row the sync read
+    before a claim committed is older than what the engine knows of that job: merged, it
+    would put the one-off job back in the heap, to be claimed again (and lost)."""
+    await _due_one_offs(app, session, clock.now(), 3)
+    await app.engine.sync()
+    clock.advance(1.5)  # the next sync is due
+    store = app.engine._store
+    load_due, claim = store.load_due, store.claim
+    read, claims_done = asyncio.Event(), asyncio.Event()
+    claimed: list[str] = []
+
+    async def stale_load_due(horizon: datetime, **options: Any) -> Any:
+        records = await load_due(horizon, **options)
+        read.set()
+        await claims_done.wait()
+        return records
+
+    async def claim_after_the_read(claims: Claims, **options: Any) -> Any:
+        await read.wait()
+        claimed.extend(claims.job_ids)
+        try:
+            return await claim(claims, **options)
+        finally:
+            claims_done.set()
+
+    monkeypatch.setattr(store, "load_due", stale_load_due)
+    monkeypatch.setattr(store, "claim", claim_after_the_read)
+    assert await app.engine.tick() == 3
+    assert sorted(claimed) == ["job-000", "job-001", "job-002"]  # once each
+    assert app.engine.loaded_jobs == 0
+    assert len(broker.sent) == 3
 
 
 async def test_on_sqlite_the_engine_s_transactions_take_turns(
