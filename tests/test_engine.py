@@ -687,6 +687,19 @@ async def test_batches_grow_while_behind_and_shrink_back(
         assert len(await app.list_runs(session, limit=None)) == 300
 
 
+async def due_one_offs(app: SchedulerApp, session: AsyncSession, at: datetime, count: int) -> None:
+    """``count`` one-off jobs of ``tests.record`` due at ``at``: ids ``job-000``..., args [i]."""
+    await app.upsert_many(
+        session,
+        [
+            app.single(task="tests.record", args=[index]).definition(
+                trigger=OneOffSchedule(run_at=at), job_id=f"job-{index:03}"
+            )
+            for index in range(count)
+        ],
+    )
+
+
 async def test_a_scheduler_behind_its_backlog_still_syncs_every_sync_interval(
     broker: RecordingBroker,
     session_factory: async_sessionmaker[AsyncSession],
@@ -715,15 +728,7 @@ async def test_a_scheduler_behind_its_backlog_still_syncs_every_sync_interval(
     monkeypatch.setattr(store, "load_due", counting_load_due)
     monkeypatch.setattr(broker, "kick", slow_kick)
     async with session_factory() as session:
-        await app.upsert_many(
-            session,
-            [
-                app.single(task="tests.record", args=[index]).definition(
-                    trigger=OneOffSchedule(run_at=clock.now()), job_id=f"job-{index:03}"
-                )
-                for index in range(100)
-            ],
-        )
+        await due_one_offs(app, session, clock.now(), 100)
     await app.engine.sync()
     started = clock.now()
     # Batches of 4, 8 and 16 go out in 1.4 s; the two of 32 claimed by then are sent, and
@@ -801,18 +806,6 @@ async def test_a_sync_that_takes_long_spaces_out_the_next_ones(
     assert len(loads) == 2
 
 
-async def _due_one_offs(app: SchedulerApp, session: AsyncSession, at: datetime, count: int) -> None:
-    await app.upsert_many(
-        session,
-        [
-            app.single(task="tests.record", args=[index]).definition(
-                trigger=OneOffSchedule(run_at=at), job_id=f"job-{index:03}"
-            )
-            for index in range(count)
-        ],
-    )
-
-
 async def test_start_sends_the_first_jobs_due_while_the_first_pass_loads_the_rest(
     app: SchedulerApp,
     session: AsyncSession,
@@ -825,7 +818,7 @@ async def test_start_sends_the_first_jobs_due_while_the_first_pass_loads_the_res
     fire of the first ones was sent (the load below waits for one), yet every job is sent,
     and claimed, once."""
     monkeypatch.setattr(engine_module, "_FIRST_LOAD", 5)
-    await _due_one_offs(app, session, clock.now() - timedelta(seconds=5), 12)
+    await due_one_offs(app, session, clock.now() - timedelta(seconds=5), 12)
     store = app.engine._store
     load_due, claim = store.load_due, store.claim
     limits: list[int | None] = []
@@ -864,7 +857,7 @@ async def test_a_sync_under_way_does_not_bring_back_a_job_claimed_meanwhile(
     """The pass claims what is due while its sync reads the database. A row the sync read
     before a claim committed is older than what the engine knows of that job: merged, it
     would put the one-off job back in the heap, to be claimed again (and lost)."""
-    await _due_one_offs(app, session, clock.now(), 3)
+    await due_one_offs(app, session, clock.now(), 3)
     await app.engine.sync()
     clock.advance(1.5)  # the next sync is due
     store = app.engine._store
