@@ -36,6 +36,7 @@ from taskiq_beat import (
     fire_task_id,
 )
 from taskiq_beat import engine as engine_module
+from taskiq_beat import store as store_module
 from taskiq_beat.store import Claims, SchedulerStore, _PostgresBatchSql
 from tests.utils import FakeClock, RecordingBroker
 
@@ -1300,3 +1301,28 @@ async def test_a_claim_looks_its_jobs_up_by_primary_key(
         plan = "\n".join(row[0] for row in result)
     assert "Seq Scan on scheduler_job" not in plan, plan
     assert "pk_scheduler_job" in plan, plan
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_claim_times_travel_to_postgresql_to_the_microsecond(
+    backend: str, db_engine: AsyncEngine
+) -> None:
+    """PostgreSQL's claim sends times as whole microseconds since 1970 and turns them back
+    into timestamptz in SQL: exact for every time a job can hold, also before 1970 and past
+    2**53 microseconds (year 2255), where one product in double precision would round."""
+    values = [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(2026, 3, 29, 1, 30, 0, 1, tzinfo=UTC),
+        datetime(2255, 6, 5, 23, 47, 34, 740_993, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ]
+    micros = store_module._Micros()
+    statement = sa.text(
+        f"SELECT {store_module._from_micros('m')}"
+        " FROM unnest(CAST(:micros AS BIGINT[])) WITH ORDINALITY AS t(m, n) ORDER BY n"
+    )
+    async with db_engine.connect() as connection:
+        result = await connection.execute(statement, {"micros": [micros[v] for v in values]})
+        assert [row[0] for row in result] == values
