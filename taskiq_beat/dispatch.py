@@ -21,6 +21,7 @@ __all__ = ["JOB_ID_LABEL", "SCHEDULED_FOR_LABEL", "Dispatcher", "fire_task_id"]
 
 logger = logging.getLogger(__name__)
 
+_LOOP_TURN_EVERY = 0.005  # seconds a sender sends before it lets the event loop run a turn
 _TASK_ID_NAMESPACE = uuid.UUID("6f1c3b7e-2a44-4d0e-9a55-3c1f0e8b7d21")
 JOB_ID_LABEL = "taskiq_beat_job_id"
 """Label carrying the scheduler job id on every message the scheduler sends."""
@@ -87,9 +88,12 @@ class Dispatcher:
         times: dict[datetime, str] = {}  # ISO text of each scheduled time, once per batch
         stalled = False
 
+        loop = asyncio.get_running_loop()
+
         async def sender() -> None:
             nonlocal stalled
             deadline = _Deadline(self._timeout) if _LAZY_DEADLINES else None
+            turn_at = loop.time() + _LOOP_TURN_EVERY
             try:
                 for index, fire in queue:
                     if stalled:
@@ -98,6 +102,12 @@ class Dispatcher:
                     outcomes[index] = outcome = await self._send_one(fire, deadline, times)
                     if outcome is self._timed_out:
                         stalled = True
+                    if loop.time() >= turn_at:
+                        # A kiq that never waits (a broker that only queues in memory)
+                        # would hold the event loop for the whole batch: the claims and
+                        # records under way could not take a step until it ends.
+                        await asyncio.sleep(0)
+                        turn_at = loop.time() + _LOOP_TURN_EVERY
             finally:
                 if deadline is not None:
                     deadline.close()

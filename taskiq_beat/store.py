@@ -1113,21 +1113,32 @@ def _each(index: int) -> str:
 
 
 class _SqliteBatchSql(_BatchSql):
+    # A claim answers in one row, never a row per fire: aiosqlite fetches every row in its
+    # own thread, which must take the GIL back for each, and waits for it while the event
+    # loop is busy sending (claims of 4,096 took 0.4 s instead of 0.15 s with the loop
+    # busy). So: the runs are inserted for the claims whose compare-and-set holds (the
+    # first write: from then on this transaction holds SQLite's write lock, and no job can
+    # change until it commits), one row then tells which jobs those are and which runs
+    # were inserted (their ids are the last ``changes()`` ones), and the same jobs advance.
+    _holds = (
+        f"{_JOB}.id = {_each(0)} AND {_JOB}.next_run_at = {_each(1)}"
+        f" AND {_JOB}.revision = {_each(2)} AND {_JOB}.is_enabled"
+    )
+    insert = sa.text(
+        f"{_RUN_INSERT} SELECT {_each(0)}, {_each(4)}, :status, {_each(5)}, 1,"
+        " :owner, :lease_until, :now, :now"
+        f" FROM json_each(:claims) AS item JOIN {_JOB} ON {_holds} WHERE true"
+        " ON CONFLICT DO NOTHING"
+    ).bindparams(*_times("lease_until", "now"))
+    outcome = sa.text(
+        f"SELECT (SELECT json_group_array({_JOB}.id)"
+        f" FROM json_each(:claims) AS item JOIN {_JOB} ON {_holds}),"
+        " (SELECT json_group_array(json_array(id, job_id))"
+        f" FROM {_RUN} WHERE id > last_insert_rowid() - changes() AND id <= last_insert_rowid())"
+    )
     advance = sa.text(
         f"UPDATE {_JOB} SET next_run_at = {_each(3)}, last_run_at = {_each(4)}"
-        " FROM json_each(:claims) AS item"
-        f" WHERE {_JOB}.id = {_each(0)} AND {_JOB}.next_run_at = {_each(1)}"
-        f" AND {_JOB}.revision = {_each(2)} AND {_JOB}.is_enabled"
-        f" RETURNING {_JOB}.id"
-    ).columns(id=sa.String())
-    insert = (
-        sa.text(
-            f"{_RUN_INSERT} SELECT {_each(0)}, {_each(1)}, :status, {_each(2)}, 1,"
-            " :owner, :lease_until, :now, :now FROM json_each(:runs) AS item WHERE true"
-            " ON CONFLICT DO NOTHING RETURNING id, job_id"
-        )
-        .bindparams(*_times("lease_until", "now"))
-        .columns(id=sa.Integer(), job_id=sa.String())
+        f" FROM json_each(:claims) AS item WHERE {_holds}"
     )
     _ids = " WHERE id IN (SELECT value FROM json_each(:ids))"
     close, release, delete = _run_updates(_ids)
@@ -1141,19 +1152,20 @@ class _SqliteBatchSql(_BatchSql):
         lease_until: datetime,
         now: datetime,
     ) -> tuple[set[str], dict[str, int]]:
-        text = _SqliteTimes()
-        won = {
-            job_id
-            for (job_id,) in await session.execute(self.advance, self.claim_params(claims, text))
-        }
+        params = self.claim_params(claims)
+        await session.execute(
+            self.insert,
+            {**params, "owner": owner, "lease_until": lease_until, "now": now, "status": _STATUS},
+        )
+        won_text, runs_text = (await session.execute(self.outcome, params)).one()
+        won: set[str] = set(json.loads(won_text))
         if not won:
             return won, {}
-        params = {"owner": owner, "lease_until": lease_until, "now": now, "status": _STATUS}
-        params.update(self.run_params(claims, won, text))
-        rows = await session.execute(self.insert, params)
-        return won, {job_id: run_id for run_id, job_id in rows}
+        await session.execute(self.advance, params)
+        return won, {job_id: run_id for run_id, job_id in json.loads(runs_text)}
 
-    def claim_params(self, claims: Claims, text: _SqliteTimes) -> dict[str, Any]:
+    def claim_params(self, claims: Claims) -> dict[str, Any]:
+        text = _SqliteTimes()
         rows = [
             [
                 job_id,
@@ -1161,28 +1173,19 @@ class _SqliteBatchSql(_BatchSql):
                 revision,
                 None if new_next is None else text[new_next],
                 text[scheduled_for],
+                task_id,
             ]
-            for job_id, expected, revision, new_next, scheduled_for in zip(
+            for job_id, expected, revision, new_next, scheduled_for, task_id in zip(
                 claims.job_ids,
                 claims.expected_next_run_at,
                 claims.expected_revisions,
                 claims.new_next_run_at,
                 claims.scheduled_for,
+                claims.task_ids,
                 strict=True,
             )
         ]
         return {"claims": json.dumps(rows)}
-
-    def run_params(self, claims: Claims, won: set[str], text: _SqliteTimes) -> dict[str, Any]:
-        """The runs to insert: those of the claims in ``won``."""
-        rows = [
-            [job_id, text[scheduled_for], task_id]
-            for job_id, scheduled_for, task_id in zip(
-                claims.job_ids, claims.scheduled_for, claims.task_ids, strict=True
-            )
-            if job_id in won
-        ]
-        return {"runs": json.dumps(rows)}
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         return {"ids": json.dumps(list(ids))}

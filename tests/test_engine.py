@@ -946,6 +946,25 @@ async def test_on_sqlite_the_engine_s_transactions_take_turns(
         assert most[0] >= 1  # PostgreSQL runs them side by side
 
 
+def claims_for(jobs: list[SchedulerJob], due: datetime) -> Claims:
+    """The claims of the fires of ``jobs`` (every 10 s) at ``due``, as the rows are now."""
+    claims = Claims()
+    for job in jobs:
+        claims.add(
+            job.id,
+            due,
+            job.revision,
+            due,
+            due + timedelta(seconds=10),
+            fire_task_id(job.id, due),
+            job.task_name,
+            json.dumps(job.args),
+            "{}",
+            "{}",
+        )
+    return claims
+
+
 async def test_a_claim_whose_fire_has_a_run_already_is_neither_sent_nor_lost(
     app: SchedulerApp,
     session: AsyncSession,
@@ -955,19 +974,7 @@ async def test_a_claim_whose_fire_has_a_run_already_is_neither_sent_nor_lost(
     job = await app.single(task="tests.record", args=[7]).schedule(session, trigger=every(10))
     due = clock.advance(10)
     store = SchedulerStore(session_factory)
-    claims = Claims()
-    claims.add(
-        job.id,
-        due,
-        job.revision,
-        due,
-        due + timedelta(seconds=10),
-        fire_task_id(job.id, due),
-        job.task_name,
-        "[7]",
-        "{}",
-        "{}",
-    )
+    claims = claims_for([job], due)
     lease = due + timedelta(seconds=30)
     [fire], lost = await store.claim(claims, now=due, lease_until=lease, owner="first")
     assert not lost
@@ -986,6 +993,55 @@ async def test_a_claim_whose_fire_has_a_run_already_is_neither_sent_nor_lost(
     # A claim whose compare-and-set fails is lost.
     fires, lost = await store.claim(claims, now=due, lease_until=lease, owner="third")
     assert (fires, lost) == ([], {job.id})
+
+
+async def test_a_batch_mixing_new_fires_fires_with_runs_and_lost_claims_gets_each_right(
+    app: SchedulerApp,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """One claim of six jobs: two fires already have their run rows (they are advanced, not
+    sent), one job changed meanwhile (lost), three are new: each fire returned carries the
+    id of its own run row."""
+    jobs = [
+        await app.single(task="tests.record", args=[index]).schedule(
+            session, trigger=every(10), job_id=f"job-{index}"
+        )
+        for index in range(6)
+    ]
+    due = clock.advance(10)
+    store = SchedulerStore(session_factory)
+    lease = due + timedelta(seconds=30)
+    batch = claims_for(jobs, due)  # as loaded before the changes below
+    # Jobs 1 and 4 fire once and are put back on the same time, runs kept (a hand edit).
+    fires, _ = await store.claim(
+        claims_for([jobs[1], jobs[4]], due), now=due, lease_until=lease, owner="a"
+    )
+    assert len(fires) == 2
+    await session.execute(
+        sa.update(SchedulerJob)
+        .where(SchedulerJob.id.in_([jobs[1].id, jobs[4].id]))
+        .values(next_run_at=due)
+    )
+    await session.execute(  # job 2 changed by another process: its claim is lost
+        sa.update(SchedulerJob)
+        .where(SchedulerJob.id == jobs[2].id)
+        .values(revision=SchedulerJob.revision + 1)
+    )
+    await session.commit()
+
+    fires, lost = await store.claim(batch, now=due, lease_until=lease, owner="b")
+    assert lost == {jobs[2].id}
+    assert sorted(fire.job_id for fire in fires) == [jobs[0].id, jobs[3].id, jobs[5].id]
+    for fire in fires:
+        run = await session.get(SchedulerRun, fire.run_id, populate_existing=True)
+        assert run is not None
+        assert (run.job_id, run.scheduled_for, run.claimed_by) == (fire.job_id, due, "b")
+    await session.commit()
+    for job in jobs:
+        expected = due if job is jobs[2] else due + timedelta(seconds=10)
+        assert (await reload(session, job.id)).next_run_at == expected
 
 
 async def test_start_runs_the_loop_in_the_background(
