@@ -55,6 +55,10 @@ _SYNC_SPACING = 10  # the next sync waits at least 10x as long as the last one t
 # first pass loads the rest of the window: a scheduler that starts behind (100k due) sends
 # its first fires within ~0.1 s instead of after reading the whole backlog.
 _FIRST_LOAD = 16384
+# Where the database cannot announce changes (SQLite has no LISTEN), the newest
+# ``updated_at`` of the jobs is read this often: every change made through the API sets it,
+# so a new value means a change to load now rather than at the next sync.
+_CHANGE_POLL_SECONDS = 0.5
 
 
 class JobSnapshot(NamedTuple):
@@ -135,6 +139,8 @@ class SchedulerEngine:
         self._can_listen = True
         self._listen_again_at: datetime | None = None
         self._changed_elsewhere = False
+        self._change_mark: object = None  # the newest updated_at when the last sync began
+        self._next_poll_at: datetime | None = None
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -237,6 +243,8 @@ class SchedulerEngine:
             deadlines.append(self._heap[0][0])
         if self._next_sync_at is not None and self._loading is None:
             deadlines.append(self._next_sync_at)
+        if self._next_poll_at is not None:
+            deadlines.append(self._next_poll_at)
         if self._next_retry_at is not None:
             deadlines.append(self._next_retry_at)
         return max(0.0, (min(deadlines) - now).total_seconds())
@@ -262,7 +270,7 @@ class SchedulerEngine:
             logger.warning("cannot listen for job changes (%s); trying again in %.0f s", exc, pause)
             return
         if listener is None:
-            self._can_listen = False  # e.g. SQLite: other processes' changes wait for a sync
+            self._can_listen = False  # e.g. SQLite: other processes' changes are polled for
         self._listener = listener
 
     def _heard_change(self) -> None:
@@ -337,6 +345,8 @@ class SchedulerEngine:
         if self._unrecorded:
             await self._record()
         now = self._clock.now()
+        if not self._can_listen and (self._next_poll_at is None or now >= self._next_poll_at):
+            await self._poll_changes(now)
         if self._loading is None and (
             self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at
         ):
@@ -355,6 +365,15 @@ class SchedulerEngine:
         if self._loading is None:
             self._begin_sync(self._clock.now())
         await self._sync_done()
+
+    async def _poll_changes(self, now: datetime) -> None:
+        """Sync now if the newest ``updated_at`` of the jobs moved since the last sync began
+        (the sync reads it again)."""
+        self._next_poll_at = now + timedelta(
+            seconds=min(_CHANGE_POLL_SECONDS, self._config.sync_interval_seconds)
+        )
+        if await self._store.last_change() != self._change_mark:
+            self._changed_elsewhere = True
 
     def _begin_sync(self, now: datetime) -> None:
         """Start a sync in the background; :meth:`_sync_done` waits for it."""
@@ -385,6 +404,8 @@ class SchedulerEngine:
         began = time.perf_counter()
         horizon = now + timedelta(seconds=self._config.lookahead)
         try:
+            if not self._can_listen:  # before the read: a change after it is polled for
+                self._change_mark = await self._store.last_change()
             records = await self._store.load_due(horizon, limit=limit)
             self._horizon = horizon
             added = self._merge(records, skip=self._touched)

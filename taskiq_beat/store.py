@@ -560,6 +560,18 @@ class SchedulerStore:
         return await self._fetch(statement)
 
     @_time_limited
+    async def last_change(self) -> Any:
+        """The newest ``updated_at`` of the jobs, as the driver returns it (compared, never
+        interpreted): every change made through the API sets it, a claim does not. One
+        lookup in its index."""
+        statement = sa.select(sa.func.max(_job.c.updated_at))
+        if self._engine is not None:
+            async with self._engine.connect() as connection:
+                return await connection.scalar(statement)
+        async with self._session_factory() as session:
+            return await session.scalar(statement)
+
+    @_time_limited
     async def load_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
         """The current state of the given jobs (missing ones are left out)."""
         ids = list(job_ids)

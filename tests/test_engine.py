@@ -1132,6 +1132,28 @@ async def test_changes_from_another_process_wake_the_scheduler_at_once(
     assert first_latency < 2
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])  # no LISTEN: the newest updated_at is polled
+async def test_changes_from_another_process_reach_an_sqlite_scheduler_within_a_poll(
+    backend: str,
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    hour = SchedulerConfig(sync_interval_seconds=3600, idle_sleep_seconds=3600)
+    running = SchedulerApp(broker=broker, session_factory=session_factory, config=hour)
+    elsewhere = SchedulerApp(broker=broker, session_factory=session_factory, config=hour)
+    loop = asyncio.get_running_loop()
+    async with running:
+        for sent in (1, 2):
+            async with session_factory() as session:
+                created = loop.time()
+                await elsewhere.single(task="tests.record").schedule(
+                    session, trigger=OneOffSchedule(run_at=datetime.now(UTC))
+                )
+            await broker.wait_sent(sent, timeout=5)
+            # An hour-long sync interval: only the poll (every 0.5 s) can have seen it.
+            assert loop.time() - created < 1
+
+
 async def edit_one_of_two_and_run(
     app: SchedulerApp,
     session: AsyncSession,
