@@ -551,9 +551,10 @@ class SchedulerEngine:
     def _claim_ahead(self, claims: collections.deque[asyncio.Task[list[Fire]]]) -> None:
         """Start claiming due batches until ``_CLAIMS_IN_FLIGHT`` claims are under way.
 
-        None once a sync is due: the pass then ends with the batches under way, and the next
-        one syncs first (with jobs due all the time, a pass would otherwise never end, and
-        changes made elsewhere, retries and reloads would wait for a gap)."""
+        None once a sync is due and none is under way: the pass then ends with the batches
+        under way, and the next one starts the sync (with jobs due all the time, a pass would
+        otherwise never end, and changes made elsewhere, retries and reloads would wait for a
+        gap)."""
         now = self._clock.now()
         if self._loading is None and self._next_sync_at is not None and now >= self._next_sync_at:
             return

@@ -564,12 +564,8 @@ class SchedulerStore:
         """The newest ``updated_at`` of the jobs, as the driver returns it (compared, never
         interpreted): every change made through the API sets it, a claim does not. One
         lookup in its index."""
-        statement = sa.select(sa.func.max(_job.c.updated_at))
-        if self._engine is not None:
-            async with self._engine.connect() as connection:
-                return await connection.scalar(statement)
-        async with self._session_factory() as session:
-            return await session.scalar(statement)
+        async with self._reading() as executor:
+            return await executor.scalar(sa.select(sa.func.max(_job.c.updated_at)))
 
     @_time_limited
     async def load_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
@@ -580,12 +576,19 @@ class SchedulerStore:
         return await self._fetch(_select_records().where(_job.c.id.in_(ids)))
 
     async def _fetch(self, statement: sa.Select[Any]) -> list[JobRecord]:
+        async with self._reading() as executor:
+            return _records(await executor.execute(statement), _dialect(executor))
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[_Executor]:
+        """Where the engine's reads run: a Core connection where the factory has an engine
+        (a fraction of an ORM session's cost), else a session."""
         if self._engine is not None:
             async with self._engine.connect() as connection:
-                return _records(await connection.execute(statement), connection.dialect)
+                yield connection
+            return
         async with self._session_factory() as session:
-            result = await session.execute(statement)
-            return _records(result, session.get_bind().dialect)
+            yield session
 
     @_time_limited
     async def claim(
@@ -857,11 +860,14 @@ class _StoredTimes(dict[Any, "datetime | None"]):
         raise TypeError(f"next_run_at read as {type(value).__name__}: {value!r}")
 
 
-def _dialect_name(session: _Executor) -> str:
+def _dialect(session: _Executor) -> sa.Dialect:
     if isinstance(session, AsyncConnection):
-        return session.dialect.name
-    bind = session.get_bind()
-    return bind.dialect.name
+        return session.dialect
+    return session.get_bind().dialect
+
+
+def _dialect_name(session: _Executor) -> str:
+    return _dialect(session).name
 
 
 CHANGES_CHANNEL = "taskiq_beat_jobs"
@@ -1022,13 +1028,22 @@ _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 
 
-class _Micros(dict[datetime, int]):
-    """Whole microseconds since the Unix epoch of each distinct time, once (a batch's
-    fires share a few times): ``micros[value]``, a plain dictionary lookup once known."""
+def _micros(value: datetime) -> int:
+    """Whole microseconds since the Unix epoch."""
+    return (value - _UNIX_EPOCH) // _MICROSECOND
 
-    def __missing__(self, value: datetime) -> int:
-        micros = self[value] = (value - _UNIX_EPOCH) // _MICROSECOND
-        return micros
+
+class _EachTimeOnce(dict[datetime, _T]):
+    """``convert`` of each distinct time once (a batch's fires share a few times):
+    ``times[value]``, a plain dictionary lookup once a time is known."""
+
+    def __init__(self, convert: Callable[[datetime], _T]) -> None:
+        super().__init__()
+        self._convert = convert
+
+    def __missing__(self, value: datetime) -> _T:
+        converted = self[value] = self._convert(value)
+        return converted
 
 
 class _PostgresBatchSql(_BatchSql):
@@ -1093,7 +1108,7 @@ class _PostgresBatchSql(_BatchSql):
         return advanced, dict(zip(json.loads(run_jobs), json.loads(run_ids), strict=True))
 
     def claim_params(self, claims: Claims) -> dict[str, Any]:
-        micros = _Micros()
+        micros = _EachTimeOnce(_micros)
         expected = [micros[value] for value in claims.expected_next_run_at]
         scheduled_for = [micros[value] for value in claims.scheduled_for]
         return {
@@ -1109,15 +1124,6 @@ class _PostgresBatchSql(_BatchSql):
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         return {"ids": list(ids)}
-
-
-class _SqliteTimes(dict[datetime, str]):
-    """``sqlite_datetime`` of each distinct time once (a batch's fires share a few times):
-    ``times[value]``, a plain dictionary lookup once a time is known."""
-
-    def __missing__(self, value: datetime) -> str:
-        text = self[value] = sqlite_datetime(value)
-        return text
 
 
 def _each(index: int) -> str:
@@ -1177,7 +1183,7 @@ class _SqliteBatchSql(_BatchSql):
         return won, {job_id: run_id for run_id, job_id in json.loads(runs_text)}
 
     def claim_params(self, claims: Claims) -> dict[str, Any]:
-        text = _SqliteTimes()
+        text = _EachTimeOnce(sqlite_datetime)
         rows = [
             [
                 job_id,

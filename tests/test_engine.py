@@ -1396,11 +1396,12 @@ async def test_claim_times_travel_to_postgresql_to_the_microsecond(
         datetime(2255, 6, 5, 23, 47, 34, 740_993, tzinfo=UTC),
         datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
     ]
-    micros = store_module._Micros()
     statement = sa.text(
         f"SELECT {store_module._from_micros('m')}"
         " FROM unnest(CAST(:micros AS BIGINT[])) WITH ORDINALITY AS t(m, n) ORDER BY n"
     )
     async with db_engine.connect() as connection:
-        result = await connection.execute(statement, {"micros": [micros[v] for v in values]})
+        result = await connection.execute(
+            statement, {"micros": [store_module._micros(v) for v in values]}
+        )
         assert [row[0] for row in result] == values
