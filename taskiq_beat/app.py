@@ -605,11 +605,15 @@ def _check_name(name: Any) -> None:
         raise InvalidJobError("name", name, f"longer than {NAME_MAX_LENGTH} characters")
 
 
+_FOREIGN_KEYS_ON = "taskiq_beat.sqlite_foreign_keys_on"
+
+
 def _enforce_sqlite_foreign_keys(session_factory: async_sessionmaker[AsyncSession]) -> None:
     """Turn on SQLite foreign keys on every connection the factory's engine hands out.
 
     On checkout rather than on connect, so that connections pooled before the app was built
-    get it too (SQLite ignores the pragma inside a transaction; none is open at checkout).
+    get it too (SQLite ignores the pragma inside a transaction; none is open at checkout);
+    once per connection: each statement is a round trip to aiosqlite's thread.
     """
     bind = session_factory.kw.get("bind")
     sync_engine = getattr(bind, "sync_engine", None)
@@ -622,6 +626,10 @@ def _enforce_sqlite_foreign_keys(session_factory: async_sessionmaker[AsyncSessio
 def _sqlite_foreign_keys_on(
     dbapi_connection: Any, connection_record: Any, connection_proxy: Any
 ) -> None:
+    # ``info`` lives as long as the DBAPI connection (a reconnect starts it empty).
+    if connection_record.info.get(_FOREIGN_KEYS_ON):
+        return
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    connection_record.info[_FOREIGN_KEYS_ON] = True

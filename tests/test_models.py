@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError, StatementError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from taskiq_beat import (
     IntervalTrigger,
@@ -24,7 +24,7 @@ from taskiq_beat import (
     SchedulerRun,
 )
 from taskiq_beat.models import Unreadable, UTCDateTime, decode_json, sqlite_datetime
-from tests.utils import FakeClock
+from tests.utils import FakeClock, RecordingBroker
 
 UTC = timezone.utc
 
@@ -94,6 +94,29 @@ async def test_a_run_needs_an_existing_job(app: SchedulerApp, session: AsyncSess
     with pytest.raises(IntegrityError):
         await session.commit()
     await session.rollback()
+
+
+async def test_sqlite_foreign_keys_are_turned_on_once_per_connection(tmp_path: Any) -> None:
+    engine = create_async_engine(
+        f"sqlite+aiosqlite:///{tmp_path / 'keys.sqlite3'}", pool_size=1, max_overflow=0
+    )
+    try:
+        async with engine.connect() as connection:  # pooled before the app exists
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+        SchedulerApp(broker=RecordingBroker(), session_factory=async_sessionmaker(engine))
+        statements: list[str] = []
+        async with engine.connect() as connection:
+            assert (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+            await driver.set_trace_callback(statements.append)
+        for _ in range(3):
+            async with engine.connect() as connection:
+                assert (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+        # each statement is a round trip to aiosqlite's thread: once per connection is enough
+        assert "PRAGMA foreign_keys=ON" not in statements
+        assert statements.count("PRAGMA foreign_keys") == 3
+    finally:
+        await engine.dispose()
 
 
 async def test_one_run_per_job_and_scheduled_time(app: SchedulerApp, session: AsyncSession) -> None:
