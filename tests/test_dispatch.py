@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -120,3 +121,40 @@ async def test_cancelling_the_sender_is_not_taken_for_a_timeout(
     sending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(sending, 5)
+
+
+class BusyBroker(RecordingBroker):
+    """Each send keeps the CPU for 0.2 ms and never waits, as a broker queueing in memory."""
+
+    async def kick(self, message: Any) -> None:
+        until = time.perf_counter() + 0.0002
+        while time.perf_counter() < until:
+            pass
+
+
+async def test_senders_that_never_wait_share_short_turns_of_the_event_loop() -> None:
+    broker = BusyBroker()
+    broker.register_task(lambda *args: None, task_name="tests.steered")
+    await broker.startup()
+    dispatcher = Dispatcher(broker, concurrency=32, timeout=5)
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def ticker() -> None:  # another task: how long does it wait for each turn?
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        outcomes = await dispatcher.send(fires(*[0.0] * 2000))  # ~0.4 s of sends
+    finally:
+        ticking.cancel()
+        await broker.shutdown()
+    assert [outcome.error for outcome in outcomes] == [None] * 2000
+    # A turn of 5 ms per sender would hold the loop 32 x 5 ms between two of its turns.
+    assert len(gaps) > 20
+    assert max(gaps) < 0.05
