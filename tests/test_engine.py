@@ -1274,12 +1274,14 @@ async def test_a_hand_written_sqlite_time_is_read_as_utc(
     assert record.next_run_at.tzinfo is UTC
 
 
+@pytest.mark.parametrize("lock", ["EXCLUSIVE", "IMMEDIATE"])
 async def test_a_locked_sqlite_file_is_waited_out_with_one_line_per_retry(
-    tmp_path: Any, broker: RecordingBroker, caplog: pytest.LogCaptureFixture
+    tmp_path: Any, broker: RecordingBroker, caplog: pytest.LogCaptureFixture, lock: str
 ) -> None:
     """Another process holding SQLite's write lock longer than the busy timeout: the loop
     reports "database is locked" in one warning line (no traceback), retries, and sends the
-    fire once the lock is gone."""
+    fire once the lock is gone. (An exclusive lock stops the reads too; an immediate one
+    only the writes: the claim, whose statements run on aiosqlite's connection directly.)"""
     path = tmp_path / "locked.sqlite3"
     engine = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 0.05})
     async with engine.begin() as connection:
@@ -1298,7 +1300,7 @@ async def test_a_locked_sqlite_file_is_waited_out_with_one_line_per_retry(
     try:
         with caplog.at_level(logging.INFO, logger="taskiq_beat"):
             async with app:
-                other.execute("BEGIN EXCLUSIVE")  # another process writing for a while
+                other.execute(f"BEGIN {lock}")  # another process writing for a while
                 await asyncio.sleep(0.7)  # the job is due at 0.3 s: a few failed passes
                 assert broker.sent == [], "nothing can be claimed while the file is locked"
                 other.execute("COMMIT")
