@@ -24,7 +24,7 @@ class SchedulerConfig(BaseModel):
     """How many ``kiq`` calls of one batch are in flight at once."""
     dispatch_batch_size: int = Field(default=256, gt=0)
     """Due jobs claimed and sent in one batch (one transaction each side). While more jobs
-    are due than a batch holds, batches double, up to 8 times this size (at most 4,096); they
+    are due than a batch holds, batches double, up to 32 times this size (at most 8,192); they
     fall back to this size when the backlog is gone or a send fails."""
     misfire_grace_seconds: float = Field(default=30.0, ge=0)
     """A fire found at most this late (the scheduler was busy, stalled on the broker, or

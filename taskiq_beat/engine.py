@@ -44,8 +44,12 @@ _ERROR_BACKOFF_BASE = 0.5
 _ERROR_BACKOFF_MAX = 5.0  # also the longest a scheduler takes to notice the database is back
 _OUTAGE_LINES = 10  # failed passes logged one by one; then one in every _OUTAGE_REPORT_EVERY
 _OUTAGE_REPORT_EVERY = 12
-_BATCH_GROWTH = 8  # while behind, batches double up to this many times dispatch_batch_size
-_LARGEST_GROWN_BATCH = 4096  # ... but grow no larger than this
+# While behind, batches double up to this many times dispatch_batch_size, but grow no larger
+# than the largest: a batch's transactions cost about the same whatever its size while the
+# loop is busy sending (each step waits for a turn of the loop, and on SQLite for the GIL in
+# aiosqlite's thread), so a scheduler far behind spreads them over many fires.
+_BATCH_GROWTH = 32
+_LARGEST_GROWN_BATCH = 8192
 # Batches being claimed while one is sent: with two, a database that answers a claim more
 # slowly than the broker takes a batch (PostgreSQL: ~100 ms for 2,048 claims, as long as
 # sending them) still has the next claim ready.

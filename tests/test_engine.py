@@ -664,18 +664,18 @@ async def test_batches_grow_while_behind_and_shrink_back(
                 app.single(task="tests.record", args=[index]).definition(
                     trigger=every(60), job_id=f"job-{index:03}"
                 )
-                for index in range(100)
+                for index in range(300)
             ],
         )
     clock.advance(60)
     await app.engine.sync()
-    assert await app.engine.tick() == 100
-    assert claimed == [4, 8, 16, 32, 32, 8]  # doubling up to 8 x 4, then the rest
+    assert await app.engine.tick() == 300
+    assert claimed == [4, 8, 16, 32, 64, 128, 48]  # doubling up to 32 x 4, then the rest
 
     claimed.clear()
     clock.advance(60)
-    assert await app.engine.tick() == 100
-    assert claimed == [4, 8, 16, 32, 32, 8]  # back to the base size after the backlog
+    assert await app.engine.tick() == 300
+    assert claimed == [4, 8, 16, 32, 64, 128, 48]  # back to the base size after the backlog
 
     # A failing broker brings batches back to the base size (the two batches claimed while
     # the first one was sent had grown already).
@@ -683,9 +683,9 @@ async def test_batches_grow_while_behind_and_shrink_back(
     broker.fail_sends = True
     clock.advance(60)
     assert await app.engine.tick() == 0
-    assert claimed == [4, 8, 16] + [4] * 18
+    assert claimed == [4, 8, 16] + [4] * 68
     async with session_factory() as session:
-        assert len(await app.list_runs(session, limit=None)) == 300
+        assert len(await app.list_runs(session, limit=None)) == 900
 
 
 async def due_one_offs(app: SchedulerApp, session: AsyncSession, at: datetime, count: int) -> None:
@@ -723,23 +723,23 @@ async def test_a_scheduler_behind_its_backlog_still_syncs_every_sync_interval(
     kick = broker.kick
 
     async def slow_kick(message: Any) -> None:
-        clock.advance(0.05)  # 100 sends: 5 s, five sync intervals
+        clock.advance(0.05)  # 140 sends: 7 s, seven sync intervals
         await kick(message)
 
     monkeypatch.setattr(store, "load_due", counting_load_due)
     monkeypatch.setattr(broker, "kick", slow_kick)
     async with session_factory() as session:
-        await due_one_offs(app, session, clock.now(), 100)
+        await due_one_offs(app, session, clock.now(), 140)
     await app.engine.sync()
     started = clock.now()
-    # Batches of 4, 8 and 16 go out in 1.4 s; the two of 32 claimed by then are sent, and
-    # no further batch is claimed: the sync due at 1 s comes first.
-    assert await app.engine.tick() == 4 + 8 + 16 + 32 + 32
+    # Batches of 4, 8 and 16 go out in 1.4 s; those of 32 and 64 claimed by then are sent,
+    # and no further batch is claimed: the sync due at 1 s comes first.
+    assert await app.engine.tick() == 4 + 8 + 16 + 32 + 64
     assert loads == [started]
-    assert await app.engine.tick() == 8
+    assert await app.engine.tick() == 16
     assert len(loads) == 2
     assert loads[1] > started + timedelta(seconds=1)
-    assert sorted(m.args[0] for m in broker.sent) == list(range(100))
+    assert sorted(m.args[0] for m in broker.sent) == list(range(140))
 
 
 async def test_the_sync_interval_counts_from_the_end_of_a_long_load(
