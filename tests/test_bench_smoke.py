@@ -91,6 +91,11 @@ def _check(value: list[tuple[list[str], subprocess.Popen[str]]] | str) -> None:
             for row in rows:
                 assert "failed" not in row, row
                 assert "timed out" not in row, row
+        executes = [line for line in lines if line.startswith("| execute: ")]
+        ceilings = [line for line in lines if line.startswith("| ceiling-exec: ")]
+        if executes:  # each with a ceiling of its own, measured just before it
+            assert len(ceilings) == len(executes), stdout
+            assert all("% of ceiling-exec" in row for row in executes), stdout
 
 
 def test_sqlite_every_scenario_prints_its_row(runs: Runs) -> None:
