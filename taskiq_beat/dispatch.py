@@ -21,7 +21,7 @@ __all__ = ["JOB_ID_LABEL", "SCHEDULED_FOR_LABEL", "Dispatcher", "fire_task_id"]
 
 logger = logging.getLogger(__name__)
 
-_LOOP_TURN_EVERY = 0.005  # seconds a sender sends before it lets the event loop run a turn
+_LOOP_TURN_EVERY = 0.005  # seconds a batch's senders send before they let the event loop run
 _TASK_ID_NAMESPACE = uuid.UUID("6f1c3b7e-2a44-4d0e-9a55-3c1f0e8b7d21")
 JOB_ID_LABEL = "taskiq_beat_job_id"
 """Label carrying the scheduler job id on every message the scheduler sends."""
