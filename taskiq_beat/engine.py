@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -66,40 +66,31 @@ _CHANGE_POLL_SECONDS = 0.5
 
 
 class JobSnapshot(NamedTuple):
-    """A job as the engine holds it: its trigger parsed, its fire time and revision as loaded,
-    and what a fire sends (the task, and the stored JSON texts of the payload), which the
-    claim's compare-and-set on ``revision`` proves current. (A named tuple: one is made per
-    fire, and a frozen dataclass costs several times more to make.)"""
+    """A job as the engine holds it, as of one revision: its trigger parsed, and what a fire
+    sends (the task, and the stored JSON texts of the payload), which the claim's
+    compare-and-set on ``revision`` proves current.
+
+    The job's next fire time is not part of it (the engine keeps it beside, see
+    ``SchedulerEngine._due``): a fire of a periodic job moves that time and keeps the
+    snapshot. A snapshot lives as long as its revision, in the garbage collector's oldest
+    generation; one made per fire (10k jobs every second) would be promoted there and die
+    every second, and the collector would scan every object of the process each time that
+    generation grows by a quarter (~90 ms with 100k jobs loaded, every second or two)."""
 
     id: str
     kind: JobKind
     trigger: Trigger
-    next_run_at: datetime
     revision: int
     task_name: str
     args: str
     kwargs: str
     metadata: str
 
-    def following(self, next_run_at: datetime) -> JobSnapshot:
-        """This job after a claim: the same revision, the next fire time."""
-        return JobSnapshot(
-            self.id,
-            self.kind,
-            self.trigger,
-            next_run_at,
-            self.revision,
-            self.task_name,
-            self.args,
-            self.kwargs,
-            self.metadata,
-        )
-
     def holds(self, record: JobRecord) -> bool:
-        """Whether ``record`` (a row read later) is the job this snapshot holds."""
+        """Whether ``record`` (a row read later) is this revision of the job, with the same
+        payload (its fire time aside)."""
         return (
             self.revision == record.revision
-            and self.next_run_at == record.next_run_at
             and self.args == record.args
             and self.kwargs == record.kwargs
             and self.metadata == record.metadata
@@ -124,7 +115,11 @@ class SchedulerEngine:
         self._config = config
         self._clock = clock
         self.owner = owner or uuid.uuid4().hex
+        # The jobs held, and the fire time each is held for (the same keys): a job is off
+        # both from the moment its batch is popped until its claim is done. Heap entries
+        # whose time is not the job's in ``_due`` are stale (the job changed) and skipped.
         self._jobs: dict[str, JobSnapshot] = {}
+        self._due: dict[str, datetime] = {}
         self._heap: list[tuple[datetime, int, str]] = []
         self._sequence = itertools.count()
         self._horizon: datetime | None = None
@@ -138,7 +133,7 @@ class SchedulerEngine:
         self._reload: set[str] = set()
         self._disable: dict[str, str] = {}
         # fires sent and their outcomes, with the retry time of those that failed
-        self._unrecorded: list[tuple[list[Fire], list[SendOutcome], datetime]] = []
+        self._unrecorded: list[tuple[Sequence[Fire], list[SendOutcome], datetime]] = []
         self._listener: ChangeListener | None = None
         self._can_listen = True
         self._listen_again_at: datetime | None = None
@@ -297,22 +292,19 @@ class SchedulerEngine:
     ) -> None:
         """Tell the engine a job was created, changed or paused in this process
         (with the values just committed)."""
-        self._jobs.pop(job_id, None)
-        self._touch(job_id)
+        self._drop(job_id)
         if is_enabled and next_run_at is not None and self._within_horizon(next_run_at):
-            self._put(
-                JobSnapshot(
-                    job_id,
-                    kind,
-                    trigger,
-                    next_run_at,
-                    revision,
-                    task_name,
-                    encode_json(args),
-                    encode_json(kwargs),
-                    encode_json(metadata),
-                )
+            snapshot = JobSnapshot(
+                job_id,
+                kind,
+                trigger,
+                revision,
+                task_name,
+                encode_json(args),
+                encode_json(kwargs),
+                encode_json(metadata),
             )
+            self._put(snapshot, next_run_at)
             self._wakeup.set()
 
     def retry_at(self, when: datetime) -> None:
@@ -323,7 +315,12 @@ class SchedulerEngine:
 
     def job_deleted(self, job_id: str) -> None:
         """Tell the engine a job was deleted in this process."""
+        self._drop(job_id)
+
+    def _drop(self, job_id: str) -> None:
+        """Forget what the engine holds of a job: it changed, went or cannot fire."""
         self._jobs.pop(job_id, None)
+        self._due.pop(job_id, None)
         self._touch(job_id)
 
     def _touch(self, job_id: str) -> None:
@@ -433,40 +430,51 @@ class SchedulerEngine:
             return self._merge_records(records, skip or ())
 
     def _merge_records(self, records: list[JobRecord], skip: Collection[str]) -> int:
-        added: list[JobSnapshot] = []
+        added: list[tuple[datetime, str]] = []
         broken: dict[str, str] = {}
         jobs = self._jobs
+        due = self._due
         for record in records:
-            if record.id in skip:  # the engine knows newer of it than this row
+            job_id = record.id
+            if job_id in skip:  # the engine knows newer of it than this row
                 continue
-            current = jobs.get(record.id)
-            if current is not None and current.holds(record):
+            current = jobs.get(job_id)
+            when = record.next_run_at
+            if current is not None and when is not None and current.holds(record):
+                if due[job_id] != when:  # moved by another scheduler's claim
+                    due[job_id] = when
+                    added.append((when, job_id))
                 continue
             try:
                 snapshot = _snapshot(record)
             except CorruptJobError as exc:
-                broken[record.id] = str(exc)
+                broken[job_id] = str(exc)
                 continue
-            if snapshot is None:
-                jobs.pop(record.id, None)
+            if snapshot is None or when is None:
+                jobs.pop(job_id, None)
+                due.pop(job_id, None)
                 continue
-            jobs[snapshot.id] = snapshot
-            added.append(snapshot)
+            jobs[job_id] = snapshot
+            due[job_id] = when
+            added.append((when, job_id))
         self._push(added)
         if broken:
             self._disable_later(broken)
         return len(added)
 
-    def _put(self, snapshot: JobSnapshot) -> None:
+    def _put(self, snapshot: JobSnapshot, when: datetime) -> None:
+        """Hold ``snapshot``, due at ``when``."""
         self._jobs[snapshot.id] = snapshot
-        heapq.heappush(self._heap, (snapshot.next_run_at, next(self._sequence), snapshot.id))
+        self._due[snapshot.id] = when
+        heapq.heappush(self._heap, (when, next(self._sequence), snapshot.id))
 
-    def _push(self, snapshots: list[JobSnapshot]) -> None:
-        """Put many snapshots (already in ``_jobs``) on the heap: a heap that grows by more
-        than it holds is rebuilt in linear time instead of pushed to one entry at a time."""
+    def _push(self, added: list[tuple[datetime, str]]) -> None:
+        """Put many jobs (already held, at these times) on the heap: a heap that grows by
+        more than it holds is rebuilt in linear time instead of pushed to one entry at a
+        time."""
         heap = self._heap
         sequence = self._sequence
-        entries = [(s.next_run_at, next(sequence), s.id) for s in snapshots]
+        entries = [(when, next(sequence), job_id) for when, job_id in added]
         if len(entries) > len(heap):
             heap.extend(entries)
             heapq.heapify(heap)
@@ -489,25 +497,28 @@ class SchedulerEngine:
         held_until = self._held_until()
         return held_until is not None and when <= held_until
 
-    def _pop_due(self, now: datetime) -> list[JobSnapshot]:
-        """The next batch of due jobs. While more are due than a batch holds, each batch is
-        twice the last (up to ``_BATCH_GROWTH`` times ``dispatch_batch_size``): far behind,
-        the cost of each batch (transactions, round trips) is spread over more fires."""
+    def _pop_due(self, now: datetime) -> tuple[list[JobSnapshot], list[datetime]]:
+        """The next batch of due jobs, and the fire time each was held for. While more are
+        due than a batch holds, each batch is twice the last (up to ``_BATCH_GROWTH`` times
+        ``dispatch_batch_size``): far behind, the cost of each batch (transactions, round
+        trips) is spread over more fires."""
         batch: list[JobSnapshot] = []
+        times: list[datetime] = []
         heap = self._heap
         jobs = self._jobs
+        due = self._due
         limit = self._batch_size
         while heap and heap[0][0] <= now and len(batch) < limit:
             when, _, job_id = heapq.heappop(heap)
-            snapshot = jobs.get(job_id)
-            if snapshot is not None and snapshot.next_run_at == when:
-                del jobs[job_id]
-                batch.append(snapshot)
+            if due.get(job_id) == when:
+                del due[job_id]
+                batch.append(jobs.pop(job_id))
+                times.append(when)
         if len(batch) < limit:
             self._batch_size = self._config.dispatch_batch_size
         elif heap and heap[0][0] <= now:
             self._batch_size = min(limit * 2, self._largest_batch)
-        return batch
+        return batch, times
 
     async def _dispatch_due(self) -> int:
         """Claim, send and record every due batch, overlapping the database with the broker:
@@ -515,7 +526,7 @@ class SchedulerEngine:
         and batch n-1 recorded. (Claims of different batches touch different jobs; a job is
         off the heap from its claim until the claim is done.)"""
         sent = 0
-        claims: collections.deque[asyncio.Task[list[Fire]]] = collections.deque()
+        claims: collections.deque[asyncio.Task[Sequence[Fire]]] = collections.deque()
         self._claim_ahead(claims)
         recording: asyncio.Task[None] | None = None
         try:
@@ -546,13 +557,13 @@ class SchedulerEngine:
         finally:
             # Only after a failure: give back what the claims still in flight took, unsent.
             for claimed in await asyncio.gather(*claims, return_exceptions=True):
-                if isinstance(claimed, list):
+                if not isinstance(claimed, BaseException):
                     self._unrecorded.append((claimed, [RELEASED] * len(claimed), _NEVER))
             if recording is not None:
                 await recording
         return sent
 
-    def _claim_ahead(self, claims: collections.deque[asyncio.Task[list[Fire]]]) -> None:
+    def _claim_ahead(self, claims: collections.deque[asyncio.Task[Sequence[Fire]]]) -> None:
         """Start claiming due batches until ``_CLAIMS_IN_FLIGHT`` claims are under way.
 
         None once a sync is due and none is under way: the pass then ends with the batches
@@ -563,29 +574,30 @@ class SchedulerEngine:
         if self._loading is None and self._next_sync_at is not None and now >= self._next_sync_at:
             return
         while len(claims) < _CLAIMS_IN_FLIGHT:
-            batch = self._pop_due(now)
+            batch, times = self._pop_due(now)
             if not batch:
                 return
             if self._touched is not None:
                 self._touched.update(snapshot.id for snapshot in batch)
-            claims.append(asyncio.create_task(self._claim(batch, now)))
+            claims.append(asyncio.create_task(self._claim(batch, times, now)))
 
-    async def _claim(self, batch: list[JobSnapshot], now: datetime) -> list[Fire]:
+    async def _claim(
+        self, batch: list[JobSnapshot], held_for: list[datetime], now: datetime
+    ) -> Sequence[Fire]:
+        """Claim the fires of ``batch`` (each job held for the time at the same index)."""
         claims = Claims()
         add = claims.add
-        following: dict[str, datetime | None] = {}
+        following: list[datetime | None] = []
         times: dict[datetime, str] = {}  # ISO text of each fire time, once per batch
-        for snapshot in batch:
-            scheduled_for, after = next_due_fire(
-                snapshot.trigger, snapshot.next_run_at, now, self._grace
-            )
-            following[snapshot.id] = after
+        for snapshot, expected in zip(batch, held_for, strict=True):
+            scheduled_for, after = next_due_fire(snapshot.trigger, expected, now, self._grace)
+            following.append(after)
             iso = times.get(scheduled_for)
             if iso is None:
                 iso = times[scheduled_for] = scheduled_for.isoformat()
             add(
                 snapshot.id,  # job_id
-                snapshot.next_run_at,  # expected_next_run_at
+                expected,  # expected_next_run_at
                 snapshot.revision,  # expected_revision
                 scheduled_for,
                 after,  # new_next_run_at
@@ -601,19 +613,17 @@ class SchedulerEngine:
             )
         except BaseException:
             # Nothing was claimed: keep the batch due, unless the job changed meanwhile.
-            for snapshot in batch:
-                self._jobs.setdefault(snapshot.id, snapshot)
-                if self._jobs[snapshot.id] is snapshot:
-                    self._put(snapshot)
+            for snapshot, expected in zip(batch, held_for, strict=True):
+                if snapshot.id not in self._jobs:
+                    self._put(snapshot, expected)
             raise
         if self._touched is not None:  # a sync began while this claim was under way
             self._touched.update(snapshot.id for snapshot in batch)
         held_until = self._held_until()  # once per batch
-        for snapshot in batch:
+        for snapshot, after in zip(batch, following, strict=True):
             if snapshot.id in lost:
                 self._reload.add(snapshot.id)
                 continue
-            after = following[snapshot.id]
             changed_meanwhile = snapshot.id in self._jobs
             if (
                 after is not None
@@ -621,12 +631,12 @@ class SchedulerEngine:
                 and after <= held_until
                 and not changed_meanwhile
             ):
-                self._put(snapshot.following(after))
+                self._put(snapshot, after)
         if lost:
             logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))
         return fires
 
-    async def _send(self, fires: list[Fire]) -> int:
+    async def _send(self, fires: Sequence[Fire]) -> int:
         if not fires:
             return 0
         outcomes = await self._dispatcher.send(fires)
@@ -649,7 +659,9 @@ class SchedulerEngine:
             )
             self._unrecorded.pop(0)
 
-    def _report(self, fires: list[Fire], outcomes: list[SendOutcome], retry_at: datetime) -> int:
+    def _report(
+        self, fires: Sequence[Fire], outcomes: list[SendOutcome], retry_at: datetime
+    ) -> int:
         """Log a batch's outcomes: each fire at DEBUG, the batch in one line at most per
         kind; schedule the retry of failed sends; disable jobs that can never be sent."""
         sent = 0
@@ -657,12 +669,13 @@ class SchedulerEngine:
         failed = 0
         first_failed: tuple[Fire, str] | None = None
         debug = logger.isEnabledFor(logging.DEBUG)
-        for fire, outcome in zip(fires, outcomes, strict=True):
+        for index, outcome in enumerate(outcomes):  # a fire is read only when it is logged
             if outcome.released:
                 continue
             if outcome.error is None:
                 sent += 1
                 if debug:
+                    fire = fires[index]
                     logger.debug(
                         "dispatched job %s (%s) scheduled for %s as task %s",
                         fire.job_id,
@@ -670,20 +683,22 @@ class SchedulerEngine:
                         fire.scheduled_for,
                         fire.task_id,
                     )
-            elif outcome.final:
+                continue
+            fire = fires[index]
+            if outcome.final:
                 final[fire.job_id] = outcome.error
-            else:
-                failed += 1
-                if first_failed is None:
-                    first_failed = (fire, outcome.error)
-                if debug:
-                    logger.debug(
-                        "dispatch of job %s (%s) scheduled for %s failed: %s",
-                        fire.job_id,
-                        fire.task_name,
-                        fire.scheduled_for,
-                        outcome.error,
-                    )
+                continue
+            failed += 1
+            if first_failed is None:
+                first_failed = (fire, outcome.error)
+            if debug:
+                logger.debug(
+                    "dispatch of job %s (%s) scheduled for %s failed: %s",
+                    fire.job_id,
+                    fire.task_name,
+                    fire.scheduled_for,
+                    outcome.error,
+                )
         if first_failed is not None:
             failed_fire, failed_error = first_failed
             logger.warning(
@@ -719,8 +734,7 @@ class SchedulerEngine:
     def _disable_later(self, errors: dict[str, str]) -> None:
         for job_id, message in errors.items():
             logger.warning("disabling job %s: %s", job_id, message)
-            self._jobs.pop(job_id, None)
-            self._touch(job_id)
+            self._drop(job_id)
         self._disable.update(errors)
 
     async def _apply_pending(self) -> None:
@@ -754,7 +768,6 @@ def _snapshot(record: JobRecord) -> JobSnapshot | None:
         record.id,
         kind,
         trigger,
-        record.next_run_at,
         record.revision,
         record.task_name,
         record.args,

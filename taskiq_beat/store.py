@@ -36,11 +36,22 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeVar, Union, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    NamedTuple,
+    ParamSpec,
+    TypeVar,
+    Union,
+    cast,
+    overload,
+)
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -166,6 +177,10 @@ class Claims:
     def __len__(self) -> int:
         return len(self.job_ids)
 
+    def rows(self) -> Iterator[tuple[Any, ...]]:
+        """Each claim as the arguments :meth:`add` took for it."""
+        return zip(*(getattr(self, field.name) for field in dataclasses.fields(self)), strict=True)
+
 
 class Fire(NamedTuple):
     """A claimed fire, ready to be sent to the broker.
@@ -183,6 +198,80 @@ class Fire(NamedTuple):
     args: str
     kwargs: str
     metadata: str
+
+
+@dataclasses.dataclass(slots=True)
+class ClaimedFires(Sequence[Fire]):
+    """The fires of one claimed batch, kept column by column (``run_ids[i]`` is the run of
+    the fire of ``job_ids[i]``...); each :class:`Fire` is made when it is read, and is gone
+    once its ``kiq`` is.
+
+    A batch lives from its claim until its outcomes are recorded, a second or more for
+    thousands of fires: long enough for a tuple per fire (a named tuple is never untracked)
+    to reach the garbage collector's oldest generation, which the collector then scans
+    whole, every object of the process, each time it grows by a quarter. A batch's columns
+    are eight lists of strings, numbers and times.
+    """
+
+    run_ids: list[int] = dataclasses.field(default_factory=list)
+    job_ids: list[str] = dataclasses.field(default_factory=list)
+    scheduled_for: list[datetime] = dataclasses.field(default_factory=list)
+    task_ids: list[str] = dataclasses.field(default_factory=list)
+    task_names: list[str] = dataclasses.field(default_factory=list)
+    args: list[str] = dataclasses.field(default_factory=list)
+    kwargs: list[str] = dataclasses.field(default_factory=list)
+    metadata: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(cls, claims: Claims, run_ids: dict[str, int]) -> ClaimedFires:
+        """The fires of ``claims`` whose job has a run in ``run_ids`` (by job id), in order."""
+        if len(run_ids) == len(claims):  # every claim: its columns as they are
+            picked = claims
+        else:
+            picked = Claims()
+            add = picked.add
+            for claim in claims.rows():
+                if claim[0] in run_ids:
+                    add(*claim)
+        return cls(
+            [run_ids[job_id] for job_id in picked.job_ids],
+            picked.job_ids,
+            picked.scheduled_for,
+            picked.task_ids,
+            picked.task_names,
+            picked.args,
+            picked.kwargs,
+            picked.metadata,
+        )
+
+    def _columns(self) -> tuple[list[Any], ...]:
+        return (
+            self.run_ids,
+            self.job_ids,
+            self.scheduled_for,
+            self.task_ids,
+            self.task_names,
+            self.args,
+            self.kwargs,
+            self.metadata,
+        )
+
+    def __len__(self) -> int:
+        return len(self.run_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Fire: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Fire]: ...
+
+    def __getitem__(self, index: int | slice) -> Fire | list[Fire]:
+        if isinstance(index, slice):
+            return [self[at] for at in range(*index.indices(len(self)))]
+        return Fire(*(column[index] for column in self._columns()))
+
+    def __iter__(self) -> Iterator[Fire]:
+        return itertools.starmap(Fire, zip(*self._columns(), strict=True))
 
 
 class SendOutcome(NamedTuple):
@@ -599,7 +688,7 @@ class SchedulerStore:
         now: datetime,
         lease_until: datetime,
         owner: str,
-    ) -> tuple[list[Fire], set[str]]:
+    ) -> tuple[ClaimedFires, set[str]]:
         """Claim fires by compare-and-set; one transaction, one statement per table.
 
         Returns the fires to send, and the ids of the jobs whose compare-and-set failed (to be
@@ -607,31 +696,13 @@ class SchedulerStore:
         that fire was claimed before and is not sent again.
         """
         if not claims:
-            return [], set()
+            return ClaimedFires(), set()
         async with self._one_statement() as executor:
             won, inserted = await _batch_sql(executor).claim(
                 executor, claims, owner=owner, lease_until=lease_until, now=now
             )
-        lost: set[str] = set()
-        fires: list[Fire] = []
-        for job_id, scheduled_for, task_id, task_name, args, kwargs, metadata in zip(
-            claims.job_ids,
-            claims.scheduled_for,
-            claims.task_ids,
-            claims.task_names,
-            claims.args,
-            claims.kwargs,
-            claims.metadata,
-            strict=True,
-        ):
-            run_id = inserted.get(job_id)
-            if run_id is not None:
-                fires.append(
-                    Fire(run_id, job_id, scheduled_for, task_id, task_name, args, kwargs, metadata)
-                )
-            elif job_id not in won:
-                lost.add(job_id)
-        return fires, lost
+        lost = {job_id for job_id in claims.job_ids if job_id not in won}
+        return ClaimedFires.of(claims, inserted), lost
 
     @_time_limited
     async def claim_retries(
@@ -1157,9 +1228,10 @@ class _SqliteBatchSql(_BatchSql):
     )
     outcome = sa.text(
         f"SELECT (SELECT json_group_array({_JOB}.id)"
-        f" FROM json_each(:claims) AS item JOIN {_JOB} ON {_holds}),"
-        " (SELECT json_group_array(json_array(id, job_id))"
+        f" FROM json_each(:claims) AS item JOIN {_JOB} ON {_holds}), runs.job_ids, runs.ids"
+        " FROM (SELECT json_group_array(job_id) AS job_ids, json_group_array(id) AS ids"
         f" FROM {_RUN} WHERE id > last_insert_rowid() - changes() AND id <= last_insert_rowid())"
+        " AS runs"
     )
     advance = sa.text(
         f"UPDATE {_JOB} SET next_run_at = {_each(3)}, last_run_at = {_each(4)}"
@@ -1183,12 +1255,12 @@ class _SqliteBatchSql(_BatchSql):
             self.insert,
             {**params, "owner": owner, "lease_until": lease_until, "now": now, "status": _STATUS},
         )
-        [(won_text, runs_text)] = await self._rows(session, self.outcome, params)
+        [(won_text, run_jobs, run_ids)] = await self._rows(session, self.outcome, params)
         won: set[str] = set(json.loads(won_text))
         if not won:
             return won, {}
         await self.execute(session, self.advance, params)
-        return won, {job_id: run_id for run_id, job_id in json.loads(runs_text)}
+        return won, dict(zip(json.loads(run_jobs), json.loads(run_ids), strict=True))
 
     async def execute(
         self, session: _Executor, statement: sa.TextClause, params: dict[str, Any]
@@ -1218,16 +1290,19 @@ class _SqliteBatchSql(_BatchSql):
             ) from exc
 
     def claim_params(self, claims: Claims) -> dict[str, Any]:
+        # A tuple per claim, not a list: the collector stops tracking a tuple of strings and
+        # numbers the first time it sees it, where 8,192 lists would outlive collections
+        # while the batch is built and end up in its oldest generation.
         text = _EachTimeOnce(sqlite_datetime)
         rows = [
-            [
+            (
                 job_id,
                 text[expected],
                 revision,
                 None if new_next is None else text[new_next],
                 text[scheduled_for],
                 task_id,
-            ]
+            )
             for job_id, expected, revision, new_next, scheduled_for, task_id in zip(
                 claims.job_ids,
                 claims.expected_next_run_at,
