@@ -149,6 +149,7 @@ def _child_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--spacing", type=float, default=0.25)
     parser.add_argument("--log-level", default=None)
+    parser.add_argument("--switch-interval", type=float, default=None)
     return parser
 
 
@@ -183,6 +184,8 @@ def child_main(argv: Sequence[str]) -> None:
         from bench_support import beat140 as module  # type: ignore[no-redef]
     else:
         from bench_support import taskiq_sched as module  # type: ignore[no-redef]
+    if args.switch_interval is not None and args.phase != "setup":
+        sys.setswitchinterval(args.switch_interval)
     if args.phase == "both":  # --inline-setup: setup, then measure, in this one process
 
         async def both(opts: Options) -> dict[str, Any]:
@@ -192,6 +195,10 @@ def child_main(argv: Sequence[str]) -> None:
     else:
         phase: Callable[[Options], Any] = getattr(module, args.phase)
         result = asyncio.run(phase(opts))
+    if args.switch_interval is not None:
+        result["note"] = "; ".join(
+            filter(None, [result.get("note"), f"switch interval {sys.getswitchinterval():g} s"])
+        )
     emit(result)
 
 
@@ -214,6 +221,7 @@ class Plan:
     python312: str | None
     redis_url: str
     inline_setup: bool = False
+    switch_interval: float | None = None
 
 
 def _run_child(
@@ -285,6 +293,8 @@ def run_one(plan: Plan, system: str, scenario: str, db: str) -> dict[str, Any]:
     ]
     if plan.log_level:
         common += ["--log-level", plan.log_level]
+    if plan.switch_interval is not None:
+        common += ["--switch-interval", str(plan.switch_interval)]
     timeout = plan.max_wait + seconds + 600
     print(f"[bench] {system} / {db} / {scenario}: {jobs:,} jobs ...", file=sys.stderr, flush=True)
     with Database(db) as database:
@@ -695,6 +705,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default=None, metavar="DIR", help="pyinstrument reports")
     parser.add_argument("--json", default=None, metavar="PATH", help="write all results")
     parser.add_argument("--log-level", default=None, help="configure logging in the children")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="sys.setswitchinterval(S) in the measuring processes (an application's setting; "
+        "Python's default is 0.005)",
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument(
         "--inline-setup",
@@ -758,6 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         python312=python312,
         redis_url=args.redis_url,
         inline_setup=args.inline_setup,
+        switch_interval=args.switch_interval,
     )
     began = datetime.now(timezone.utc)
     wall = time.perf_counter()

@@ -5,7 +5,8 @@ runs through the same code path as a real run (fresh processes, a fresh database
 public API) and reports its table row without an error. SQLite always; PostgreSQL when it
 answers. To keep this file within ~20 s, the runs start at once (in parallel, two groups of
 scenarios per database), and ``--inline-setup`` loads the 20 jobs in the measuring process
-instead of in a process of its own.
+instead of in a process of its own. The first SQLite group also passes
+``--switch-interval``, which its rows must report as set in the measuring processes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tests.utils import PG_HOST, PG_PORT, postgres_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
+SWITCH = ["--switch-interval", "0.001"]  # for the first SQLite group
 GROUPS = {
     "sqlite": [
         ["ceiling", "ceiling-exec", "bulk", "burst", "execute"],
@@ -49,8 +51,8 @@ def _postgres_problem() -> str | None:
     return asyncio.run(postgres_answers())
 
 
-def _start(db: str, scenarios: list[str]) -> subprocess.Popen[str]:
-    command = [sys.executable, str(BENCH), *scenarios, "--db", db]
+def _start(db: str, scenarios: list[str], extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    command = [sys.executable, str(BENCH), *scenarios, "--db", db, *extra]
     command += ["--jobs", "20", "--seconds", "1", "--chunk", "7", "--inline-setup"]
     return subprocess.Popen(
         command,
@@ -65,7 +67,13 @@ def _start(db: str, scenarios: list[str]) -> subprocess.Popen[str]:
 @pytest.fixture(scope="module")
 def runs() -> Iterator[Runs]:
     """Every bench run, started together; for PostgreSQL, why it cannot run if it cannot."""
-    started: Runs = {"sqlite": [(group, _start("sqlite", group)) for group in GROUPS["sqlite"]]}
+    first, *others = GROUPS["sqlite"]
+    started: Runs = {
+        "sqlite": [
+            (first, _start("sqlite", first, tuple(SWITCH))),
+            *((group, _start("sqlite", group)) for group in others),
+        ]
+    }
     problem = _postgres_problem()
     if problem is None:
         started["postgres"] = [(group, _start("postgres", group)) for group in GROUPS["postgres"]]
@@ -79,8 +87,10 @@ def runs() -> Iterator[Runs]:
                 process.communicate()
 
 
-def _check(value: list[tuple[list[str], subprocess.Popen[str]]] | str) -> None:
+def _check(value: list[tuple[list[str], subprocess.Popen[str]]] | str) -> list[str]:
+    """Check every run's rows; return the rows of the first run."""
     assert isinstance(value, list)
+    first: list[str] = []
     for scenarios, process in value:
         stdout, stderr = process.communicate(timeout=80)
         assert process.returncode == 0, stdout + stderr
@@ -91,15 +101,20 @@ def _check(value: list[tuple[list[str], subprocess.Popen[str]]] | str) -> None:
             for row in rows:
                 assert "failed" not in row, row
                 assert "timed out" not in row, row
+            if process is value[0][1]:
+                first += rows
         executes = [line for line in lines if line.startswith("| execute: ")]
         ceilings = [line for line in lines if line.startswith("| ceiling-exec: ")]
         if executes:  # each with a ceiling of its own, measured just before it
             assert len(ceilings) == len(executes), stdout
             assert all("% of ceiling-exec" in row for row in executes), stdout
+    return first
 
 
 def test_sqlite_every_scenario_prints_its_row(runs: Runs) -> None:
-    _check(runs["sqlite"])
+    switched = _check(runs["sqlite"])
+    assert switched
+    assert all(f"switch interval {SWITCH[1]} s" in row for row in switched), switched
 
 
 def test_postgres_every_scenario_prints_its_row(runs: Runs) -> None:
