@@ -589,8 +589,16 @@ class SchedulerEngine:
         add = claims.add
         following: list[datetime | None] = []
         times: dict[datetime, str] = {}  # ISO text of each fire time, once per batch
+        # The fire of each trigger and time, once per batch: jobs that share a schedule
+        # (triggers are shared objects, see trigger_from_text) are due at the same times.
+        due_fires: dict[tuple[int, datetime], tuple[datetime, datetime | None]] = {}
+        grace = self._grace
         for snapshot, expected in zip(batch, held_for, strict=True):
-            scheduled_for, after = next_due_fire(snapshot.trigger, expected, now, self._grace)
+            key = (id(snapshot.trigger), expected)
+            due = due_fires.get(key)
+            if due is None:
+                due = due_fires[key] = next_due_fire(snapshot.trigger, expected, now, grace)
+            scheduled_for, after = due
             following.append(after)
             iso = times.get(scheduled_for)
             if iso is None:

@@ -1122,6 +1122,33 @@ async def test_a_periodic_job_fires_again_and_again_from_the_object_loaded_once(
     assert all(any(now is then for then in loaded) for now in held)
 
 
+async def test_jobs_sharing_a_schedule_have_their_next_fire_worked_out_once_per_batch(
+    app: SchedulerApp,
+    session: AsyncSession,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """40 jobs every 10 s share one trigger and one fire time: one computation for the
+    batch, and each job still gets its fire and its next one."""
+    jobs = await jobs_every_10s(app, session, 40)
+    await app.engine.sync()
+    computed: list[datetime] = []
+    real = engine_module.next_due_fire
+
+    def counting(*args: Any) -> tuple[datetime, datetime | None]:
+        computed.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "next_due_fire", counting)
+    due = clock.advance(10)
+    assert await app.engine.tick() == 40
+
+    assert computed == [due]
+    for job in jobs:
+        assert [run.scheduled_for for run in await runs_of(session, job.id)] == [due]
+        assert (await reload(session, job.id)).next_run_at == due + timedelta(seconds=10)
+
+
 async def test_start_runs_the_loop_in_the_background(
     broker: RecordingBroker, session_factory: async_sessionmaker[AsyncSession]
 ) -> None:
