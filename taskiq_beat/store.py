@@ -179,7 +179,12 @@ class Claims:
 
     def rows(self) -> Iterator[tuple[Any, ...]]:
         """Each claim as the arguments :meth:`add` took for it."""
-        return zip(*(getattr(self, field.name) for field in dataclasses.fields(self)), strict=True)
+        return zip(*_columns(self), strict=True)
+
+
+def _columns(batch: Claims | ClaimedFires) -> tuple[list[Any], ...]:
+    """The columns of a batch, in the order of its fields (those of a row)."""
+    return tuple(getattr(batch, field.name) for field in dataclasses.fields(batch))
 
 
 class Fire(NamedTuple):
@@ -206,11 +211,11 @@ class ClaimedFires(Sequence[Fire]):
     the fire of ``job_ids[i]``...); each :class:`Fire` is made when it is read, and is gone
     once its ``kiq`` is.
 
-    A batch lives from its claim until its outcomes are recorded, a second or more for
-    thousands of fires: long enough for a tuple per fire (a named tuple is never untracked)
-    to reach the garbage collector's oldest generation, which the collector then scans
-    whole, every object of the process, each time it grows by a quarter. A batch's columns
-    are eight lists of strings, numbers and times.
+    Its fields are :class:`Fire`'s, in the same order, a list each of strings, numbers and
+    times. A batch lives from its claim until its outcomes are recorded, a second or more
+    for thousands of fires: long enough for a tuple per fire (a named tuple is never
+    untracked) to reach the garbage collector's oldest generation, which the collector then
+    scans whole, every object of the process, each time it grows by a quarter.
     """
 
     run_ids: list[int] = dataclasses.field(default_factory=list)
@@ -244,18 +249,6 @@ class ClaimedFires(Sequence[Fire]):
             picked.metadata,
         )
 
-    def _columns(self) -> tuple[list[Any], ...]:
-        return (
-            self.run_ids,
-            self.job_ids,
-            self.scheduled_for,
-            self.task_ids,
-            self.task_names,
-            self.args,
-            self.kwargs,
-            self.metadata,
-        )
-
     def __len__(self) -> int:
         return len(self.run_ids)
 
@@ -268,10 +261,10 @@ class ClaimedFires(Sequence[Fire]):
     def __getitem__(self, index: int | slice) -> Fire | list[Fire]:
         if isinstance(index, slice):
             return [self[at] for at in range(*index.indices(len(self)))]
-        return Fire(*(column[index] for column in self._columns()))
+        return Fire(*(column[index] for column in _columns(self)))
 
     def __iter__(self) -> Iterator[Fire]:
-        return itertools.starmap(Fire, zip(*self._columns(), strict=True))
+        return itertools.starmap(Fire, zip(*_columns(self), strict=True))
 
 
 class SendOutcome(NamedTuple):
