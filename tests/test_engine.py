@@ -38,8 +38,9 @@ from taskiq_beat import (
     fire_task_id,
 )
 from taskiq_beat import engine as engine_module
-from taskiq_beat import store as store_module
-from taskiq_beat.store import Claims, SchedulerStore, _PostgresBatchSql
+from taskiq_beat.store import Claims, SchedulerStore
+from taskiq_beat.store.dialects import postgresql as store_module
+from taskiq_beat.store.dialects.postgresql import _PostgresBatchSql
 from tests.utils import FakeClock, RecordingBroker
 
 UTC = timezone.utc

@@ -1,0 +1,240 @@
+"""The engine's operations, each in a session of its own: load due jobs, claim fires by
+compare-and-set, claim retries, record what was sent."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import datetime
+from typing import (
+    Any,
+)
+
+import sqlalchemy as sa
+
+from taskiq_beat.enums import RunStatus
+from taskiq_beat.store._base import StoreCore, _time_limited
+from taskiq_beat.store._common import (
+    ChangeListener,
+    _dialect,
+    _dialect_name,
+    _Executor,
+    _job,
+    _records,
+    _run,
+    _select_payloads,
+    _select_records,
+)
+from taskiq_beat.store.dialects import batch_sql as _batch_sql
+from taskiq_beat.store.values import (
+    ClaimedFires,
+    Claims,
+    Fire,
+    JobRecord,
+    SendOutcome,
+)
+
+__all__ = ["ClaimOperations"]
+
+
+class ClaimOperations(StoreCore):
+    """What the scheduling loop asks of the database (see the package docstring)."""
+
+    @_time_limited
+    async def listen(self, on_change: Callable[[], None]) -> ChangeListener | None:
+        """Start hearing other processes' job changes; ``None`` where the database cannot
+        announce them (SQLite: changes are seen at the next sync)."""
+        if self._engine is None or self._engine.dialect.name != "postgresql":
+            return None
+        connection = await self._engine.connect()
+        listener = ChangeListener(connection, on_change)
+        try:
+            await listener.start()
+        except BaseException:
+            await listener.close()
+            raise
+        return listener
+
+    @_time_limited
+    async def load_due(self, horizon: datetime, *, limit: int | None = None) -> list[JobRecord]:
+        """Enabled jobs whose ``next_run_at`` is at or before ``horizon`` (uses the due index).
+
+        With ``limit``, only the ``limit`` due first (read in the index's order, so no more
+        rows than that are read whatever the number due)."""
+        statement = _select_records().where(
+            _job.c.is_enabled.is_(True),
+            _job.c.next_run_at.is_not(None),
+            _job.c.next_run_at <= horizon,
+        )
+        if limit is not None:
+            statement = statement.order_by(_job.c.next_run_at).limit(limit)
+        return await self._fetch(statement)
+
+    @_time_limited
+    async def last_change(self) -> Any:
+        """The newest ``updated_at`` of the jobs, as the driver returns it (compared, never
+        interpreted): every change made through the API sets it, a claim does not. One
+        lookup in its index."""
+        async with self._reading() as executor:
+            return await executor.scalar(sa.select(sa.func.max(_job.c.updated_at)))
+
+    @_time_limited
+    async def load_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
+        """The current state of the given jobs (missing ones are left out)."""
+        ids = list(job_ids)
+        if not ids:
+            return []
+        return await self._fetch(_select_records().where(_job.c.id.in_(ids)))
+
+    async def _fetch(self, statement: sa.Select[Any]) -> list[JobRecord]:
+        async with self._reading() as executor:
+            return _records(await executor.execute(statement), _dialect(executor))
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[_Executor]:
+        """Where the engine's reads run: a Core connection where the factory has an engine
+        (a fraction of an ORM session's cost), else a session."""
+        if self._engine is not None:
+            async with self._engine.connect() as connection:
+                yield connection
+            return
+        async with self._session_factory() as session:
+            yield session
+
+    @_time_limited
+    async def claim(
+        self,
+        claims: Claims,
+        *,
+        now: datetime,
+        lease_until: datetime,
+        owner: str,
+    ) -> tuple[ClaimedFires, set[str]]:
+        """Claim fires by compare-and-set; one transaction, one statement per table.
+
+        Returns the fires to send, and the ids of the jobs whose compare-and-set failed (to be
+        reloaded). A job that was advanced but whose fire already had a run row is in neither:
+        that fire was claimed before and is not sent again.
+        """
+        if not claims:
+            return ClaimedFires(), set()
+        async with self._one_statement() as executor:
+            won, inserted = await _batch_sql(executor).claim(
+                executor, claims, owner=owner, lease_until=lease_until, now=now
+            )
+        lost = {job_id for job_id in claims.job_ids if job_id not in won}
+        return ClaimedFires.of(claims, inserted), lost
+
+    @_time_limited
+    async def claim_retries(
+        self, *, now: datetime, lease_until: datetime, owner: str, limit: int
+    ) -> list[Fire]:
+        """Claim fires that still have to be sent and whose lease or retry time has passed."""
+        async with self._transaction() as session:
+            due = (
+                sa.select(_run.c.id)
+                .where(_run.c.next_attempt_at.is_not(None), _run.c.next_attempt_at <= now)
+                .order_by(_run.c.next_attempt_at)
+                .limit(limit)
+            )
+            if _dialect_name(session) == "postgresql":
+                due = due.with_for_update(skip_locked=True)
+            ids = list((await session.execute(due)).scalars())
+            if not ids:
+                return []
+            claimed = (
+                sa.update(_run)
+                .where(
+                    _run.c.id.in_(ids),
+                    _run.c.next_attempt_at.is_not(None),
+                    _run.c.next_attempt_at <= now,
+                )
+                .values(
+                    status=RunStatus.CLAIMED,
+                    attempt=_run.c.attempt + 1,
+                    claimed_by=owner,
+                    next_attempt_at=lease_until,
+                    updated_at=now,
+                )
+                .returning(_run.c.id, _run.c.job_id, _run.c.scheduled_for, _run.c.task_id)
+            )
+            runs = list(await session.execute(claimed))
+            jobs = {
+                row[0]: row[1:]
+                for row in await session.execute(
+                    _select_payloads().where(_job.c.id.in_({run[1] for run in runs}))
+                )
+            }
+        return [
+            Fire(run_id, job_id, scheduled_for, task_id, *jobs[job_id])
+            for run_id, job_id, scheduled_for, task_id in runs
+            if job_id in jobs
+        ]
+
+    @_time_limited
+    async def record(
+        self,
+        fires: Sequence[Fire],
+        outcomes: Sequence[SendOutcome],
+        *,
+        now: datetime,
+        retry_at: datetime,
+        keep_runs: bool,
+    ) -> None:
+        """Close sent fires, schedule failed ones for ``retry_at`` and released ones for now
+        (``outcomes[i]`` is what happened to ``fires[i]``)."""
+        sent: list[int] = []
+        released: list[int] = []
+        failed: list[tuple[Fire, SendOutcome]] = []
+        for fire, outcome in zip(fires, outcomes, strict=True):
+            if outcome.released:
+                released.append(fire.run_id)
+            elif outcome.error is not None:
+                failed.append((fire, outcome))
+            else:
+                sent.append(fire.run_id)
+        async with self._transaction() as session:
+            batch = _batch_sql(session)
+            if sent and keep_runs:
+                await batch.close_runs(session, sent, now=now)
+            elif sent:
+                await batch.delete_runs(session, sent)
+            if released:
+                await batch.release_runs(session, released, now=now)
+            if failed:
+                await session.execute(
+                    sa.update(_run)
+                    .where(_run.c.id == sa.bindparam("run"))
+                    .values(
+                        status=RunStatus.FAILED,
+                        error=sa.bindparam("message"),
+                        next_attempt_at=sa.bindparam("retry"),
+                        updated_at=now,
+                    ),
+                    [
+                        {
+                            "run": f.run_id,
+                            "message": o.error,
+                            "retry": None if o.final else retry_at,
+                        }
+                        for f, o in failed
+                    ],
+                )
+
+    @_time_limited
+    async def disable_jobs(self, errors: dict[str, str], *, now: datetime) -> None:
+        """Disable jobs that cannot fire, keeping the reason in ``last_error``."""
+        if not errors:
+            return
+        async with self._transaction() as session:
+            await session.execute(
+                sa.update(_job)
+                .where(_job.c.id == sa.bindparam("job"))
+                .values(
+                    is_enabled=False,
+                    last_error=sa.bindparam("message"),
+                    revision=_job.c.revision + 1,
+                    updated_at=now,
+                ),
+                [{"job": job_id, "message": message} for job_id, message in errors.items()],
+            )

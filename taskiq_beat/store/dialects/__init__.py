@@ -1,0 +1,116 @@
+"""The engine's hot statements, one class per SQL dialect. Their text does not depend on
+the batch size, so each is compiled (and on PostgreSQL prepared) once: the rows travel as
+array parameters (PostgreSQL, ``unnest``) or as one JSON parameter (SQLite, ``json_each``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from taskiq_beat.enums import RunStatus
+from taskiq_beat.models import UTCDateTime
+from taskiq_beat.store._common import _dialect_name, _Executor, _job, _run
+from taskiq_beat.store.values import Claims
+
+_JOB, _RUN = _job.name, _run.name
+_RUN_INSERT = (
+    f"INSERT INTO {_RUN} (job_id, scheduled_for, status, task_id, attempt, claimed_by,"
+    " next_attempt_at, created_at, updated_at)"
+)
+_STATUS, _DISPATCHED = RunStatus.CLAIMED.value, RunStatus.DISPATCHED.value
+
+
+def _times(*names: str) -> list[sa.BindParameter[Any]]:
+    return [sa.bindparam(name, type_=UTCDateTime()) for name in names]
+
+
+def _run_updates(where_ids: str) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause]:
+    """Close, release and delete run rows chosen by ``where_ids`` (the dialect's id list)."""
+    close = sa.text(
+        f"UPDATE {_RUN} SET status = :status, next_attempt_at = NULL, dispatched_at = :now,"
+        f" updated_at = :now, error = NULL{where_ids}"
+    ).bindparams(*_times("now"))
+    release = sa.text(
+        f"UPDATE {_RUN} SET next_attempt_at = :now, claimed_by = NULL, updated_at = :now{where_ids}"
+    ).bindparams(*_times("now"))
+    return close, release, sa.text(f"DELETE FROM {_RUN}{where_ids}")
+
+
+class _BatchSql:
+    """The engine's hot statements for one dialect."""
+
+    close: sa.TextClause
+    release: sa.TextClause
+    delete: sa.TextClause
+    claims_at_once = False
+    """Whether :meth:`claim` is one statement (and needs no transaction around it)."""
+
+    async def claim(
+        self,
+        session: _Executor,
+        claims: Claims,
+        *,
+        owner: str,
+        lease_until: datetime,
+        now: datetime,
+    ) -> tuple[set[str], dict[str, int]]:
+        """Advance the jobs by compare-and-set and insert the runs of those advanced (unless
+        they exist). Returns the ids of the jobs advanced, and the run id of each inserted run
+        by job id. Run in one transaction."""
+        raise NotImplementedError
+
+    def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def execute(
+        self, session: _Executor, statement: sa.TextClause, params: dict[str, Any]
+    ) -> None:
+        """Run one of these statements (no rows) in ``session``'s transaction."""
+        await session.execute(statement, params)
+
+    async def close_runs(self, session: _Executor, ids: Sequence[int], *, now: datetime) -> None:
+        params = {"now": now, "status": _DISPATCHED, **self.id_params(ids)}
+        await self.execute(session, self.close, params)
+
+    async def release_runs(self, session: _Executor, ids: Sequence[int], *, now: datetime) -> None:
+        await self.execute(session, self.release, {"now": now, **self.id_params(ids)})
+
+    async def delete_runs(self, session: _Executor, ids: Sequence[int]) -> None:
+        await self.execute(session, self.delete, self.id_params(ids))
+
+
+_T = TypeVar("_T")
+
+
+class _EachTimeOnce(dict[datetime, _T]):
+    """``convert`` of each distinct time once (a batch's fires share a few times):
+    ``times[value]``, a plain dictionary lookup once a time is known."""
+
+    def __init__(self, convert: Callable[[datetime], _T]) -> None:
+        super().__init__()
+        self._convert = convert
+
+    def __missing__(self, value: datetime) -> _T:
+        converted = self[value] = self._convert(value)
+        return converted
+
+
+def claims_at_once(dialect_name: str) -> bool:
+    """Whether the dialect's claim is one statement (and needs no transaction around it)."""
+    return dialect_name == "postgresql"
+
+
+def batch_sql(session: _Executor) -> _BatchSql:
+    """The statements of ``session``'s dialect."""
+    from taskiq_beat.store.dialects.postgresql import POSTGRESQL
+    from taskiq_beat.store.dialects.sqlite import SQLITE
+
+    name = _dialect_name(session)
+    if name == "postgresql":
+        return POSTGRESQL
+    if name == "sqlite":
+        return SQLITE
+    raise NotImplementedError(f"taskiq-beat supports SQLite and PostgreSQL, not {name!r}")

@@ -1,0 +1,127 @@
+"""PostgreSQL's batch statements (asyncpg)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import (
+    Any,
+)
+
+import sqlalchemy as sa
+
+from taskiq_beat.store._common import (
+    _Executor,
+)
+from taskiq_beat.store.dialects import (
+    _JOB,
+    _RUN_INSERT,
+    _STATUS,
+    _BatchSql,
+    _EachTimeOnce,
+    _run_updates,
+    _times,
+)
+from taskiq_beat.store.values import Claims
+
+
+def _from_micros(value: str) -> str:
+    """SQL: a timestamptz from whole microseconds since the Unix epoch, exactly (seconds and
+    microseconds apart: one product in ``double precision`` is exact only to 2**53 µs)."""
+    return (
+        f"(TIMESTAMPTZ 'epoch' + ({value} / 1000000) * INTERVAL '1 second'"
+        f" + ({value} % 1000000) * INTERVAL '1 microsecond')"
+    )
+
+
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _micros(value: datetime) -> int:
+    """Whole microseconds since the Unix epoch."""
+    return (value - _UNIX_EPOCH) // _MICROSECOND
+
+
+class _PostgresBatchSql(_BatchSql):
+    _ids = " WHERE id = ANY(CAST(:ids AS BIGINT[]))"
+    close, release, delete = _run_updates(_ids)
+    # advance + insert in one statement: data-modifying CTEs run in one snapshot, and the
+    # statement is atomic on its own. The claims travel as columns: the job and task ids as
+    # JSON texts, the times as whole microseconds (asyncpg encodes a timestamptz array at
+    # ~1.5 us an element, a bigint one at ~0.4, a text at once; 5.4 -> 1.7 us of client
+    # CPU per claim, the server's work unchanged), a fire's time left out (an empty array)
+    # when each is the job's expected one. It answers in one row of JSON texts: the jobs
+    # advanced, and the job and id of each run inserted (a fire that had its run already
+    # has none); no row per fire. (No join of the two CTEs: the planner, which cannot
+    # estimate them, nests loops over them.) The jobs are also looked up by id: joined to
+    # the claims alone, the planner reads every job (a sequential scan and a hash of the
+    # whole table, per batch: 75 of 170 ms for 2,048 claims among 100k jobs); with the id
+    # list it uses the primary key once the table has statistics (10 ms).
+    claim_all = sa.text(
+        "WITH claim AS (SELECT c.job_id, c.revision, c.task_id,"
+        f" {_from_micros('c.expected')} AS expected, {_from_micros('c.new_next')} AS new_next,"
+        f" {_from_micros('COALESCE(c.scheduled_for, c.expected)')} AS scheduled_for"
+        " FROM ROWS FROM (json_array_elements_text(CAST(:job_ids AS JSON)),"
+        " unnest(CAST(:expected AS BIGINT[])), unnest(CAST(:revisions AS INTEGER[])),"
+        " unnest(CAST(:new_next AS BIGINT[])), unnest(CAST(:scheduled_for AS BIGINT[])),"
+        " json_array_elements_text(CAST(:task_ids AS JSON)))"
+        " AS c(job_id, expected, revision, new_next, scheduled_for, task_id)),"
+        f" won AS (UPDATE {_JOB} AS job"
+        " SET next_run_at = claim.new_next, last_run_at = claim.scheduled_for"
+        " FROM claim WHERE job.id = claim.job_id AND job.next_run_at = claim.expected"
+        " AND job.revision = claim.revision AND job.is_enabled"
+        " AND job.id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:job_ids AS JSON))))"
+        " RETURNING job.id, claim.scheduled_for, claim.task_id),"
+        f" run AS ({_RUN_INSERT} SELECT won.id, won.scheduled_for, :status, won.task_id, 1,"
+        " :owner, :lease_until, :now, :now FROM won"
+        " ON CONFLICT DO NOTHING RETURNING id, job_id)"
+        " SELECT CAST((SELECT json_agg(won.id) FROM won) AS TEXT),"
+        " CAST(runs.job_ids AS TEXT), CAST(runs.run_ids AS TEXT)"
+        " FROM (SELECT json_agg(job_id) AS job_ids, json_agg(id) AS run_ids FROM run) AS runs"
+    ).bindparams(*_times("lease_until", "now"))
+    claims_at_once = True
+
+    async def claim(
+        self,
+        session: _Executor,
+        claims: Claims,
+        *,
+        owner: str,
+        lease_until: datetime,
+        now: datetime,
+    ) -> tuple[set[str], dict[str, int]]:
+        params = self.claim_params(claims)
+        params.update(
+            owner=owner,
+            lease_until=lease_until,
+            now=now,
+            status=_STATUS,
+        )
+        won, run_jobs, run_ids = (await session.execute(self.claim_all, params)).one()
+        advanced: set[str] = set() if won is None else set(json.loads(won))
+        if run_jobs is None:  # no run inserted (json_agg of no rows is NULL)
+            return advanced, {}
+        return advanced, dict(zip(json.loads(run_jobs), json.loads(run_ids), strict=True))
+
+    def claim_params(self, claims: Claims) -> dict[str, Any]:
+        micros = _EachTimeOnce(_micros)
+        expected = [micros[value] for value in claims.expected_next_run_at]
+        scheduled_for = [micros[value] for value in claims.scheduled_for]
+        return {
+            "job_ids": json.dumps(claims.job_ids),
+            "expected": expected,
+            "revisions": claims.expected_revisions,
+            "new_next": [
+                None if value is None else micros[value] for value in claims.new_next_run_at
+            ],
+            "scheduled_for": [] if scheduled_for == expected else scheduled_for,
+            "task_ids": json.dumps(claims.task_ids),
+        }
+
+    def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
+        return {"ids": list(ids)}
+
+
+POSTGRESQL = _PostgresBatchSql()

@@ -1,0 +1,112 @@
+"""Runs in the caller's session: history, one run, the claimed run of an immediate send."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import (
+    TYPE_CHECKING,
+)
+
+import sqlalchemy as sa
+
+from taskiq_beat.enums import RunStatus
+from taskiq_beat.models import (
+    SchedulerJob,
+    SchedulerRun,
+)
+from taskiq_beat.store._common import (
+    _commit,
+    _dialect_name,
+    _insert_for,
+    _job,
+    _make_room,
+    _run,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+__all__ = ["RunOperations"]
+
+
+class RunOperations:
+    """Management operations on runs; each runs in the caller's session and commits it."""
+
+    @staticmethod
+    async def list_runs(
+        session: AsyncSession,
+        *,
+        job_id: str | None = None,
+        status: RunStatus | None = None,
+        limit: int | None = 100,
+    ) -> list[SchedulerRun]:
+        """Runs, the most recently scheduled first."""
+        statement = sa.select(SchedulerRun).order_by(
+            SchedulerRun.scheduled_for.desc(), SchedulerRun.id.desc()
+        )
+        if job_id is not None:
+            statement = statement.where(SchedulerRun.job_id == job_id)
+        if status is not None:
+            statement = statement.where(SchedulerRun.status == status)
+        if limit is not None:
+            statement = statement.limit(limit)
+        result = await session.execute(statement.execution_options(populate_existing=True))
+        runs = list(result.scalars())
+        await _commit(session)
+        return runs
+
+    @staticmethod
+    async def get_run(session: AsyncSession, run_id: int) -> SchedulerRun | None:
+        """Return the run ``run_id`` or ``None``, ending the read transaction."""
+        result = await session.execute(
+            sa.select(SchedulerRun)
+            .where(SchedulerRun.id == run_id)
+            .execution_options(populate_existing=True)
+        )
+        run = result.scalar_one_or_none()
+        await _commit(session)
+        return run
+
+    @staticmethod
+    async def add_claimed_run(
+        session: AsyncSession,
+        *,
+        job: SchedulerJob | None,
+        job_id: str,
+        scheduled_for: datetime,
+        task_id: str,
+        owner: str,
+        now: datetime,
+        lease_until: datetime,
+    ) -> int | None:
+        """Insert ``job`` (if given) and a claimed run for an immediate send; commit.
+
+        Returns the run id, or ``None`` when that fire exists already.
+        """
+        if job is not None:
+            _make_room(session, job)
+            session.add(job)
+            await session.flush()
+        insert = _insert_for(_dialect_name(session))
+        statement = (
+            insert(_run)
+            .values(
+                job_id=job_id,
+                scheduled_for=scheduled_for,
+                status=RunStatus.CLAIMED,
+                task_id=task_id,
+                attempt=1,
+                claimed_by=owner,
+                next_attempt_at=lease_until,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing()
+            .returning(_run.c.id)
+        )
+        run_id = (await session.execute(statement)).scalar_one_or_none()
+        await session.execute(
+            sa.update(_job).where(_job.c.id == job_id).values(last_run_at=scheduled_for)
+        )
+        await _commit(session)
+        return run_id
