@@ -11,7 +11,9 @@ runs the scheduler for 14.5 s (``--seconds N`` to change that), stops it and pri
 history that the scheduler wrote to the database.
 
 Everything runs in this one process: ``InMemoryBroker`` executes each task as soon as the
-scheduler sends it, so no separate worker is needed. The database is
+scheduler sends it, so no separate worker is needed; the lifecycle middleware that
+``SchedulerApp`` adds to the broker writes each outcome onto its run, as it would in a
+``taskiq worker`` process. The database is
 ``.demo/demo.sqlite3`` under the repository root, deleted and recreated at every run.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import shutil
 import sys
 import time
@@ -67,6 +70,17 @@ async def heartbeat(
     counts["heartbeat"] += 1
     scheduled_for = context.message.labels.get(SCHEDULED_FOR_LABEL, "?")
     _say(f"heartbeat #{counts['heartbeat']} from {source} (scheduled for {scheduled_for})")
+    await asyncio.sleep(random.uniform(0.05, 0.3))  # some work: its duration is recorded
+
+
+@broker.task(task_name="demo.flaky")
+async def flaky() -> None:
+    counts["flaky"] += 1
+    if counts["flaky"] % 2 == 0:
+        _say(f"flaky run #{counts['flaky']}: failing (every other run does)")
+        raise ConnectionError("upstream did not answer (the demo fails every other run)")
+    await asyncio.sleep(0.1)
+    _say(f"flaky run #{counts['flaky']}: succeeded")
 
 
 @broker.task(task_name="demo.cron_tick")
@@ -127,6 +141,12 @@ async def schedule_jobs(app: SchedulerApp, session_factory: async_sessionmaker[A
             job_id="demo.chain",
             name="3-step chain every 6 s",
         )
+        await app.single(flaky).upsert(
+            session,
+            trigger=PeriodicSchedule(interval=IntervalTrigger(seconds=3)),
+            job_id="demo.flaky",
+            name="flaky every 3 s",
+        )
         for job in await app.list_jobs(session):
             _say(f"job {job.id!r} ({job.strategy.value}) first fire at {_clock(job.next_run_at)}")
 
@@ -141,6 +161,18 @@ def _delay(run: SchedulerRun) -> str:
     return f"{(run.dispatched_at - run.scheduled_for).total_seconds() * 1000:.0f} ms"
 
 
+def _duration(run: SchedulerRun) -> str:
+    if run.duration_seconds is None:
+        return "-"
+    return f"{run.duration_seconds * 1000:.0f} ms"
+
+
+def _error(run: SchedulerRun) -> str:
+    if run.error is None:
+        return ""
+    return run.error if len(run.error) <= 60 else run.error[:59] + "…"
+
+
 def _job_name(jobs: dict[str, SchedulerJob], job_id: str) -> str:
     job = jobs.get(job_id)
     return job.name if job is not None and job.name else job_id
@@ -151,15 +183,15 @@ async def print_history(app: SchedulerApp, session_factory: async_sessionmaker[A
         jobs = {job.id: job for job in await app.list_jobs(session)}
         runs = await app.list_runs(session, limit=None)
     runs.sort(key=lambda run: (run.scheduled_for, run.job_id))
-    header = ("job", "task", "scheduled_for (UTC)", "status", "sent after", "task id")
+    header = ("job", "scheduled_for (UTC)", "sent after", "status", "ran for", "error")
     rows = [
         (
             _job_name(jobs, run.job_id),
-            jobs[run.job_id].task_name if run.job_id in jobs else "?",
-            run.scheduled_for.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
-            run.status.value,
+            run.scheduled_for.strftime("%H:%M:%S.%f")[:-3],
             _delay(run),
-            run.task_id[:12] + "...",
+            run.status.value,
+            _duration(run),
+            _error(run),
         )
         for run in runs
     ]
@@ -176,10 +208,19 @@ async def print_history(app: SchedulerApp, session_factory: async_sessionmaker[A
     for row in rows:
         print(line(row))
     print()
-    print("Runs per job:")
+    print("Runs per job (counters the workers keep on each job):")
     per_job = Counter(run.job_id for run in runs)
     for job_id in sorted(jobs):
-        print(f"  {job_id:<16} {per_job[job_id]:>3}")
+        job = jobs[job_id]
+        last = (
+            "-"
+            if job.last_duration_seconds is None
+            else f"{job.last_duration_seconds * 1000:.0f} ms"
+        )
+        print(
+            f"  {job_id:<16} {per_job[job_id]:>3} fires, {job.success_count:>3} succeeded,"
+            f" {job.failure_count:>3} failed, last run took {last}"
+        )
     print(flush=True)
     return len(runs)
 
@@ -220,6 +261,7 @@ async def main(seconds: float, database: Path) -> int:
             await asyncio.wait_for(broker.wait_all(), timeout=5)
         except asyncio.TimeoutError:
             _say("some tasks were still running after 5 s; not waiting for them")
+        await broker.shutdown()  # the lifecycle middleware writes the last outcomes
         total = await print_history(app, session_factory)
     finally:
         await broker.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from datetime import datetime as datetime_type
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from taskiq_beat.dispatch import Dispatcher, fire_task_id
 from taskiq_beat.engine import SchedulerEngine
 from taskiq_beat.enums import RunStatus
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
+from taskiq_beat.housekeeping import Housekeeper
 from taskiq_beat.models import (
     JOB_ID_MAX_LENGTH,
     NAME_MAX_LENGTH,
@@ -43,6 +45,7 @@ from taskiq_beat.triggers import (
     trigger_to_json,
     validate_trigger,
 )
+from taskiq_beat.worker import RunLifecycleMiddleware
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -92,6 +95,22 @@ class SchedulerApp:
         )
         register_chain_orchestrator(broker)
         _enforce_sqlite_foreign_keys(session_factory)
+        self.lifecycle = self._report_lifecycle(broker)
+        self._housekeeper = Housekeeper(store=self._store, config=self.config, clock=self._clock)
+
+    def _report_lifecycle(self, broker: AsyncBroker) -> RunLifecycleMiddleware | None:
+        """The broker's lifecycle middleware (see :mod:`taskiq_beat.worker`): added here, so
+        that a worker that imports this app reports outcomes; one per broker."""
+        for middleware in broker.middlewares:
+            if isinstance(middleware, RunLifecycleMiddleware):
+                return middleware
+        if not (self.config.record_runs and self.config.record_lifecycle):
+            return None
+        middleware = RunLifecycleMiddleware(
+            store=self._store, config=self.config, clock=self._clock
+        )
+        broker.add_middlewares(middleware)
+        return middleware
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -107,11 +126,13 @@ class SchedulerApp:
     async def start(self) -> None:
         """Load the due jobs and start the scheduling loop in the background."""
         await self._engine.start()
+        self._housekeeper.start()
         logger.info("scheduler started (instance %s)", self._engine.owner)
 
     async def stop(self) -> None:
         """Stop the loop; fires claimed but not sent are released for the next scheduler."""
         await self._engine.stop()
+        await self._housekeeper.stop()
         logger.info("scheduler stopped (instance %s)", self._engine.owner)
 
     async def __aenter__(self) -> SchedulerApp:
@@ -368,9 +389,16 @@ class SchedulerApp:
         job_id: str | None = None,
         *,
         status: RunStatus | str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
         limit: int | None = 100,
+        offset: int = 0,
     ) -> list[SchedulerRun]:
-        """Run history, the most recently scheduled first; all jobs when ``job_id`` is None."""
+        """Run history, the most recently scheduled first; all jobs when ``job_id`` is None.
+
+        ``since`` / ``until`` bound the scheduled time (``since <= scheduled_for < until``);
+        ``limit`` and ``offset`` page through the rest.
+        """
         if status is not None:
             try:
                 status = RunStatus(status)
@@ -378,7 +406,22 @@ class SchedulerApp:
                 raise InvalidJobError("status", status, "unknown run status") from None
         if limit is not None and (isinstance(limit, bool) or limit < 0):
             raise InvalidJobError("limit", limit, "expected a non-negative integer")
-        return await self._store.list_runs(session, job_id=job_id, status=status, limit=limit)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidJobError("offset", offset, "expected a non-negative integer")
+        for field, value in (("since", since), ("until", until)):
+            if value is not None and (
+                not isinstance(value, datetime_type) or value.utcoffset() is None
+            ):
+                raise InvalidJobError(field, value, "expected a timezone-aware datetime")
+        return await self._store.list_runs(
+            session,
+            job_id=job_id,
+            status=status,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
+        )
 
     async def pause(self, session: AsyncSession, job_id: str) -> SchedulerJob:
         """Stop firing the job until :meth:`resume`.

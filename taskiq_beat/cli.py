@@ -88,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = commands.add_parser("runs", parents=[target, output], help="show run history")
     runs.add_argument("job_id", nargs="?", help="only runs of this job")
-    runs.add_argument("--status", help="claimed, dispatched or failed")
+    runs.add_argument(
+        "--status",
+        help="claimed, dispatched, running, succeeded, failed or lost",
+    )
     runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--offset", type=int, default=0)
     runs.set_defaults(handler=_handler(_list_runs))
 
     database = commands.add_parser("db", help="database schema")
@@ -239,7 +243,9 @@ async def _delete_job(app: SchedulerApp, session: AsyncSession, args: argparse.N
 
 
 async def _list_runs(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
-    runs = await app.list_runs(session, args.job_id, status=args.status, limit=args.limit)
+    runs = await app.list_runs(
+        session, args.job_id, status=args.status, limit=args.limit, offset=args.offset
+    )
     return _RunTable([run.to_dict() for run in runs])
 
 
@@ -272,6 +278,8 @@ class _JobTable(list[dict[str, Any]]):
         ("ENABLED", "is_enabled"),
         ("NEXT RUN (UTC)", "next_run_at"),
         ("LAST RUN (UTC)", "last_run_at"),
+        ("RUNS", "run_count"),
+        ("FAILED", "failure_count"),
         ("LAST ERROR", "last_error"),
     )
 
@@ -282,6 +290,8 @@ class _RunTable(list[dict[str, Any]]):
         ("SCHEDULED FOR (UTC)", "scheduled_for"),
         ("STATUS", "status"),
         ("ATTEMPT", "attempt"),
+        ("DURATION (S)", "duration_seconds"),
+        ("WORKER", "worker_id"),
         ("TASK ID", "task_id"),
         ("ERROR", "error"),
     )
@@ -315,6 +325,8 @@ def _cell(value: Any, limit: int | None = 40) -> str:
         text = "yes" if value else "no"
     elif isinstance(value, datetime):
         text = value.strftime("%Y-%m-%d %H:%M:%S")
+    elif isinstance(value, float):
+        text = f"{value:.3f}"
     elif isinstance(value, str):
         text = value.replace("\n", " ")
     else:

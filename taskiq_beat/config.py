@@ -47,6 +47,27 @@ class SchedulerConfig(BaseModel):
     partition)."""
     shutdown_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long ``stop()`` waits for the batch in flight before giving up on it."""
+    record_lifecycle: bool = True
+    """Workers that run a fire write its lifecycle onto its run (``running``, then
+    ``succeeded`` / ``failed``) and execute each fire once (see :mod:`taskiq_beat.worker`).
+    Needs ``record_runs``: without run rows there is nothing to write onto."""
+    lifecycle_flush_seconds: float = Field(default=0.1, gt=0)
+    """How long a worker gathers finished runs before it writes them in one batch."""
+    lifecycle_batch_size: int = Field(default=500, gt=0)
+    """A worker writes its finished runs at once when this many wait."""
+    lifecycle_buffer_size: int = Field(default=10_000, gt=0)
+    """Most finished runs a worker keeps while the database is unreachable; older ones are
+    dropped beyond it (with one warning per outage)."""
+    worker_heartbeat_seconds: float = Field(default=5.0, gt=0)
+    """How often a worker renews its row in ``scheduler_worker``."""
+    worker_timeout_seconds: float = Field(default=30.0, gt=0)
+    """A worker not seen for this long is gone: the scheduler marks its running runs
+    ``lost``."""
+    housekeeping_interval_seconds: float = Field(default=5.0, gt=0)
+    """How often the scheduler looks for lost runs (and, every minute or so, old history)."""
+    run_history_retention_days: float | None = Field(default=None, gt=0)
+    """Finished runs scheduled longer ago than this are deleted, and one-off jobs whose last
+    fire was that long ago; ``None`` keeps everything."""
 
     @field_validator("default_timezone")
     @classmethod
@@ -60,6 +81,15 @@ class SchedulerConfig(BaseModel):
             raise ValueError(
                 f"claim_lease_seconds={self.claim_lease_seconds} must be longer than "
                 f"dispatch_timeout_seconds={self.dispatch_timeout_seconds}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> SchedulerConfig:
+        if self.worker_timeout_seconds <= self.worker_heartbeat_seconds:
+            raise ValueError(
+                f"worker_timeout_seconds={self.worker_timeout_seconds} must be longer than "
+                f"worker_heartbeat_seconds={self.worker_heartbeat_seconds}"
             )
         return self
 

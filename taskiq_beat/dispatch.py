@@ -17,7 +17,7 @@ from taskiq_beat.store import RELEASED, SENT, Fire, SendOutcome
 if TYPE_CHECKING:
     from taskiq import AsyncBroker
 
-__all__ = ["JOB_ID_LABEL", "SCHEDULED_FOR_LABEL", "Dispatcher", "fire_task_id"]
+__all__ = ["JOB_ID_LABEL", "RUN_ID_LABEL", "SCHEDULED_FOR_LABEL", "Dispatcher", "fire_task_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ JOB_ID_LABEL = "taskiq_beat_job_id"
 """Label carrying the scheduler job id on every message the scheduler sends."""
 SCHEDULED_FOR_LABEL = "taskiq_beat_scheduled_for"
 """Label carrying the fire's scheduled time (ISO 8601, UTC) on every message."""
+RUN_ID_LABEL = "taskiq_beat_run_id"
+"""Label carrying the id of the fire's ``scheduler_run`` row: the worker writes onto it."""
 
 
 def fire_task_id(job_id: str, scheduled_for: datetime) -> str:
@@ -302,4 +304,5 @@ def _payload(
     if scheduled_for is None:
         scheduled_for = times[fire.scheduled_for] = fire.scheduled_for.isoformat()
     labels[SCHEDULED_FOR_LABEL] = scheduled_for
+    labels[RUN_ID_LABEL] = fire.run_id
     return args, kwargs, labels

@@ -28,12 +28,21 @@ class JobStrategy(str, enum.Enum):
 class RunStatus(str, enum.Enum):
     """Where one fire of a job stands.
 
-    ``CLAIMED``: a scheduler owns the fire and is about to send it; if that scheduler dies,
-    the fire is sent again (with the same task id) once ``next_attempt_at`` passes.
-    ``DISPATCHED``: ``kiq`` succeeded. ``FAILED``: ``kiq`` failed; when ``next_attempt_at``
-    is set the fire is retried then, otherwise the failure is final.
+    The scheduler writes the first three: ``CLAIMED``: a scheduler owns the fire and is about
+    to send it; if that scheduler dies, the fire is sent again (with the same task id) once
+    ``next_attempt_at`` passes. ``DISPATCHED``: ``kiq`` succeeded. ``FAILED`` without
+    ``finished_at``: ``kiq`` failed; when ``next_attempt_at`` is set the fire is retried then,
+    otherwise the failure is final.
+
+    A worker that executes the fire writes the rest (see :mod:`taskiq_beat.worker`):
+    ``RUNNING`` (``started_at``, ``worker_id``), then ``SUCCEEDED`` or ``FAILED`` (with
+    ``finished_at``, ``duration_seconds``, ``error_type`` and ``error``). ``LOST``: the worker
+    running it stopped renewing its heartbeat; a redelivered message may run it once more.
     """
 
     CLAIMED = "claimed"
     DISPATCHED = "dispatched"
     FAILED = "failed"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    LOST = "lost"

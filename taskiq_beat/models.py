@@ -21,13 +21,18 @@ from sqlalchemy.types import TypeDecorator
 from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
 
 __all__ = [
+    "ERROR_MAX_LENGTH",
+    "ERROR_TYPE_MAX_LENGTH",
+    "JOB_COUNTER_COLUMNS",
     "JOB_ID_MAX_LENGTH",
     "NAME_MAX_LENGTH",
     "TASK_NAME_MAX_LENGTH",
+    "WORKER_ID_MAX_LENGTH",
     "JSONValue",
     "SchedulerBase",
     "SchedulerJob",
     "SchedulerRun",
+    "SchedulerWorker",
     "UTCDateTime",
     "Unreadable",
     "decode_json",
@@ -35,6 +40,19 @@ __all__ = [
     "sqlite_datetime",
 ]
 
+JOB_COUNTER_COLUMNS = (
+    "run_count",
+    "success_count",
+    "failure_count",
+    "last_success_at",
+    "last_failure_at",
+    "last_duration_seconds",
+)
+"""The columns of ``scheduler_job`` that the workers keep (an upsert leaves them alone)."""
+ERROR_MAX_LENGTH = 4000
+"""Longest error message kept on a run; a longer one is truncated (never refused)."""
+ERROR_TYPE_MAX_LENGTH = 255
+WORKER_ID_MAX_LENGTH = 64
 JOB_ID_MAX_LENGTH = 255
 NAME_MAX_LENGTH = 255
 TASK_NAME_MAX_LENGTH = 255
@@ -210,6 +228,16 @@ class SchedulerJob(SchedulerBase):
     revision: Mapped[int] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # What the workers report, kept current by them (never touched by an upsert, and not a
+    # change: neither ``revision`` nor ``updated_at`` moves).
+    run_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    """Runs finished on a worker (succeeded, failed or lost)."""
+    success_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    failure_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    """Runs that failed on a worker or were lost."""
+    last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_duration_seconds: Mapped[float | None] = mapped_column(sa.Float)
 
     __table_args__ = (
         # The engine's only scan: enabled jobs due before a horizon.
@@ -236,6 +264,12 @@ class SchedulerJob(SchedulerBase):
             "revision": self.revision,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
+            "run_count": self.run_count,
+            "success_count": self.success_count,
+            "failure_count": self.failure_count,
+            "last_success_at": _iso(self.last_success_at),
+            "last_failure_at": _iso(self.last_failure_at),
+            "last_duration_seconds": self.last_duration_seconds,
         }
 
     def __repr__(self) -> str:
@@ -272,8 +306,22 @@ class SchedulerRun(SchedulerBase):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Written by the worker that executes the fire (see taskiq_beat.worker).
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    duration_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    worker_id: Mapped[str | None] = mapped_column(sa.String(WORKER_ID_MAX_LENGTH), index=True)
+    executions: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    """How many times a worker started this fire: 1, or 2 after a lost run ran again."""
+    retries: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    """Taskiq retries of the fire (its retry middleware's ``_retries`` label)."""
+    error_type: Mapped[str | None] = mapped_column(sa.String(ERROR_TYPE_MAX_LENGTH))
 
-    __table_args__ = (sa.UniqueConstraint("job_id", "scheduled_for"),)
+    __table_args__ = (
+        sa.UniqueConstraint("job_id", "scheduled_for"),
+        # History across jobs, newest first (list_runs, the CLI), and the retention's scan.
+        sa.Index("ix_scheduler_run_scheduled_for", "scheduled_for"),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The run as JSON-ready values (datetimes in ISO 8601, UTC)."""
@@ -290,6 +338,13 @@ class SchedulerRun(SchedulerBase):
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "dispatched_at": _iso(self.dispatched_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "duration_seconds": self.duration_seconds,
+            "worker_id": self.worker_id,
+            "executions": self.executions,
+            "retries": self.retries,
+            "error_type": self.error_type,
         }
 
     def __repr__(self) -> str:
@@ -297,3 +352,35 @@ class SchedulerRun(SchedulerBase):
             f"SchedulerRun(job_id={self.job_id!r}, scheduled_for={self.scheduled_for!r}, "
             f"status={self.status.value if self.status else None!r}, task_id={self.task_id!r})"
         )
+
+
+class SchedulerWorker(SchedulerBase):
+    """A Taskiq worker process that reports the runs it executes.
+
+    It renews ``last_seen_at`` every few seconds; the scheduler marks the ``running`` runs of
+    a worker not seen for longer than ``SchedulerConfig.worker_timeout_seconds`` as ``lost``
+    and then sets ``stopped_at``. A worker that shuts down cleanly sets it itself.
+    """
+
+    __tablename__ = "scheduler_worker"
+
+    id: Mapped[str] = mapped_column(sa.String(WORKER_ID_MAX_LENGTH), primary_key=True)
+    hostname: Mapped[str] = mapped_column(sa.String(255))
+    pid: Mapped[int] = mapped_column(sa.Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The worker as JSON-ready values (datetimes in ISO 8601, UTC)."""
+        return {
+            "id": self.id,
+            "hostname": self.hostname,
+            "pid": self.pid,
+            "started_at": _iso(self.started_at),
+            "last_seen_at": _iso(self.last_seen_at),
+            "stopped_at": _iso(self.stopped_at),
+        }
+
+    def __repr__(self) -> str:
+        return f"SchedulerWorker(id={self.id!r}, last_seen_at={self.last_seen_at!r})"

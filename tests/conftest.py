@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from taskiq_beat import SchedulerApp, SchedulerBase, SchedulerConfig
+from taskiq_beat.worker import RunLifecycleMiddleware
 from tests.utils import (
     FakeClock,
     RecordingBroker,
@@ -50,8 +51,24 @@ def database_url(backend: str, tmp_path: Any, request: pytest.FixtureRequest) ->
     return str(request.getfixturevalue("postgres_url"))
 
 
+@pytest.fixture(autouse=True)
+def lifecycles(monkeypatch: pytest.MonkeyPatch) -> list[RunLifecycleMiddleware]:
+    """Every lifecycle middleware a test makes (its apps add one to their broker)."""
+    made: list[RunLifecycleMiddleware] = []
+    original = RunLifecycleMiddleware.__init__
+
+    def init(self: RunLifecycleMiddleware, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(RunLifecycleMiddleware, "__init__", init)
+    return made
+
+
 @pytest.fixture
-async def db_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+async def db_engine(
+    database_url: str, lifecycles: list[RunLifecycleMiddleware]
+) -> AsyncIterator[AsyncEngine]:
     engine = create_async_engine(database_url)
     async with engine.begin() as connection:
         await connection.run_sync(SchedulerBase.metadata.drop_all)
@@ -59,6 +76,10 @@ async def db_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     try:
         yield engine
     finally:
+        # Stop the lifecycle reporting of the test's apps (the tasks their in-memory brokers
+        # ran started it) while the database is still there to write to.
+        for middleware in lifecycles:
+            await middleware.close()
         await engine.dispose()
 
 
@@ -97,7 +118,11 @@ async def broker() -> AsyncIterator[RecordingBroker]:
 
 @pytest.fixture
 def config() -> SchedulerConfig:
-    return SchedulerConfig(sync_interval_seconds=1.0, dispatch_retry_seconds=5)
+    # The scheduler side alone: the in-memory broker executes what it is sent, and with the
+    # lifecycle on its runs would move on from "dispatched" (tests/test_lifecycle.py has it on).
+    return SchedulerConfig(
+        sync_interval_seconds=1.0, dispatch_retry_seconds=5, record_lifecycle=False
+    )
 
 
 @pytest.fixture

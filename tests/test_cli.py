@@ -42,7 +42,11 @@ async def tick() -> None:
 scheduler_app = SchedulerApp(
     broker=broker,
     session_factory=async_sessionmaker(engine, expire_on_commit=False),
-    config=SchedulerConfig(sync_interval_seconds=0.2, idle_sleep_seconds=0.05),
+    # The in-memory broker runs each task inside the CLI's own process: the runs stay as the
+    # scheduler leaves them ("dispatched"), as with a real broker whose workers run elsewhere.
+    config=SchedulerConfig(
+        sync_interval_seconds=0.2, idle_sleep_seconds=0.05, record_lifecycle=False
+    ),
 )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import io
 from argparse import Namespace
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from taskiq_beat.models import SchedulerBase
+from taskiq_beat.models import SchedulerBase, UTCDateTime
 from tests.utils import temporary_postgres_database
 
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 VERSION_TABLE = "taskiq_beat_alembic_version"
-SCHEDULER_TABLES = {"scheduler_job", "scheduler_run"}
-HEAD = "0001"
+SCHEDULER_TABLES = {"scheduler_job", "scheduler_run", "scheduler_worker"}
+HEAD = "0002"
 
 
 def _config(url: str | None = None, *, output: io.StringIO | None = None) -> Config:
@@ -201,3 +202,53 @@ def test_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_single_head() -> None:
     assert ScriptDirectory.from_config(_config()).get_heads() == [HEAD]
+
+
+async def test_0002_upgrades_a_0001_database_in_place(engine: AsyncEngine) -> None:
+    """A database made by ``0001``, with a job and a run in it, upgrades to ``0002`` with both
+    rows kept: the run reads as one no worker reported on, the job with no counted run."""
+    async with engine.begin() as connection:
+        await connection.run_sync(_run, _config(), "upgrade", "0001")
+    at = sa.bindparam("at", type_=UTCDateTime())
+    created = datetime(2026, 11, 30, 10, tzinfo=timezone.utc)
+    async with engine.begin() as connection:
+        await connection.execute(
+            sa.text(
+                "INSERT INTO scheduler_job (id, name, task_name, kind, strategy, trigger, args,"
+                " kwargs, metadata, is_enabled, revision, created_at, updated_at)"
+                " VALUES ('job-1', 'kept', 't', 'single', 'one_off', '{}', '[]', '{}', '{}',"
+                " true, 3, :at, :at)"
+            ).bindparams(at),
+            {"at": created},
+        )
+        await connection.execute(
+            sa.text(
+                "INSERT INTO scheduler_run (job_id, scheduled_for, status, task_id, attempt,"
+                " created_at, updated_at) VALUES ('job-1', :at, 'dispatched', 'tid', 1, :at, :at)"
+            ).bindparams(at),
+            {"at": created},
+        )
+    async with engine.begin() as connection:
+        await connection.run_sync(_run, _config(), "upgrade", "head")
+
+    async with engine.connect() as connection:
+        assert await connection.run_sync(_schema_diff) == []
+        job = (
+            await connection.execute(
+                sa.text(
+                    "SELECT name, revision, run_count, success_count, failure_count,"
+                    " last_success_at FROM scheduler_job"
+                )
+            )
+        ).one()
+        assert tuple(job) == ("kept", 3, 0, 0, 0, None)
+        run = (
+            await connection.execute(
+                sa.text(
+                    "SELECT status, task_id, executions, retries, started_at, worker_id"
+                    " FROM scheduler_run"
+                )
+            )
+        ).one()
+        assert tuple(run) == ("dispatched", "tid", 0, 0, None, None)
+        assert await connection.run_sync(_versions) == [HEAD]

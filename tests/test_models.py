@@ -139,8 +139,12 @@ async def test_one_run_per_job_and_scheduled_time(app: SchedulerApp, session: As
     await session.rollback()
 
 
-def test_metadata_holds_exactly_the_two_tables_with_named_constraints() -> None:
-    assert set(SchedulerBase.metadata.tables) == {"scheduler_job", "scheduler_run"}
+def test_metadata_holds_exactly_the_three_tables_with_named_constraints() -> None:
+    assert set(SchedulerBase.metadata.tables) == {
+        "scheduler_job",
+        "scheduler_run",
+        "scheduler_worker",
+    }
     run = SchedulerBase.metadata.tables["scheduler_run"]
     names = {c.name for c in run.constraints}
     assert "uq_scheduler_run_job_id_scheduled_for" in names

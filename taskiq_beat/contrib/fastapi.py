@@ -112,6 +112,13 @@ class JobOut(BaseModel):
     revision: int
     created_at: datetime
     updated_at: datetime
+    run_count: int
+    """Runs finished on a worker (succeeded, failed or lost)."""
+    success_count: int
+    failure_count: int
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    last_duration_seconds: float | None
 
     @classmethod
     def from_job(cls, job: SchedulerJob) -> JobOut:
@@ -135,6 +142,15 @@ class RunOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_seconds: float | None
+    worker_id: str | None
+    """The worker that executed the run (``scheduler_worker.id``)."""
+    executions: int
+    retries: int
+    error_type: str | None
+    """The type of the exception a failed run raised (module and name)."""
 
     @classmethod
     def from_run(cls, run: SchedulerRun) -> RunOut:

@@ -32,6 +32,7 @@ from __future__ import annotations
 from taskiq_beat.store._common import CHANGES_CHANNEL, ChangeListener
 from taskiq_beat.store.claims import ClaimOperations
 from taskiq_beat.store.jobs import JobOperations
+from taskiq_beat.store.lifecycle import Finish, LifecycleOperations, RunStart
 from taskiq_beat.store.runs import RunOperations
 from taskiq_beat.store.values import (
     RELEASED,
@@ -51,15 +52,17 @@ __all__ = [
     "ChangeListener",
     "ClaimedFires",
     "Claims",
+    "Finish",
     "Fire",
     "JobRecord",
+    "RunStart",
     "ScheduleState",
     "SchedulerStore",
     "SendOutcome",
 ]
 
 
-class SchedulerStore(JobOperations, RunOperations, ClaimOperations):
+class SchedulerStore(JobOperations, RunOperations, ClaimOperations, LifecycleOperations):
     """The scheduler's database operations. See the module docstring for the contract.
 
     ``timeout`` bounds each engine operation (seconds; ``None``: unbounded).

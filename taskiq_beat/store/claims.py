@@ -204,7 +204,7 @@ class ClaimOperations(StoreCore):
             if failed:
                 await session.execute(
                     sa.update(_run)
-                    .where(_run.c.id == sa.bindparam("run"))
+                    .where(_run.c.id == sa.bindparam("run"), _run.c.status == RunStatus.CLAIMED)
                     .values(
                         status=RunStatus.FAILED,
                         error=sa.bindparam("message"),

@@ -13,6 +13,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
 from taskiq_beat.models import (
+    JOB_COUNTER_COLUMNS,
     SchedulerJob,
     SchedulerRun,
 )
@@ -160,7 +161,11 @@ class JobOperations:
         insert = _insert_for(_dialect_name(session))(_job)
         statement = insert.on_conflict_do_update(
             index_elements=[_job.c.id],
-            set_={c.name: insert.excluded[c.name] for c in _job.c if c.name != "id"},
+            set_={
+                c.name: insert.excluded[c.name]
+                for c in _job.c
+                if c.name != "id" and c.name not in JOB_COUNTER_COLUMNS
+            },
         )
         for start in range(0, len(rows), _CHUNK):
             await session.execute(statement, list(rows[start : start + _CHUNK]))

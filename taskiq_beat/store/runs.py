@@ -38,7 +38,10 @@ class RunOperations:
         *,
         job_id: str | None = None,
         status: RunStatus | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
         limit: int | None = 100,
+        offset: int = 0,
     ) -> list[SchedulerRun]:
         """Runs, the most recently scheduled first."""
         statement = sa.select(SchedulerRun).order_by(
@@ -48,6 +51,12 @@ class RunOperations:
             statement = statement.where(SchedulerRun.job_id == job_id)
         if status is not None:
             statement = statement.where(SchedulerRun.status == status)
+        if since is not None:
+            statement = statement.where(SchedulerRun.scheduled_for >= since)
+        if until is not None:
+            statement = statement.where(SchedulerRun.scheduled_for < until)
+        if offset:
+            statement = statement.offset(offset)
         if limit is not None:
             statement = statement.limit(limit)
         result = await session.execute(statement.execution_options(populate_existing=True))

@@ -27,14 +27,21 @@ def _times(*names: str) -> list[sa.BindParameter[Any]]:
     return [sa.bindparam(name, type_=UTCDateTime()) for name in names]
 
 
+STILL_CLAIMED = f" AND status = '{_STATUS}'"
+"""SQL: the run is still the scheduler's. Once a worker started it (``running`` and after),
+its status is the worker's: a record that comes later (the worker was faster than the
+scheduler's record, or a ``kiq`` timed out after the message got through) leaves it."""
+
+
 def _run_updates(where_ids: str) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause]:
     """Close, release and delete run rows chosen by ``where_ids`` (the dialect's id list)."""
     close = sa.text(
         f"UPDATE {_RUN} SET status = :status, next_attempt_at = NULL, dispatched_at = :now,"
-        f" updated_at = :now, error = NULL{where_ids}"
+        f" updated_at = :now, error = NULL{where_ids}{STILL_CLAIMED}"
     ).bindparams(*_times("now"))
     release = sa.text(
-        f"UPDATE {_RUN} SET next_attempt_at = :now, claimed_by = NULL, updated_at = :now{where_ids}"
+        f"UPDATE {_RUN} SET next_attempt_at = :now, claimed_by = NULL, updated_at = :now"
+        f"{where_ids}{STILL_CLAIMED}"
     ).bindparams(*_times("now"))
     return close, release, sa.text(f"DELETE FROM {_RUN}{where_ids}")
 

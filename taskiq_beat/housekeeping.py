@@ -1,0 +1,110 @@
+"""The scheduler's housekeeping beside its loop: lost runs, and old history.
+
+Runs as a task of its own next to the engine's loop (never inside it), in small batches:
+
+- every ``housekeeping_interval_seconds``: the ``running`` runs of workers that stopped
+  renewing their heartbeat for ``worker_timeout_seconds`` become ``lost``;
+- about once a minute, when ``run_history_retention_days`` is set: finished runs older than
+  that, and one-off jobs that fired for the last time before it, are deleted, 1,000 at a
+  time with a pause between batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from taskiq_beat.clock import Clock
+    from taskiq_beat.config import SchedulerConfig
+    from taskiq_beat.store import SchedulerStore
+
+__all__ = ["Housekeeper"]
+
+logger = logging.getLogger(__name__)
+
+_PURGE_BATCH = 1000
+_PURGE_EVERY = 60.0  # seconds between retention passes
+_PURGE_PAUSE = 0.05  # between two batches of one pass: other transactions get their turn
+
+
+class Housekeeper:
+    """Marks lost runs and applies the history retention; knows the store and the clock."""
+
+    def __init__(self, *, store: SchedulerStore, config: SchedulerConfig, clock: Clock) -> None:
+        self._store = store
+        self._config = config
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._next_purge_at = 0.0
+        self._failing = False
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="taskiq-beat-housekeeping")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self.find_lost_runs()
+                if (
+                    self._config.run_history_retention_days is not None
+                    and loop.time() >= self._next_purge_at
+                ):
+                    self._next_purge_at = loop.time() + _PURGE_EVERY
+                    await self.purge_history()
+                if self._failing:
+                    self._failing = False
+                    logger.info("housekeeping running again")
+            except Exception as exc:
+                if not self._failing:
+                    self._failing = True
+                    logger.warning(
+                        "housekeeping failed (%s: %s); retrying", type(exc).__name__, exc
+                    )
+            await asyncio.sleep(self._config.housekeeping_interval_seconds)
+
+    async def find_lost_runs(self) -> int:
+        """Mark the running runs of silent workers ``lost``; return how many."""
+        now = self._clock.now()
+        silent_since = now - timedelta(seconds=self._config.worker_timeout_seconds)
+        lost = await self._store.lose_runs_of_silent_workers(now=now, silent_since=silent_since)
+        for worker_id, runs in lost.items():
+            logger.warning(
+                "worker %s stopped renewing its heartbeat: %d running runs marked lost",
+                worker_id,
+                runs,
+            )
+        return sum(lost.values())
+
+    async def purge_history(self) -> tuple[int, int]:
+        """Delete history older than the retention, batch by batch; return ``(runs, jobs)``."""
+        days = self._config.run_history_retention_days
+        if days is None:
+            return 0, 0
+        before = self._clock.now() - timedelta(days=days)
+        runs = jobs = 0
+        while True:
+            deleted_runs, deleted_jobs = await self._store.purge_history(
+                before=before, limit=_PURGE_BATCH
+            )
+            runs, jobs = runs + deleted_runs, jobs + deleted_jobs
+            if deleted_runs < _PURGE_BATCH and deleted_jobs < _PURGE_BATCH:
+                break
+            await asyncio.sleep(_PURGE_PAUSE)
+        if runs or jobs:
+            logger.info(
+                "history older than %g days: deleted %d runs, %d one-off jobs", days, runs, jobs
+            )
+        return runs, jobs

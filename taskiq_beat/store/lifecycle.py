@@ -1,0 +1,425 @@
+"""What the workers write of the runs they execute, and the scheduler's housekeeping of it.
+
+Every write here is a batch: a worker gathers the starts and finishes of its concurrent
+executions and sends each kind in one statement (plus one for the jobs' counters).
+
+The executed-once contract:
+
+- :meth:`LifecycleOperations.start_runs` moves a run to ``running`` by compare-and-set, and
+  only from a state in which nobody executes it: ``claimed`` or ``dispatched`` (the first
+  delivery), ``failed`` without ``finished_at`` (a ``kiq`` that counted as failed though the
+  message got through), or ``lost`` once (a redelivery after its worker died). A second
+  delivery of the same fire finds it ``running`` or finished, and is not executed. A retry
+  by Taskiq's retry middleware (a higher ``_retries`` label) may start a run whose earlier
+  attempt failed.
+- :meth:`LifecycleOperations.finish_runs` writes an outcome only onto the execution that
+  produced it (the run is still ``running`` with that execution number and retry count), so
+  a late outcome never overwrites a newer attempt, and counts it on the job once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import sqlalchemy as sa
+
+from taskiq_beat.enums import JobStrategy, RunStatus
+from taskiq_beat.models import SchedulerWorker, UTCDateTime
+from taskiq_beat.store._base import StoreCore, _time_limited
+from taskiq_beat.store._common import _dialect_name, _insert_for, _job, _run
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+__all__ = ["Finish", "LifecycleOperations", "RunStart"]
+
+_worker = cast("sa.Table", SchedulerWorker.__table__)
+_CHUNK = 500  # rows per statement: ~10 parameters a row, within every server's limit
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunStart:
+    """A delivery of a fire that a worker is about to execute: the run id and job id from its
+    labels, and its Taskiq retry count (0 for the first attempt)."""
+
+    run_id: int
+    job_id: str
+    retries: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Finish:
+    """The outcome of one execution, for the run it started (``executions``, ``retries``)."""
+
+    run_id: int
+    executions: int
+    retries: int
+    status: RunStatus
+    finished_at: datetime
+    duration_seconds: float
+    error_type: str | None = None
+    error: str | None = None
+
+
+_STARTABLE = sa.or_(
+    _run.c.status.in_([RunStatus.CLAIMED, RunStatus.DISPATCHED]),
+    sa.and_(_run.c.status == RunStatus.FAILED, _run.c.finished_at.is_(None)),
+    sa.and_(_run.c.status == RunStatus.LOST, _run.c.executions < 2),
+)
+"""Runs nobody executes: a first delivery, a send counted failed that got through, or a lost
+run's one further chance."""
+
+
+def _times(*names: str) -> dict[str, sa.BindParameter[Any]]:
+    return {name: sa.bindparam(name, type_=UTCDateTime()) for name in names}
+
+
+class LifecycleOperations(StoreCore):
+    """Run lifecycle: worker-side starts and finishes, worker heartbeats, lost runs, retention."""
+
+    # ------------------------------------------------------------------ worker side
+
+    @_time_limited
+    async def start_runs(
+        self, starts: Sequence[RunStart], *, worker_id: str, now: datetime
+    ) -> dict[int, tuple[int, RunStatus | None]]:
+        """Move the runs of ``starts`` to ``running`` where nobody executes them.
+
+        Returns, by run id, ``(executions, None)`` for each run this worker may execute now
+        (its execution number), and ``(0, status)`` for each run that exists but is not
+        startable (executed or being executed: the delivery is a duplicate). A run id not in
+        the answer has no row with that job id (a hand-edited label, a deleted job).
+        """
+        answer: dict[int, tuple[int, RunStatus | None]] = {}
+        if not starts:
+            return answer
+        started = {
+            "status": RunStatus.RUNNING,
+            "started_at": now,
+            "finished_at": None,
+            "duration_seconds": None,
+            "worker_id": worker_id,
+            "next_attempt_at": None,
+            "updated_at": now,
+            "error": None,
+            "error_type": None,
+        }
+        first = [start for start in starts if start.retries <= 0]
+        again = [start for start in starts if start.retries > 0]
+        async with self._transaction() as session:
+            for at in range(0, len(first), _CHUNK):
+                chunk = first[at : at + _CHUNK]
+                statement = (
+                    sa.update(_run)
+                    .where(
+                        sa.tuple_(_run.c.id, _run.c.job_id).in_(
+                            [(start.run_id, start.job_id) for start in chunk]
+                        ),
+                        _STARTABLE,
+                    )
+                    .values(executions=_run.c.executions + 1, **started)
+                    .returning(_run.c.id, _run.c.executions)
+                )
+                for run_id, executions in await session.execute(statement):
+                    answer[run_id] = (executions, None)
+            for start in again:
+                # A retry: its earlier attempt failed (or is still being recorded).
+                statement = (
+                    sa.update(_run)
+                    .where(
+                        _run.c.id == start.run_id,
+                        _run.c.job_id == start.job_id,
+                        _run.c.retries < start.retries,
+                        sa.or_(
+                            _run.c.status.in_([RunStatus.RUNNING, RunStatus.FAILED]),
+                            _STARTABLE,
+                        ),
+                    )
+                    .values(
+                        executions=sa.case((_run.c.executions < 1, 1), else_=_run.c.executions),
+                        retries=start.retries,
+                        **started,
+                    )
+                    .returning(_run.c.id, _run.c.executions)
+                )
+                for run_id, executions in await session.execute(statement):
+                    answer[run_id] = (executions, None)
+            refused = [start for start in starts if start.run_id not in answer]
+            for at in range(0, len(refused), _CHUNK):
+                chunk = refused[at : at + _CHUNK]
+                rows = await session.execute(
+                    sa.select(_run.c.id, _run.c.status).where(
+                        sa.tuple_(_run.c.id, _run.c.job_id).in_(
+                            [(start.run_id, start.job_id) for start in chunk]
+                        )
+                    )
+                )
+                for run_id, status in rows:
+                    answer[run_id] = (0, RunStatus(status))
+        return answer
+
+    @_time_limited
+    async def finish_runs(self, finishes: Sequence[Finish]) -> int:
+        """Write each outcome onto the execution that produced it, and count it on its job.
+        Returns how many were written (an outcome whose run moved on is dropped)."""
+        written = 0
+        if not finishes:
+            return written
+        async with self._transaction() as session:
+            for at in range(0, len(finishes), _CHUNK):
+                done = await _write_outcomes(session, finishes[at : at + _CHUNK])
+                written += len(done)
+                await _count_on_jobs(session, done)
+        return written
+
+    @_time_limited
+    async def register_worker(
+        self, worker_id: str, *, hostname: str, pid: int, now: datetime
+    ) -> None:
+        """Announce a worker (or renew it, if it is known already)."""
+        async with self._transaction() as session:
+            insert = _insert_for(_dialect_name(session))(_worker).values(
+                id=worker_id,
+                hostname=hostname,
+                pid=pid,
+                started_at=now,
+                last_seen_at=now,
+                stopped_at=None,
+            )
+            await session.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[_worker.c.id],
+                    set_={"last_seen_at": now, "stopped_at": None},
+                )
+            )
+
+    @_time_limited
+    async def renew_worker(self, worker_id: str, *, now: datetime) -> bool:
+        """Renew the worker's heartbeat; ``False`` if it has no row (register it again)."""
+        async with self._transaction() as session:
+            result = await session.execute(
+                sa.update(_worker)
+                .where(_worker.c.id == worker_id)
+                .values(last_seen_at=now, stopped_at=None)
+            )
+        return bool(getattr(result, "rowcount", 0))
+
+    @_time_limited
+    async def stop_worker(self, worker_id: str, *, now: datetime, reason: str) -> int:
+        """A worker that stops: runs it still has ``running`` become ``lost`` with ``reason``
+        (they did not finish here), and the worker is marked stopped. Returns how many."""
+        async with self._transaction() as session:
+            lost = await _lose_runs(session, [worker_id], now=now, reason=reason)
+            await session.execute(
+                sa.update(_worker).where(_worker.c.id == worker_id).values(stopped_at=now)
+            )
+        return lost
+
+    # ------------------------------------------------------------------ scheduler side
+
+    @_time_limited
+    async def lose_runs_of_silent_workers(
+        self, *, now: datetime, silent_since: datetime, limit: int = 100
+    ) -> dict[str, int]:
+        """Mark the ``running`` runs of workers not seen since ``silent_since`` as ``lost``
+        (with the reason), and those workers stopped. Returns the runs lost per worker."""
+        lost: dict[str, int] = {}
+        async with self._transaction() as session:
+            silent = list(
+                await session.execute(
+                    sa.select(_worker.c.id, _worker.c.last_seen_at)
+                    .where(_worker.c.stopped_at.is_(None), _worker.c.last_seen_at < silent_since)
+                    .order_by(_worker.c.last_seen_at)
+                    .limit(limit)
+                )
+            )
+            for worker_id, last_seen_at in silent:
+                reason = (
+                    f"worker {worker_id} stopped renewing its heartbeat"
+                    f" (last seen {last_seen_at.isoformat()})"
+                )
+                lost[worker_id] = await _lose_runs(session, [worker_id], now=now, reason=reason)
+            if silent:
+                await session.execute(
+                    sa.update(_worker)
+                    .where(_worker.c.id.in_([worker_id for worker_id, _ in silent]))
+                    .values(stopped_at=now)
+                )
+        return lost
+
+    @_time_limited
+    async def purge_history(self, *, before: datetime, limit: int) -> tuple[int, int]:
+        """Delete up to ``limit`` finished runs scheduled before ``before``, and up to
+        ``limit`` one-off jobs that fired for the last time before it (with their runs).
+        Returns ``(runs, jobs)`` deleted; call again while either is ``limit``."""
+        async with self._transaction() as session:
+            old_runs = (
+                sa.select(_run.c.id)
+                .where(
+                    _run.c.scheduled_for < before,
+                    _run.c.next_attempt_at.is_(None),
+                    _run.c.status.not_in([RunStatus.CLAIMED, RunStatus.RUNNING]),
+                )
+                .limit(limit)
+            )
+            ids = list((await session.execute(old_runs)).scalars())
+            if ids:
+                await session.execute(sa.delete(_run).where(_run.c.id.in_(ids)))
+            done_jobs = (
+                sa.select(_job.c.id)
+                .where(
+                    _job.c.strategy.in_([JobStrategy.ONE_OFF, JobStrategy.IMMEDIATE]),
+                    _job.c.next_run_at.is_(None),
+                    _job.c.last_run_at < before,
+                )
+                .limit(limit)
+            )
+            job_ids = list((await session.execute(done_jobs)).scalars())
+            if job_ids:
+                # Their runs first: SQLite cascades only where foreign keys are on.
+                await session.execute(
+                    sa.delete(_run).where(
+                        _run.c.job_id.in_(job_ids),
+                        _run.c.status.not_in([RunStatus.CLAIMED, RunStatus.RUNNING]),
+                    )
+                )
+                await session.execute(
+                    sa.delete(_job).where(
+                        _job.c.id.in_(job_ids),
+                        ~sa.exists().where(_run.c.job_id == _job.c.id),
+                    )
+                )
+        return len(ids), len(job_ids)
+
+    @_time_limited
+    async def live_workers(self, *, seen_since: datetime) -> list[SchedulerWorker]:
+        """Workers that renewed their heartbeat since ``seen_since`` and did not stop."""
+        async with self._session_factory() as session:
+            result = await session.execute(
+                sa.select(SchedulerWorker)
+                .where(
+                    SchedulerWorker.stopped_at.is_(None),
+                    SchedulerWorker.last_seen_at >= seen_since,
+                )
+                .order_by(SchedulerWorker.id)
+            )
+            return list(result.scalars())
+
+
+async def _write_outcomes(
+    session: AsyncSession | Any, finishes: Sequence[Finish]
+) -> list[tuple[str, RunStatus, datetime, float]]:
+    """One UPDATE for the batch (each column a ``CASE`` on the run id); returns the job,
+    status, finish time and duration of each run written."""
+    by_id = {finish.run_id: finish for finish in finishes}
+
+    def per_run(value: Any, type_: Any) -> sa.Case[Any]:
+        return sa.case(
+            {run_id: sa.literal(value(finish), type_) for run_id, finish in by_id.items()},
+            value=_run.c.id,
+        )
+
+    statement = (
+        sa.update(_run)
+        .where(
+            sa.tuple_(_run.c.id, _run.c.executions, _run.c.retries).in_(
+                [(f.run_id, f.executions, f.retries) for f in finishes]
+            ),
+            _run.c.status == RunStatus.RUNNING,
+        )
+        .values(
+            status=per_run(lambda f: f.status.value, sa.String()),
+            finished_at=per_run(lambda f: f.finished_at, UTCDateTime()),
+            updated_at=per_run(lambda f: f.finished_at, UTCDateTime()),
+            duration_seconds=per_run(lambda f: f.duration_seconds, sa.Float()),
+            error_type=per_run(lambda f: f.error_type, sa.String()),
+            error=per_run(lambda f: f.error, sa.Text()),
+        )
+        .returning(_run.c.id, _run.c.job_id)
+    )
+    written = []
+    for run_id, job_id in await session.execute(statement):
+        finish = by_id[run_id]
+        written.append((job_id, finish.status, finish.finished_at, finish.duration_seconds))
+    return written
+
+
+async def _lose_runs(
+    session: AsyncSession | Any, worker_ids: list[str], *, now: datetime, reason: str
+) -> int:
+    """``running`` runs of ``worker_ids`` become ``lost`` (counted on their jobs as failures)."""
+    rows = list(
+        await session.execute(
+            sa.update(_run)
+            .where(_run.c.worker_id.in_(worker_ids), _run.c.status == RunStatus.RUNNING)
+            .values(
+                status=RunStatus.LOST,
+                finished_at=now,
+                updated_at=now,
+                error_type="WorkerLost",
+                error=reason,
+            )
+            .returning(_run.c.job_id)
+        )
+    )
+    await _count_on_jobs(session, [(job_id, RunStatus.LOST, now, None) for (job_id,) in rows])
+    return len(rows)
+
+
+async def _count_on_jobs(
+    session: AsyncSession | Any,
+    outcomes: Sequence[tuple[str, RunStatus, datetime, float | None]],
+) -> None:
+    """Add ``outcomes`` (job id, status, finish time, duration) to their jobs' counters: one
+    statement for the batch, a parameter set per job. ``revision`` and ``updated_at`` stay:
+    counting is not a change of the job."""
+    if not outcomes:
+        return
+    per_job: dict[str, dict[str, Any]] = {}
+    for job_id, status, finished_at, duration in sorted(outcomes, key=lambda o: o[2]):
+        row = per_job.setdefault(
+            job_id,
+            {
+                "job": job_id,
+                "runs": 0,
+                "ok": 0,
+                "bad": 0,
+                "ok_at": None,
+                "bad_at": None,
+                "duration": None,
+            },
+        )
+        row["runs"] += 1
+        if status is RunStatus.SUCCEEDED:
+            row["ok"] += 1
+            row["ok_at"] = finished_at
+        else:
+            row["bad"] += 1
+            row["bad_at"] = finished_at
+        if duration is not None:
+            row["duration"] = duration
+    times = _times("ok_at", "bad_at")
+
+    def latest(column: sa.Column[Any], value: sa.BindParameter[Any]) -> sa.Case[Any]:
+        return sa.case(
+            (sa.or_(column.is_(None), column < value), sa.func.coalesce(value, column)),
+            else_=column,
+        )
+
+    last_duration = sa.bindparam("duration", type_=sa.Float())
+    await session.execute(
+        sa.update(_job)
+        .where(_job.c.id == sa.bindparam("job"))
+        .values(
+            run_count=_job.c.run_count + sa.bindparam("runs"),
+            success_count=_job.c.success_count + sa.bindparam("ok"),
+            failure_count=_job.c.failure_count + sa.bindparam("bad"),
+            last_success_at=latest(_job.c.last_success_at, times["ok_at"]),
+            last_failure_at=latest(_job.c.last_failure_at, times["bad_at"]),
+            last_duration_seconds=sa.func.coalesce(last_duration, _job.c.last_duration_seconds),
+        ),
+        [per_job[job_id] for job_id in sorted(per_job)],  # one order: no deadlock between workers
+    )
