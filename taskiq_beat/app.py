@@ -27,7 +27,9 @@ from taskiq_beat.config import SchedulerConfig
 from taskiq_beat.dispatch import Dispatcher, fire_task_id
 from taskiq_beat.engine import SchedulerEngine
 from taskiq_beat.enums import RunStatus
+from taskiq_beat.events import EventHooks, EventKind, EventListener
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
+from taskiq_beat.health import SchedulerHealthSnapshot
 from taskiq_beat.housekeeping import Housekeeper
 from taskiq_beat.models import (
     JOB_ID_MAX_LENGTH,
@@ -79,6 +81,7 @@ class SchedulerApp:
         self.session_factory = session_factory
         self.config = config or SchedulerConfig()
         self._clock: Clock = clock or SystemClock()
+        self.events = EventHooks()
         self._store = SchedulerStore(session_factory, timeout=self.config.database_timeout_seconds)
         self._engine = SchedulerEngine(
             store=self._store,
@@ -89,6 +92,7 @@ class SchedulerApp:
             ),
             config=self.config,
             clock=self._clock,
+            events=self.events,
         )
         self._now_dispatcher = Dispatcher(
             broker, concurrency=1, timeout=self.config.dispatch_timeout_seconds
@@ -96,7 +100,9 @@ class SchedulerApp:
         register_chain_orchestrator(broker)
         _enforce_sqlite_foreign_keys(session_factory)
         self.lifecycle = self._report_lifecycle(broker)
-        self._housekeeper = Housekeeper(store=self._store, config=self.config, clock=self._clock)
+        self._housekeeper = Housekeeper(
+            store=self._store, config=self.config, clock=self._clock, events=self.events
+        )
 
     def _report_lifecycle(self, broker: AsyncBroker) -> RunLifecycleMiddleware | None:
         """The broker's lifecycle middleware (see :mod:`taskiq_beat.worker`): added here, so
@@ -107,10 +113,75 @@ class SchedulerApp:
         if not (self.config.record_runs and self.config.record_lifecycle):
             return None
         middleware = RunLifecycleMiddleware(
-            store=self._store, config=self.config, clock=self._clock
+            store=self._store, config=self.config, clock=self._clock, events=self.events
         )
         broker.add_middlewares(middleware)
         return middleware
+
+    def on_event(self, kind: EventKind | str, callback: EventListener) -> None:
+        """Call ``callback(event)`` (a function or a coroutine function) on each event of
+        ``kind`` (see :mod:`taskiq_beat.events`): fires sent and missed and jobs disabled in
+        the scheduler's process, runs succeeded and failed where they ran.
+
+        :raises InvalidJobError: for an unknown kind or a callback that is not callable.
+        """
+        self.events.register(kind, callback)
+
+    async def get_health_snapshot(
+        self, *, max_lag_seconds: float | None = None, window_seconds: float = 3600.0
+    ) -> SchedulerHealthSnapshot:
+        """This process's scheduler loop and the database's view of the schedule.
+
+        ``max_lag_seconds`` (default: ``misfire_grace_seconds``, at least 5 s) is how late a
+        job may be before the schedule counts as behind; ``window_seconds`` is the span of
+        recent runs the success rate covers.
+
+        :raises sqlalchemy.exc.SQLAlchemyError: or ``TimeoutError`` when the database does not
+            answer (the scheduler is then unhealthy too).
+        """
+        now = self._clock.now()
+        lag = (
+            max(self.config.misfire_grace_seconds, 5.0)
+            if max_lag_seconds is None
+            else max_lag_seconds
+        )
+        counts = await self._store.health_counts(
+            seen_since=now - timedelta(seconds=self.config.worker_timeout_seconds),
+            runs_since=now - timedelta(seconds=window_seconds),
+            overdue_before=now - timedelta(seconds=lag),
+        )
+        stats = self._engine.stats
+        p50, p99 = stats.lateness_percentiles()
+        finished = counts.runs_succeeded + counts.runs_failed
+        stalled = (
+            self.is_running
+            and stats.last_pass_at is not None
+            and (now - stats.last_pass_at).total_seconds() > lag
+        )
+        return SchedulerHealthSnapshot(
+            checked_at=now,
+            running=self.is_running,
+            instance=self._engine.owner,
+            jobs_loaded=self._engine.loaded_jobs,
+            next_due_at=self._engine.next_due_at,
+            fires_sent=stats.fires_sent,
+            fires_failed=stats.fires_failed,
+            lateness_p50_seconds=p50,
+            lateness_p99_seconds=p99,
+            last_sync_at=stats.last_sync_at,
+            last_pass_at=stats.last_pass_at,
+            last_error=stats.last_error,
+            last_error_at=stats.last_error_at,
+            workers_alive=counts.workers_alive,
+            runs_succeeded=counts.runs_succeeded,
+            runs_failed=counts.runs_failed,
+            success_rate=counts.runs_succeeded / finished if finished else None,
+            overdue_jobs=counts.overdue_jobs,
+            oldest_overdue_at=counts.oldest_overdue_at,
+            max_lag_seconds=lag,
+            window_seconds=window_seconds,
+            behind=counts.overdue_jobs > 0 or stalled,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -96,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--offset", type=int, default=0)
     runs.set_defaults(handler=_handler(_list_runs))
 
+    health = commands.add_parser(
+        "health",
+        parents=[target, output],
+        help="exit 0 if the schedule is kept, 1 if jobs are overdue or the database is down",
+    )
+    health.add_argument(
+        "--max-lag",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how late a job may be (default: the app's misfire grace, at least 5 s)",
+    )
+    health.add_argument(
+        "--window",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="recent runs the success rate covers (default: 3600)",
+    )
+    health.set_defaults(handler=_handler(_health))
+
     database = commands.add_parser("db", help="database schema")
     db_commands = database.add_subparsers(dest="action", required=True, metavar="ACTION")
     upgrade = db_commands.add_parser(
@@ -181,6 +202,8 @@ async def _with_app(action: Action, args: argparse.Namespace) -> int:
         if bind is not None:
             await bind.dispose()
     _print(result, as_json=args.json, out=sys.stdout)
+    if isinstance(result, _HealthReport) and result.get("behind"):
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -247,6 +270,37 @@ async def _list_runs(app: SchedulerApp, session: AsyncSession, args: argparse.Na
         session, args.job_id, status=args.status, limit=args.limit, offset=args.offset
     )
     return _RunTable([run.to_dict() for run in runs])
+
+
+class _HealthReport(dict[str, Any]):
+    """A health snapshot: the command exits 1 when it says the schedule is behind."""
+
+
+async def _health(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    if args.max_lag is not None and args.max_lag < 0:
+        raise UsageError(f"--max-lag must not be negative, got {args.max_lag}")
+    if args.window <= 0:
+        raise UsageError(f"--window must be positive, got {args.window}")
+    snapshot = await app.get_health_snapshot(
+        max_lag_seconds=args.max_lag, window_seconds=args.window
+    )
+    report = _HealthReport(snapshot.model_dump(mode="json"))
+    if args.json:
+        return report
+    # The loop's own fields describe this process, which runs no scheduler: leave them out.
+    shown = (
+        "checked_at",
+        "behind",
+        "overdue_jobs",
+        "oldest_overdue_at",
+        "max_lag_seconds",
+        "workers_alive",
+        "runs_succeeded",
+        "runs_failed",
+        "success_rate",
+        "window_seconds",
+    )
+    return _HealthReport({key: report[key] for key in shown})
 
 
 def _upgrade(args: argparse.Namespace) -> int:

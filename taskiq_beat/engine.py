@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from taskiq_beat._gc import gc_paused
 from taskiq_beat.dispatch import task_id_of
 from taskiq_beat.enums import JobKind
+from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.models import encode_json
 from taskiq_beat.store import RELEASED, ChangeListener, Claims, JobRecord, SendOutcome
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from taskiq_beat.dispatch import Dispatcher
     from taskiq_beat.store import Fire, SchedulerStore
 
-__all__ = ["JobSnapshot", "SchedulerEngine"]
+__all__ = ["EngineStats", "JobSnapshot", "SchedulerEngine"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,38 @@ _FIRST_LOAD = 16384
 # ``updated_at`` of the jobs is read this often: every change made through the API sets it,
 # so a new value means a change to load now rather than at the next sync.
 _CHANGE_POLL_SECONDS = 0.5
+
+
+_LATENESS_SAMPLES_PER_BATCH = 32  # fires of a batch whose lateness is kept, evenly spaced
+_LATENESS_WINDOW = 60.0  # seconds of lateness samples the health snapshot reads
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """What the loop did, for the health snapshot and the metrics (counted per batch: no
+    work per fire but a few samples of lateness)."""
+
+    fires_sent: int = 0
+    fires_failed: int = 0
+    """Sends that failed (each is retried, or its job disabled when it can never be sent)."""
+    last_sync_at: datetime | None = None
+    last_pass_at: datetime | None = None
+    """When the loop last completed a pass without an error."""
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+    lateness: collections.deque[tuple[float, float]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=4096)
+    )
+    """(monotonic time, seconds late) of sampled fires sent."""
+
+    def lateness_percentiles(self, *, window: float = _LATENESS_WINDOW) -> tuple[float, float]:
+        """p50 and p99 lateness (seconds) of the fires sampled within the last ``window`` s;
+        ``(0.0, 0.0)`` when none was sent."""
+        since = time.monotonic() - window
+        values = sorted(late for at, late in self.lateness if at >= since)
+        if not values:
+            return 0.0, 0.0
+        return values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.99))]
 
 
 class JobSnapshot(NamedTuple):
@@ -109,8 +143,11 @@ class SchedulerEngine:
         config: SchedulerConfig,
         clock: Clock,
         owner: str | None = None,
+        events: EventHooks | None = None,
     ) -> None:
         self._store = store
+        self._events = events or EventHooks()
+        self.stats = EngineStats()
         self._dispatcher = dispatcher
         self._config = config
         self._clock = clock
@@ -155,6 +192,11 @@ class SchedulerEngine:
     def loaded_jobs(self) -> int:
         """How many jobs the engine holds in memory (those due within the window)."""
         return len(self._jobs)
+
+    @property
+    def next_due_at(self) -> datetime | None:
+        """The earliest fire time held, if any."""
+        return min(self._due.values(), default=None)
 
     @property
     def running(self) -> bool:
@@ -206,10 +248,13 @@ class SchedulerEngine:
                 await self.tick()
             except Exception as exc:
                 failures += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self.stats.last_error_at = self._clock.now()
                 delay = min(_ERROR_BACKOFF_BASE * 2 ** (failures - 1), _ERROR_BACKOFF_MAX)
                 self._report_failure(exc, failures, delay)
                 await self._sleep(delay)
                 continue
+            self.stats.last_pass_at = self._clock.now()
             if failures:
                 logger.info("scheduler loop running again after %d failed passes", failures)
                 failures = 0
@@ -422,7 +467,8 @@ class SchedulerEngine:
         # through a backlog of 100k would otherwise spend a third of its time reading it.
         took = time.perf_counter() - began
         interval = max(self._config.sync_interval_seconds, _SYNC_SPACING * took)
-        self._next_sync_at = self._clock.now() + timedelta(seconds=interval)
+        self.stats.last_sync_at = self._clock.now()
+        self._next_sync_at = self.stats.last_sync_at + timedelta(seconds=interval)
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
 
     def _merge(self, records: list[JobRecord], *, skip: set[str] | None = None) -> int:
@@ -599,6 +645,15 @@ class SchedulerEngine:
             if due is None:
                 due = due_fires[key] = next_due_fire(snapshot.trigger, expected, now, grace)
             scheduled_for, after = due
+            if scheduled_for != expected and self._events.wants(EventKind.FIRE_MISSED):
+                self._events.emit(
+                    SchedulerEvent(
+                        EventKind.FIRE_MISSED,
+                        snapshot.id,
+                        scheduled_for=scheduled_for,
+                        detail=f"fires from {expected.isoformat()} until this one were missed",
+                    )
+                )
             following.append(after)
             iso = times.get(scheduled_for)
             if iso is None:
@@ -720,9 +775,36 @@ class SchedulerEngine:
             self.retry_at(retry_at)
         if final:
             self._disable_later(final)
+        self.stats.fires_failed += failed + len(final)
         if sent:
+            self.stats.fires_sent += sent
+            self._sample_lateness(fires, outcomes)
             logger.info("dispatched %d fires", sent)
         return sent
+
+    def _sample_lateness(self, fires: Sequence[Fire], outcomes: list[SendOutcome]) -> None:
+        """Keep the lateness of a few of a batch's fires sent (all of them, and a
+        ``FIRE_SENT`` event each, when someone listens to those)."""
+        now = self._clock.now()
+        at = time.monotonic()
+        every = self._events.wants(EventKind.FIRE_SENT)
+        step = 1 if every else max(1, len(fires) // _LATENESS_SAMPLES_PER_BATCH)
+        samples = self.stats.lateness
+        for index in range(0, len(fires), step):
+            if outcomes[index].error is not None or outcomes[index].released:
+                continue
+            fire = fires[index]
+            samples.append((at, (now - fire.scheduled_for).total_seconds()))
+            if every:
+                self._events.emit(
+                    SchedulerEvent(
+                        EventKind.FIRE_SENT,
+                        fire.job_id,
+                        scheduled_for=fire.scheduled_for,
+                        task_id=fire.task_id,
+                        run_id=fire.run_id,
+                    )
+                )
 
     async def _send_retries(self) -> int:
         now = self._clock.now()
@@ -743,6 +825,8 @@ class SchedulerEngine:
         for job_id, message in errors.items():
             logger.warning("disabling job %s: %s", job_id, message)
             self._drop(job_id)
+            if self._events.wants(EventKind.JOB_DISABLED):
+                self._events.emit(SchedulerEvent(EventKind.JOB_DISABLED, job_id, error=message))
         self._disable.update(errors)
 
     async def _apply_pending(self) -> None:

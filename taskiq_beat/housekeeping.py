@@ -17,6 +17,8 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
+
 if TYPE_CHECKING:
     from taskiq_beat.clock import Clock
     from taskiq_beat.config import SchedulerConfig
@@ -34,28 +36,46 @@ _PURGE_PAUSE = 0.05  # between two batches of one pass: other transactions get t
 class Housekeeper:
     """Marks lost runs and applies the history retention; knows the store and the clock."""
 
-    def __init__(self, *, store: SchedulerStore, config: SchedulerConfig, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        store: SchedulerStore,
+        config: SchedulerConfig,
+        clock: Clock,
+        events: EventHooks | None = None,
+    ) -> None:
         self._store = store
+        self._events = events or EventHooks()
         self._config = config
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._next_purge_at = 0.0
         self._failing = False
+        self._stopping = asyncio.Event()
 
     def start(self) -> None:
         if self._task is None or self._task.done():
+            self._stopping = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="taskiq-beat-housekeeping")
 
     async def stop(self) -> None:
+        """Stop after the operation under way (a cancelled one would leave its connection to
+        unwind on its own); cancel it if it outlasts ``shutdown_timeout_seconds``."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self._config.shutdown_timeout_seconds)
+        except asyncio.TimeoutError:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        # Not at once: a scheduler starting up has its first pass to make.
+        while not await self._pause(self._config.housekeeping_interval_seconds):
             try:
                 await self.find_lost_runs()
                 if (
@@ -73,7 +93,12 @@ class Housekeeper:
                     logger.warning(
                         "housekeeping failed (%s: %s); retrying", type(exc).__name__, exc
                     )
-            await asyncio.sleep(self._config.housekeeping_interval_seconds)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``; ``True`` if stopped meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
 
     async def find_lost_runs(self) -> int:
         """Mark the running runs of silent workers ``lost``; return how many."""
@@ -84,9 +109,14 @@ class Housekeeper:
             logger.warning(
                 "worker %s stopped renewing its heartbeat: %d running runs marked lost",
                 worker_id,
-                runs,
+                len(runs),
             )
-        return sum(lost.values())
+            if self._events.wants(EventKind.RUN_FAILED):
+                for run_id, job_id, reason in runs:
+                    self._events.emit(
+                        SchedulerEvent(EventKind.RUN_FAILED, job_id, run_id=run_id, error=reason)
+                    )
+        return sum(len(runs) for runs in lost.values())
 
     async def purge_history(self) -> tuple[int, int]:
         """Delete history older than the retention, batch by batch; return ``(runs, jobs)``."""
@@ -102,7 +132,8 @@ class Housekeeper:
             runs, jobs = runs + deleted_runs, jobs + deleted_jobs
             if deleted_runs < _PURGE_BATCH and deleted_jobs < _PURGE_BATCH:
                 break
-            await asyncio.sleep(_PURGE_PAUSE)
+            if await self._pause(_PURGE_PAUSE):
+                break
         if runs or jobs:
             logger.info(
                 "history older than %g days: deleted %d runs, %d one-off jobs", days, runs, jobs

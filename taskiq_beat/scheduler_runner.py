@@ -134,6 +134,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", help="logging level (default: INFO)", type=str.upper
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (needs the 'metrics' extra)",
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -143,10 +150,20 @@ def run_command(args: argparse.Namespace) -> int:
     )
     scheduler_app = load_scheduler_app(args.scheduler_app)
     hooks = [import_object(path) for path in args.startup]
+    server = None
+    if getattr(args, "metrics_port", None) is not None:
+        from taskiq_beat.metrics import serve_metrics
+
+        server = serve_metrics(scheduler_app, args.metrics_port)
+        logger.info("serving Prometheus metrics on port %d", args.metrics_port)
     runner = SchedulerRunner(
         scheduler_app, startup_hooks=hooks, manage_broker=not args.skip_broker_lifespan
     )
-    asyncio.run(runner.run())
+    try:
+        asyncio.run(runner.run())
+    finally:
+        if server is not None:
+            server.shutdown()
     return 0
 
 

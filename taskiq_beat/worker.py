@@ -52,6 +52,7 @@ from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
 from taskiq_beat.dispatch import JOB_ID_LABEL, RUN_ID_LABEL
 from taskiq_beat.enums import RunStatus
+from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.models import ERROR_MAX_LENGTH, ERROR_TYPE_MAX_LENGTH, WORKER_ID_MAX_LENGTH
 from taskiq_beat.store import Finish, RunStart, SchedulerStore
 
@@ -123,8 +124,11 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         clock: Clock | None = None,
         store: SchedulerStore | None = None,
         worker_id: str | None = None,
+        events: EventHooks | None = None,
     ) -> None:
         super().__init__()
+        self.events = events or EventHooks()
+        """Where ``RUN_SUCCEEDED`` / ``RUN_FAILED`` events go (the app's, when it made this)."""
         self.config = config or SchedulerConfig()
         if store is None:
             if session_factory is None:
@@ -218,6 +222,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         self._finished(
             Finish(
                 execution.run_id,
+                execution.job_id,
                 execution.executions,
                 execution.retries,
                 RunStatus.SUCCEEDED if error is None else RunStatus.FAILED,
@@ -353,10 +358,32 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         self._database_up()
         for _ in batch:
             self._finishes.popleft()
-        self.stats.finished_written += written
-        self.stats.finished_dropped += len(batch) - written
+        self._announce(batch, written)
+        self.stats.finished_written += len(written)
+        self.stats.finished_dropped += len(batch) - len(written)
         self._dropping = False
         return True
+
+    def _announce(self, batch: list[Finish], written: set[int]) -> None:
+        """``RUN_SUCCEEDED`` / ``RUN_FAILED`` for the outcomes written (if anyone listens)."""
+        wants_ok = self.events.wants(EventKind.RUN_SUCCEEDED)
+        wants_failed = self.events.wants(EventKind.RUN_FAILED)
+        if not (wants_ok or wants_failed):
+            return
+        for finish in batch:
+            if finish.run_id not in written:
+                continue
+            succeeded = finish.status is RunStatus.SUCCEEDED
+            if (wants_ok and succeeded) or (wants_failed and not succeeded):
+                self.events.emit(
+                    SchedulerEvent(
+                        EventKind.RUN_SUCCEEDED if succeeded else EventKind.RUN_FAILED,
+                        finish.job_id,
+                        run_id=finish.run_id,
+                        error=finish.error,
+                        detail=f"took {finish.duration_seconds:.3f} s",
+                    )
+                )
 
     async def _heartbeat(self) -> None:
         while not self._stopping.is_set():

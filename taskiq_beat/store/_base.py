@@ -91,6 +91,17 @@ class StoreCore:
         async with self._engine.connect() as connection:
             yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[_Executor]:
+        """Where the engine's reads run: a Core connection where the factory has an engine
+        (a fraction of an ORM session's cost), else a session."""
+        if self._engine is not None:
+            async with self._engine.connect() as connection:
+                yield connection
+            return
+        async with self._session_factory() as session:
+            yield session
+
     async def _bounded(self, operation: Awaitable[_T]) -> _T:
         """Await ``operation``, giving up after ``timeout`` seconds with ``TimeoutError``.
 

@@ -3,8 +3,7 @@ compare-and-set, claim retries, record what was sent."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import (
     Any,
@@ -18,7 +17,6 @@ from taskiq_beat.store._common import (
     ChangeListener,
     _dialect,
     _dialect_name,
-    _Executor,
     _job,
     _records,
     _run,
@@ -89,17 +87,6 @@ class ClaimOperations(StoreCore):
     async def _fetch(self, statement: sa.Select[Any]) -> list[JobRecord]:
         async with self._reading() as executor:
             return _records(await executor.execute(statement), _dialect(executor))
-
-    @contextlib.asynccontextmanager
-    async def _reading(self) -> AsyncIterator[_Executor]:
-        """Where the engine's reads run: a Core connection where the factory has an engine
-        (a fraction of an ORM session's cost), else a session."""
-        if self._engine is not None:
-            async with self._engine.connect() as connection:
-                yield connection
-            return
-        async with self._session_factory() as session:
-            yield session
 
     @_time_limited
     async def claim(

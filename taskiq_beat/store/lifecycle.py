@@ -34,7 +34,7 @@ from taskiq_beat.store._common import _dialect_name, _insert_for, _job, _run
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
-__all__ = ["Finish", "LifecycleOperations", "RunStart"]
+__all__ = ["Finish", "HealthCounts", "LifecycleOperations", "RunStart"]
 
 _worker = cast("sa.Table", SchedulerWorker.__table__)
 _CHUNK = 500  # rows per statement: ~10 parameters a row, within every server's limit
@@ -55,6 +55,7 @@ class Finish:
     """The outcome of one execution, for the run it started (``executions``, ``retries``)."""
 
     run_id: int
+    job_id: str
     executions: int
     retries: int
     status: RunStatus
@@ -162,17 +163,20 @@ class LifecycleOperations(StoreCore):
         return answer
 
     @_time_limited
-    async def finish_runs(self, finishes: Sequence[Finish]) -> int:
+    async def finish_runs(self, finishes: Sequence[Finish]) -> set[int]:
         """Write each outcome onto the execution that produced it, and count it on its job.
-        Returns how many were written (an outcome whose run moved on is dropped)."""
-        written = 0
+        Returns the run ids written (an outcome whose run moved on is dropped)."""
+        written: set[int] = set()
         if not finishes:
             return written
         async with self._transaction() as session:
             for at in range(0, len(finishes), _CHUNK):
-                done = await _write_outcomes(session, finishes[at : at + _CHUNK])
-                written += len(done)
-                await _count_on_jobs(session, done)
+                chunk = finishes[at : at + _CHUNK]
+                done = await _write_outcomes(session, chunk)
+                written.update(run_id for run_id, *_ in done)
+                await _count_on_jobs(
+                    session, [(job, status, at, took) for _, job, status, at, took in done]
+                )
         return written
 
     @_time_limited
@@ -216,17 +220,18 @@ class LifecycleOperations(StoreCore):
             await session.execute(
                 sa.update(_worker).where(_worker.c.id == worker_id).values(stopped_at=now)
             )
-        return lost
+        return len(lost)
 
     # ------------------------------------------------------------------ scheduler side
 
     @_time_limited
     async def lose_runs_of_silent_workers(
         self, *, now: datetime, silent_since: datetime, limit: int = 100
-    ) -> dict[str, int]:
+    ) -> dict[str, list[tuple[int, str, str]]]:
         """Mark the ``running`` runs of workers not seen since ``silent_since`` as ``lost``
-        (with the reason), and those workers stopped. Returns the runs lost per worker."""
-        lost: dict[str, int] = {}
+        (with the reason), and those workers stopped. Returns, per worker, the runs lost
+        (run id, job id, reason)."""
+        lost: dict[str, list[tuple[int, str, str]]] = {}
         async with self._transaction() as session:
             silent = list(
                 await session.execute(
@@ -241,7 +246,12 @@ class LifecycleOperations(StoreCore):
                     f"worker {worker_id} stopped renewing its heartbeat"
                     f" (last seen {last_seen_at.isoformat()})"
                 )
-                lost[worker_id] = await _lose_runs(session, [worker_id], now=now, reason=reason)
+                lost[worker_id] = [
+                    (run_id, job_id, reason)
+                    for run_id, job_id in await _lose_runs(
+                        session, [worker_id], now=now, reason=reason
+                    )
+                ]
             if silent:
                 await session.execute(
                     sa.update(_worker)
@@ -295,6 +305,44 @@ class LifecycleOperations(StoreCore):
         return len(ids), len(job_ids)
 
     @_time_limited
+    async def health_counts(
+        self, *, seen_since: datetime, runs_since: datetime, overdue_before: datetime
+    ) -> HealthCounts:
+        """Workers alive, outcomes of the runs scheduled since ``runs_since``, and the enabled
+        jobs still due before ``overdue_before``: index range scans, no table scan."""
+        async with self._reading() as session:
+            workers = await session.execute(
+                sa.select(sa.func.count()).where(
+                    _worker.c.stopped_at.is_(None), _worker.c.last_seen_at >= seen_since
+                )
+            )
+            outcomes: dict[RunStatus, int] = dict(
+                list(
+                    await session.execute(
+                        sa.select(_run.c.status, sa.func.count())
+                        .where(
+                            _run.c.scheduled_for >= runs_since,
+                            _run.c.status.in_(
+                                [RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.LOST]
+                            ),
+                            _run.c.finished_at.is_not(None),
+                        )
+                        .group_by(_run.c.status)
+                    )
+                )
+            )
+            overdue, oldest = (
+                await session.execute(
+                    sa.select(sa.func.count(), sa.func.min(_job.c.next_run_at)).where(
+                        _job.c.is_enabled.is_(True), _job.c.next_run_at < overdue_before
+                    )
+                )
+            ).one()
+        succeeded = outcomes.get(RunStatus.SUCCEEDED, 0)
+        failed = outcomes.get(RunStatus.FAILED, 0) + outcomes.get(RunStatus.LOST, 0)
+        return HealthCounts(int(workers.scalar_one()), succeeded, failed, int(overdue), oldest)
+
+    @_time_limited
     async def live_workers(self, *, seen_since: datetime) -> list[SchedulerWorker]:
         """Workers that renewed their heartbeat since ``seen_since`` and did not stop."""
         async with self._session_factory() as session:
@@ -311,9 +359,9 @@ class LifecycleOperations(StoreCore):
 
 async def _write_outcomes(
     session: AsyncSession | Any, finishes: Sequence[Finish]
-) -> list[tuple[str, RunStatus, datetime, float]]:
-    """One UPDATE for the batch (each column a ``CASE`` on the run id); returns the job,
-    status, finish time and duration of each run written."""
+) -> list[tuple[int, str, RunStatus, datetime, float]]:
+    """One UPDATE for the batch (each column a ``CASE`` on the run id); returns the run id,
+    job, status, finish time and duration of each run written."""
     by_id = {finish.run_id: finish for finish in finishes}
 
     def per_run(value: Any, type_: Any) -> sa.Case[Any]:
@@ -343,14 +391,15 @@ async def _write_outcomes(
     written = []
     for run_id, job_id in await session.execute(statement):
         finish = by_id[run_id]
-        written.append((job_id, finish.status, finish.finished_at, finish.duration_seconds))
+        written.append((run_id, job_id, finish.status, finish.finished_at, finish.duration_seconds))
     return written
 
 
 async def _lose_runs(
     session: AsyncSession | Any, worker_ids: list[str], *, now: datetime, reason: str
-) -> int:
-    """``running`` runs of ``worker_ids`` become ``lost`` (counted on their jobs as failures)."""
+) -> list[tuple[int, str]]:
+    """``running`` runs of ``worker_ids`` become ``lost`` (counted on their jobs as failures);
+    returns their run and job ids."""
     rows = list(
         await session.execute(
             sa.update(_run)
@@ -362,11 +411,11 @@ async def _lose_runs(
                 error_type="WorkerLost",
                 error=reason,
             )
-            .returning(_run.c.job_id)
+            .returning(_run.c.id, _run.c.job_id)
         )
     )
-    await _count_on_jobs(session, [(job_id, RunStatus.LOST, now, None) for (job_id,) in rows])
-    return len(rows)
+    await _count_on_jobs(session, [(job_id, RunStatus.LOST, now, None) for _, job_id in rows])
+    return [(run_id, job_id) for run_id, job_id in rows]
 
 
 async def _count_on_jobs(
@@ -423,3 +472,14 @@ async def _count_on_jobs(
         ),
         [per_job[job_id] for job_id in sorted(per_job)],  # one order: no deadlock between workers
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HealthCounts:
+    """What the database says of the schedule's health (see ``SchedulerHealthSnapshot``)."""
+
+    workers_alive: int
+    runs_succeeded: int
+    runs_failed: int
+    overdue_jobs: int
+    oldest_overdue_at: datetime | None
