@@ -6,8 +6,9 @@ from taskiq_beat.chain import CHAIN_TASK_NAME, ChainStep, register_chain_orchest
 from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
 from taskiq_beat.discovery import TaskDiscovery, discover_task_modules
-from taskiq_beat.dispatch import JOB_ID_LABEL, SCHEDULED_FOR_LABEL, fire_task_id
+from taskiq_beat.dispatch import JOB_ID_LABEL, RUN_ID_LABEL, SCHEDULED_FOR_LABEL, fire_task_id
 from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
+from taskiq_beat.events import EventKind, SchedulerEvent
 from taskiq_beat.exceptions import (
     ChainAbortedError,
     CorruptJobError,
@@ -18,7 +19,8 @@ from taskiq_beat.exceptions import (
     TaskiqBeatError,
     UnknownTaskError,
 )
-from taskiq_beat.models import SchedulerBase, SchedulerJob, SchedulerRun
+from taskiq_beat.health import SchedulerHealthSnapshot
+from taskiq_beat.models import SchedulerBase, SchedulerJob, SchedulerRun, SchedulerWorker
 from taskiq_beat.triggers import (
     CrontabTrigger,
     ImmediateDispatch,
@@ -27,10 +29,12 @@ from taskiq_beat.triggers import (
     PeriodicSchedule,
     Trigger,
 )
+from taskiq_beat.worker import RunLifecycleMiddleware
 
 __all__ = [
     "CHAIN_TASK_NAME",
     "JOB_ID_LABEL",
+    "RUN_ID_LABEL",
     "SCHEDULED_FOR_LABEL",
     "ChainAbortedError",
     "ChainJobBuilder",
@@ -38,6 +42,7 @@ __all__ = [
     "Clock",
     "CorruptJobError",
     "CrontabTrigger",
+    "EventKind",
     "ImmediateDispatch",
     "IntervalTrigger",
     "InvalidJobError",
@@ -49,12 +54,16 @@ __all__ = [
     "JobStrategy",
     "OneOffSchedule",
     "PeriodicSchedule",
+    "RunLifecycleMiddleware",
     "RunStatus",
     "SchedulerApp",
     "SchedulerBase",
     "SchedulerConfig",
+    "SchedulerEvent",
+    "SchedulerHealthSnapshot",
     "SchedulerJob",
     "SchedulerRun",
+    "SchedulerWorker",
     "SingleJobBuilder",
     "SystemClock",
     "TaskDiscovery",

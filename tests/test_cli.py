@@ -260,3 +260,30 @@ async def test_run_fires_jobs_and_stops_on_sigterm(
         if process.returncode is None:
             process.kill()
             await process.communicate()
+
+
+async def test_runs_show_duration_worker_and_error(
+    project: tuple[Path, str], database_url: str, db_engine: AsyncEngine
+) -> None:
+    cwd, target = project
+    run = json_of(await beat("jobs", "run-now", "sys.tick", "--json", "--app", target, cwd=cwd))
+    async with db_engine.begin() as connection:
+        await connection.execute(
+            sa.text(
+                "UPDATE scheduler_run SET status = 'failed', duration_seconds = 0.25,"
+                " worker_id = 'host-1-abcd', error_type = 'ValueError',"
+                " error = 'ValueError: bad input' WHERE id = :id"
+            ),
+            {"id": run["id"]},
+        )
+    table = await beat("runs", "sys.tick", "--app", target, cwd=cwd)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()[:2]
+    assert "DURATION (S)" in header
+    assert "WORKER" in header
+    for cell in ("failed", "0.250", "host-1-abcd", "ValueError: bad input"):
+        assert cell in row
+    [listed] = json_of(await beat("runs", "sys.tick", "--json", "--app", target, cwd=cwd))
+    assert (listed["duration_seconds"], listed["error_type"]) == (0.25, "ValueError")
+    shown = json_of(await beat("jobs", "show", "sys.tick", "--json", "--app", target, cwd=cwd))
+    assert shown["run_count"] == 0  # counters are the workers' (none ran here)

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from taskiq_beat import (
     IntervalTrigger,
+    OneOffSchedule,
     PeriodicSchedule,
     RunStatus,
     SchedulerApp,
@@ -399,6 +400,29 @@ async def test_runs_are_listed_newest_first_and_filtered_by_status(
     assert missing.status_code == 404
     assert "nobody" in missing.json()["detail"]
 
+    # A time range (scheduled_for: sent at t, failed at t+10, other at t+20) and paging.
+    start = clock.now() - timedelta(seconds=20)
+    window = {"since": (start + timedelta(seconds=5)).isoformat(), "until": clock.now().isoformat()}
+    assert ids(await client.get("/runs", params=window)) == [run_ids["x-failed"]]
+    assert ids(await client.get("/jobs/x/runs", params={"offset": 1})) == [run_ids["x-sent"]]
+    naive = await client.get("/runs", params={"since": "2026-01-01T00:00:00"})
+    assert naive.status_code == 422
+    assert "since" in naive.json()["detail"]
+
+
+async def test_health_answers_503_when_the_schedule_is_behind(
+    client: httpx.AsyncClient, app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    healthy = await client.get("/health")
+    assert healthy.status_code == 200
+    assert healthy.json()["behind"] is False
+    await app.single(task="tests.record").schedule(
+        session, trigger=OneOffSchedule(run_at=clock.now() - timedelta(minutes=5))
+    )
+    behind = await client.get("/health")
+    assert behind.status_code == 503
+    assert (behind.json()["behind"], behind.json()["overdue_jobs"]) == (True, 1)
+
 
 # ---------------------------------------------------------------------------- errors
 
@@ -550,6 +574,7 @@ async def test_router_dependencies_guard_every_route(
         ("POST", "/scheduler/jobs/guarded/run-now"),
         ("GET", "/scheduler/jobs/guarded/runs"),
         ("GET", "/scheduler/runs"),
+        ("GET", "/scheduler/health"),
         ("DELETE", "/scheduler/jobs/guarded"),
     ]
     async with serve(api) as base_url, local_client(base_url) as client:
@@ -593,6 +618,7 @@ async def test_openapi_schema_describes_jobs_and_runs(
         "/jobs/{job_id}/run-now",
         "/jobs/{job_id}/runs",
         "/runs",
+        "/health",
     }
     components = schema["components"]["schemas"]
     assert set(components["JobOut"]["properties"]) == set(job.to_dict())

@@ -36,9 +36,11 @@ Routes (relative to ``prefix``):
 ``POST /jobs/{job_id}/resume``             fire it again (next fire computed from now)
 ``POST /jobs/{job_id}/run-now``            send its task at once; returns the run
 ``DELETE /jobs/{job_id}``                  delete it and its runs (204)
-``GET /jobs/{job_id}/runs``                its runs, newest first; ``status``, ``limit``
+``GET /jobs/{job_id}/runs``                its runs, newest first; ``status``, ``since``,
+                                           ``until``, ``limit``, ``offset``
 ``GET /runs``                              runs of all jobs; ``status``, ``job_id``,
-                                           ``limit``
+                                           ``since``, ``until``, ``limit``, ``offset``
+``GET /health``                            the health snapshot; 503 when behind
 =========================================  ===========================================
 
 An unknown job id answers 404 with ``{"detail": "scheduler job not found: job_id='...'"}``;
@@ -68,6 +70,7 @@ from pydantic import BaseModel, ConfigDict
 from taskiq_beat.app import SchedulerApp
 from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
+from taskiq_beat.health import SchedulerHealthSnapshot
 from taskiq_beat.models import SchedulerJob, SchedulerRun
 
 try:
@@ -179,6 +182,13 @@ EnabledFilter = Annotated[
 TaskNameFilter = Annotated[str | None, Query(description="Only jobs sending this task.")]
 StatusFilter = Annotated[RunStatus | None, Query(description="Only runs in this status.")]
 RunsJobIdFilter = Annotated[str | None, Query(description="Only runs of this job.")]
+SinceFilter = Annotated[
+    datetime | None, Query(description="Only runs scheduled at or after this time (aware).")
+]
+UntilFilter = Annotated[
+    datetime | None, Query(description="Only runs scheduled before this time (aware).")
+]
+RunsOffset = Annotated[int, Query(ge=0, description="Runs skipped, newest first.")]
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "No job has this id."}
@@ -300,25 +310,55 @@ def create_scheduler_router(
     async def list_job_runs(
         job_id: JobIdPath,
         status: StatusFilter = None,
+        since: SinceFilter = None,
+        until: UntilFilter = None,
         limit: PageLimit = DEFAULT_PAGE_SIZE,
+        offset: RunsOffset = 0,
     ) -> list[RunOut]:
         """The job's runs, the most recently scheduled first."""
         with _http_errors():
             async with sessions() as session:
                 await scheduler_app.get_job(session, job_id)
-                runs = await scheduler_app.list_runs(session, job_id, status=status, limit=limit)
+                runs = await scheduler_app.list_runs(
+                    session,
+                    job_id,
+                    status=status,
+                    since=since,
+                    until=until,
+                    limit=limit,
+                    offset=offset,
+                )
         return [RunOut.from_run(run) for run in runs]
 
     @router.get("/runs", response_model=list[RunOut], summary="List runs")
     async def list_runs(
         status: StatusFilter = None,
         job_id: RunsJobIdFilter = None,
+        since: SinceFilter = None,
+        until: UntilFilter = None,
         limit: PageLimit = DEFAULT_PAGE_SIZE,
+        offset: RunsOffset = 0,
     ) -> list[RunOut]:
         """Runs of every job (or of ``job_id``), the most recently scheduled first."""
         with _http_errors():
             async with sessions() as session:
-                runs = await scheduler_app.list_runs(session, job_id, status=status, limit=limit)
+                runs = await scheduler_app.list_runs(
+                    session,
+                    job_id,
+                    status=status,
+                    since=since,
+                    until=until,
+                    limit=limit,
+                    offset=offset,
+                )
         return [RunOut.from_run(run) for run in runs]
+
+    @router.get("/health", response_model=SchedulerHealthSnapshot, summary="Scheduler health")
+    async def health(response: Response) -> SchedulerHealthSnapshot:
+        """The health snapshot; answers 503 when the schedule is behind."""
+        snapshot = await scheduler_app.get_health_snapshot()
+        if snapshot.behind:
+            response.status_code = 503
+        return snapshot
 
     return router
