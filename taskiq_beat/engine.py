@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import heapq
-import itertools
 import logging
 import time
 import uuid
@@ -120,8 +119,12 @@ class SchedulerEngine:
         # whose time is not the job's in ``_due`` are stale (the job changed) and skipped.
         self._jobs: dict[str, JobSnapshot] = {}
         self._due: dict[str, datetime] = {}
+        # Entries (fire time, rank, job id). Jobs due at the same time come off the heap in
+        # the order of their rank, which differs from one scheduler to the next (salted by
+        # its owner id): several schedulers holding the same backlog start on different
+        # jobs instead of all claiming the same head of it (see _rank).
         self._heap: list[tuple[datetime, int, str]] = []
-        self._sequence = itertools.count()
+        self._salt = hash(self.owner)
         self._horizon: datetime | None = None
         self._next_sync_at: datetime | None = None
         # The sync under way (it runs while the pass sends what is due already), and the
@@ -216,13 +219,17 @@ class SchedulerEngine:
             await self._sleep(self._idle_delay())
 
     def _report_failure(self, exc: Exception, failures: int, delay: float) -> None:
-        """A database outage in one line per retry (then one a minute), anything else in full."""
-        reason = self._store.unavailable(exc)
+        """A database outage, or a statement that was slow or lost to another transaction,
+        in one line per retry (then one a minute); anything else in full. A slow statement
+        is not called an outage: it says so, for the database answered (or may have)."""
+        slow = self._store.contended(exc)
+        reason = slow or self._store.unavailable(exc)
         if reason is None:
             logger.error("scheduler loop failed; retrying in %.1f s", delay, exc_info=exc)
         elif failures <= _OUTAGE_LINES or failures % _OUTAGE_REPORT_EVERY == 0:
             logger.warning(
-                "database unavailable (%s); retrying in %.1f s (failed passes: %d)",
+                "%s (%s); retrying in %.1f s (failed passes: %d)",
+                "database slow or busy" if slow else "database unavailable",
                 reason,
                 delay,
                 failures,
@@ -466,21 +473,29 @@ class SchedulerEngine:
         """Hold ``snapshot``, due at ``when``."""
         self._jobs[snapshot.id] = snapshot
         self._due[snapshot.id] = when
-        heapq.heappush(self._heap, (when, next(self._sequence), snapshot.id))
+        heapq.heappush(self._heap, (when, self._rank(snapshot.id), snapshot.id))
 
     def _push(self, added: list[tuple[datetime, str]]) -> None:
         """Put many jobs (already held, at these times) on the heap: a heap that grows by
         more than it holds is rebuilt in linear time instead of pushed to one entry at a
         time."""
         heap = self._heap
-        sequence = self._sequence
-        entries = [(when, next(sequence), job_id) for when, job_id in added]
+        salt = self._salt
+        entries = [(when, hash((salt, job_id)), job_id) for when, job_id in added]
         if len(entries) > len(heap):
             heap.extend(entries)
             heapq.heapify(heap)
         else:
             for entry in entries:
                 heapq.heappush(heap, entry)
+
+    def _rank(self, job_id: str) -> int:
+        """Where ``job_id`` comes among the jobs due at the same time: a hash salted with
+        this scheduler's owner id, so each scheduler takes a backlog in an order of its own
+        (two with the same order would claim the same batches at the same time, and split
+        each between them row by row; with orders of their own most of their batches are
+        disjoint)."""
+        return hash((self._salt, job_id))
 
     def _held_until(self) -> datetime | None:
         """The latest fire time of a job the heap holds: the end of the last sync's window,
@@ -642,6 +657,11 @@ class SchedulerEngine:
                 self._put(snapshot, after)
         if lost:
             logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))
+        if len(fires) + len(lost) < len(batch):
+            logger.debug(
+                "%d claims taken or held by another scheduler (or claimed before)",
+                len(batch) - len(fires) - len(lost),
+            )
         return fires
 
     async def _send(self, fires: Sequence[Fire]) -> int:
