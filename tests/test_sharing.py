@@ -196,3 +196,25 @@ async def test_a_slow_claim_is_reported_as_slow_not_as_the_database_unavailable(
     [line] = [r.getMessage() for r in caplog.records]
     assert "database unavailable" not in line
     assert line.startswith("database slow or busy (no answer within 10 s)"), line
+
+
+async def test_a_sync_drops_the_jobs_held_that_another_scheduler_took_meanwhile(
+    app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    """Jobs held in the heap, due, that the database no longer has due (another scheduler
+    claimed them) leave the heap at the next sync instead of being claimed here in vain."""
+    due = clock.now() - timedelta(seconds=1)
+    for index in range(3):
+        await app.single(task="tests.record").upsert(
+            session, trigger=OneOffSchedule(run_at=due), job_id=f"job-{index}"
+        )
+    await app.engine.sync()
+    assert app.engine.loaded_jobs == 3
+    await session.execute(  # another scheduler claims job-0 and job-1
+        sa.update(SchedulerJob)
+        .where(SchedulerJob.id.in_(["job-0", "job-1"]))
+        .values(next_run_at=None)
+    )
+    await session.commit()
+    await app.engine.sync()
+    assert app.engine.loaded_jobs == 1
