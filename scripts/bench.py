@@ -47,6 +47,7 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
+from bench_support import several  # noqa: E402
 from bench_support.common import (  # noqa: E402
     RESULT_MARK,
     Options,
@@ -150,6 +151,9 @@ def _child_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spacing", type=float, default=0.25)
     parser.add_argument("--log-level", default=None)
     parser.add_argument("--switch-interval", type=float, default=None)
+    parser.add_argument("--send-cost-us", type=float, default=0.0)
+    parser.add_argument("--start-at", type=float, default=0.0)
+    parser.add_argument("--sends-path", default="")
     return parser
 
 
@@ -177,6 +181,9 @@ def child_main(argv: Sequence[str]) -> None:
         redis_url=args.redis_url,
         prefix=args.prefix,
         spacing=args.spacing,
+        send_cost=args.send_cost_us / 1e6,
+        start_at=args.start_at,
+        sends_path=args.sends_path,
     )
     if args.system == "ours":
         from bench_support import ours as module
@@ -222,6 +229,8 @@ class Plan:
     redis_url: str
     inline_setup: bool = False
     switch_interval: float | None = None
+    schedulers: list[int] | None = None
+    send_cost_us: float = 0.0
 
 
 def _run_child(
@@ -272,12 +281,18 @@ def _python_for(system: str, plan: Plan) -> str | None:
     return sys.executable
 
 
-def run_one(plan: Plan, system: str, scenario: str, db: str) -> dict[str, Any]:
-    """Setup and measure one scenario of one system on one database, each in a new process."""
+def run_one(
+    plan: Plan, system: str, scenario: str, db: str, schedulers: int | None = None
+) -> dict[str, Any]:
+    """Setup and measure one scenario of one system on one database, each in a new process
+    (with ``schedulers``, that many measuring processes at once, see ``several``)."""
     jobs = plan.jobs if plan.jobs is not None else DEFAULT_JOBS[scenario]
     seconds = plan.seconds if plan.seconds is not None else DEFAULT_SECONDS.get(scenario, 0.0)
     row: dict[str, Any] = {"system": system, "scenario": scenario, "db": db, "jobs": jobs}
     row["seconds"] = seconds
+    if schedulers is not None:
+        row["schedulers"] = schedulers
+        row["send_cost_us"] = plan.send_cost_us
     python = _python_for(system, plan)
     if python is None:
         row["error"] = "skipped: no Python >= 3.12 for taskiq-beat 1.4.0"
@@ -295,6 +310,8 @@ def run_one(plan: Plan, system: str, scenario: str, db: str) -> dict[str, Any]:
         common += ["--log-level", plan.log_level]
     if plan.switch_interval is not None:
         common += ["--switch-interval", str(plan.switch_interval)]
+    if plan.send_cost_us:
+        common += ["--send-cost-us", str(plan.send_cost_us)]
     timeout = plan.max_wait + seconds + 600
     print(f"[bench] {system} / {db} / {scenario}: {jobs:,} jobs ...", file=sys.stderr, flush=True)
     with Database(db) as database:
@@ -313,7 +330,12 @@ def run_one(plan: Plan, system: str, scenario: str, db: str) -> dict[str, Any]:
             measure_args += ["--profile", path]
         row["load_before"] = os.getloadavg()[0]
         before = _cpu_times()
-        result, error = _run_child(python, measure_args, timeout)
+        if schedulers is None:
+            result, error = _run_child(python, measure_args, timeout)
+        else:
+            result, error = several.measure(
+                [python, str(BENCH), "_run", *measure_args], schedulers, scenario, timeout, ROOT
+            )
         row["stolen"] = _stolen_share(before, _cpu_times())
     if result is None:
         row["error"] = f"measure failed: {error}"
@@ -361,6 +383,13 @@ def _systems_for(scenario: str, systems: list[str]) -> list[str]:
     return systems
 
 
+def _schedulers_for(system: str, scenario: str, plan: Plan) -> list[int | None]:
+    """``--schedulers``: the numbers of schedulers run at once (ours, burst and interval)."""
+    if plan.schedulers is None or system != "ours" or scenario not in several.SCENARIOS:
+        return [None]
+    return list(plan.schedulers)
+
+
 def run_plan(plan: Plan) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     scenarios = list(plan.scenarios)
@@ -376,10 +405,11 @@ def run_plan(plan: Plan) -> list[dict[str, Any]]:
                     ceiling = run_one(plan, "kiq", "ceiling-exec", "-")
                     results.append(ceiling)
                     print(format_row(ceiling), flush=True)
-                row = run_one(plan, system, scenario, db)
-                _add_ratio(row, results)
-                results.append(row)
-                print(format_row(row), flush=True)
+                for schedulers in _schedulers_for(system, scenario, plan):
+                    row = run_one(plan, system, scenario, db, schedulers)
+                    _add_ratio(row, results)
+                    results.append(row)
+                    print(format_row(row), flush=True)
     return results
 
 
@@ -502,6 +532,10 @@ def verdict(row: dict[str, Any]) -> str:
 def format_row(row: dict[str, Any]) -> str:
     title = f"{row['scenario']}: {TITLES[row['scenario']]}"
     system = row.get("version") or SYSTEM_NAMES[row["system"]]
+    if row.get("schedulers") is not None:
+        system += f" x {row['schedulers']} schedulers"
+        if row.get("send_cost_us"):
+            system += f", {row['send_cost_us']:g} µs CPU a send"
     jobs = _n(row["jobs"])
     if row.get("seconds") and row["scenario"] in DEFAULT_SECONDS:
         jobs += f" x {row['seconds']:g} s"
@@ -516,6 +550,8 @@ def format_row(row: dict[str, Any]) -> str:
             notes.append(f"machine load {row['load_before']:.1f} before it")
         if (row.get("stolen") or 0) >= 0.02:
             notes.append(f"{row['stolen']:.0%} of the CPU taken by the VM host meanwhile")
+        if row.get("per_process") is not None:
+            notes.append(several.describe(row))
         if notes:
             result += " [" + "; ".join(notes) + "]"
         cells = [title, system, row["db"], jobs, result, *_dist(row)]
@@ -715,6 +751,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument(
+        "--schedulers",
+        default=None,
+        metavar="K[,K...]",
+        help="run burst and interval with K schedulers (processes) at once, e.g. 1,2,3",
+    )
+    parser.add_argument(
+        "--send-cost-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="CPU each send of the no-op broker burns, busy-waiting (a broker that costs CPU)",
+    )
+    parser.add_argument(
         "--inline-setup",
         action="store_true",
         help="load the jobs in the measuring process, not in one of its own (faster; for "
@@ -777,6 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis_url=args.redis_url,
         inline_setup=args.inline_setup,
         switch_interval=args.switch_interval,
+        schedulers=[int(k) for k in args.schedulers.split(",")] if args.schedulers else None,
+        send_cost_us=args.send_cost_us,
     )
     began = datetime.now(timezone.utc)
     wall = time.perf_counter()

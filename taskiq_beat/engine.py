@@ -14,7 +14,6 @@ import collections
 import contextlib
 import dataclasses
 import heapq
-import itertools
 import logging
 import time
 import uuid
@@ -157,8 +156,12 @@ class SchedulerEngine:
         # whose time is not the job's in ``_due`` are stale (the job changed) and skipped.
         self._jobs: dict[str, JobSnapshot] = {}
         self._due: dict[str, datetime] = {}
+        # Entries (fire time, rank, job id). Jobs due at the same time come off the heap in
+        # the order of their rank, which differs from one scheduler to the next (salted by
+        # its owner id): several schedulers holding the same backlog start on different
+        # jobs instead of all claiming the same head of it (see _rank).
         self._heap: list[tuple[datetime, int, str]] = []
-        self._sequence = itertools.count()
+        self._salt = hash(self.owner)
         self._horizon: datetime | None = None
         self._next_sync_at: datetime | None = None
         # The sync under way (it runs while the pass sends what is due already), and the
@@ -261,13 +264,17 @@ class SchedulerEngine:
             await self._sleep(self._idle_delay())
 
     def _report_failure(self, exc: Exception, failures: int, delay: float) -> None:
-        """A database outage in one line per retry (then one a minute), anything else in full."""
-        reason = self._store.unavailable(exc)
+        """A database outage, or a statement that was slow or lost to another transaction,
+        in one line per retry (then one a minute); anything else in full. A slow statement
+        is not called an outage: it says so, for the database answered (or may have)."""
+        slow = self._store.contended(exc)
+        reason = slow or self._store.unavailable(exc)
         if reason is None:
             logger.error("scheduler loop failed; retrying in %.1f s", delay, exc_info=exc)
         elif failures <= _OUTAGE_LINES or failures % _OUTAGE_REPORT_EVERY == 0:
             logger.warning(
-                "database unavailable (%s); retrying in %.1f s (failed passes: %d)",
+                "%s (%s); retrying in %.1f s (failed passes: %d)",
+                "database slow or busy" if slow else "database unavailable",
                 reason,
                 delay,
                 failures,
@@ -455,6 +462,8 @@ class SchedulerEngine:
             records = await self._store.load_due(horizon, limit=limit)
             self._horizon = horizon
             added = self._merge(records, skip=self._touched)
+            if limit is None:
+                self._forget_gone(records, horizon, self._touched or ())
         finally:
             self._touched = None
         if limit is not None and len(records) == limit:
@@ -470,6 +479,26 @@ class SchedulerEngine:
         self.stats.last_sync_at = self._clock.now()
         self._next_sync_at = self.stats.last_sync_at + timedelta(seconds=interval)
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
+
+    def _forget_gone(
+        self, records: list[JobRecord], horizon: datetime, touched: Collection[str]
+    ) -> None:
+        """After a whole window's load: drop the jobs held for a time within it that the
+        load did not return (claimed by another scheduler, moved, paused or deleted
+        meanwhile), unless this engine touched them since the load began. With several
+        schedulers on one backlog, each would otherwise try to claim every job of it, most
+        of them taken by the others by then."""
+        loaded = {record.id for record in records}
+        gone = [
+            job_id
+            for job_id, when in self._due.items()
+            if when <= horizon and job_id not in loaded and job_id not in touched
+        ]
+        for job_id in gone:
+            del self._due[job_id]
+            del self._jobs[job_id]
+        if gone:
+            logger.debug("%d jobs held are no longer due here (taken or changed)", len(gone))
 
     def _merge(self, records: list[JobRecord], *, skip: set[str] | None = None) -> int:
         with gc_paused():
@@ -512,21 +541,29 @@ class SchedulerEngine:
         """Hold ``snapshot``, due at ``when``."""
         self._jobs[snapshot.id] = snapshot
         self._due[snapshot.id] = when
-        heapq.heappush(self._heap, (when, next(self._sequence), snapshot.id))
+        heapq.heappush(self._heap, (when, self._rank(snapshot.id), snapshot.id))
 
     def _push(self, added: list[tuple[datetime, str]]) -> None:
         """Put many jobs (already held, at these times) on the heap: a heap that grows by
         more than it holds is rebuilt in linear time instead of pushed to one entry at a
         time."""
         heap = self._heap
-        sequence = self._sequence
-        entries = [(when, next(sequence), job_id) for when, job_id in added]
+        salt = self._salt
+        entries = [(when, _mix(hash(job_id) ^ salt), job_id) for when, job_id in added]
         if len(entries) > len(heap):
             heap.extend(entries)
             heapq.heapify(heap)
         else:
             for entry in entries:
                 heapq.heappush(heap, entry)
+
+    def _rank(self, job_id: str) -> int:
+        """Where ``job_id`` comes among the jobs due at the same time: a hash salted with
+        this scheduler's owner id, so each scheduler takes a backlog in an order of its own
+        (two with the same order would claim the same batches at the same time, and split
+        each between them row by row; with orders of their own most of their batches are
+        disjoint)."""
+        return _mix(hash(job_id) ^ self._salt)
 
     def _held_until(self) -> datetime | None:
         """The latest fire time of a job the heap holds: the end of the last sync's window,
@@ -695,8 +732,25 @@ class SchedulerEngine:
                 and not changed_meanwhile
             ):
                 self._put(snapshot, after)
-        if lost:
-            logger.debug("%d claims lost to concurrent changes; reloading them", len(lost))
+        missed = len(batch) - len(fires)
+        if missed:
+            # Another scheduler works on the same jobs: no larger batches. On PostgreSQL a
+            # claim re-checks each row another scheduler changed since the claim began, at
+            # a cost that grows with the batch: 8,192 claims among rows taken meanwhile ran
+            # for over 10 s, where 256 take milliseconds.
+            self._batch_size = self._config.dispatch_batch_size
+        if lost or missed:
+            logger.debug(
+                "%d claims lost to concurrent changes (reloading them), %d taken or held by"
+                " another scheduler (or claimed before)",
+                len(lost),
+                missed - len(lost),
+            )
+        if 2 * missed > len(batch) and self._loading is None:
+            # Most of the batch was someone else's: another scheduler works on the same
+            # backlog. Sync now (the pass ends with the batches under way): the load drops
+            # what the others took meanwhile (see _forget_gone) instead of claiming it here.
+            self._next_sync_at = now
         return fires
 
     async def _send(self, fires: Sequence[Fire]) -> int:
@@ -847,6 +901,19 @@ class SchedulerEngine:
                 and self._within_horizon(r.next_run_at)
             ]
         )
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(value: int) -> int:
+    """SplitMix64's finaliser: every bit of ``value`` moves every bit of the result, so the
+    order of ``_mix(h ^ salt)`` for one salt says nothing of the order for another (a
+    tuple's hash, or ``h ^ salt`` alone, keep much of one order in the other)."""
+    value &= _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
 
 
 def _snapshot(record: JobRecord) -> JobSnapshot | None:

@@ -32,6 +32,7 @@ from bench_support.common import (
     job_id,
     percentiles,
     rss_mb,
+    sleep_until,
     warmup,
 )
 from bench_support.scenarios import (
@@ -169,19 +170,31 @@ async def burst(
     """All jobs due at ``start()``: time until every fire is sent (and executed) and recorded
     (``sent``: see :func:`wait_rows`). ``by_sends_when_partial``: a burst cut by
     ``--max-wait`` is timed and counted by its sends, not its run rows, and waited for 1 s at
-    least (1.4.0, whose ``stop()`` cancels a batch in flight)."""
+    least (1.4.0, whose ``stop()`` cancels a batch in flight).
+
+    One of several schedulers (``opts.sends_path``): starts at ``opts.start_at``, waits until
+    the run table holds every fire (its own sends are a share of them), and writes its sends
+    to ``opts.sends_path``."""
+    several = bool(opts.sends_path)
     executed = Goal()
-    broker = make_broker(burst_broker(opts), executed)
+    broker = make_broker(burst_broker(opts), executed, send_cost=opts.send_cost)
     goal = broker.goal if isinstance(broker, NoopBroker) else executed
     engine, app = open_app(opts, broker)
     await broker.startup()
+    if several:
+        await sleep_until(opts.start_at)
     began = time.time()
     await app.start()
     started = time.time()
     budget = opts.max_wait - (started - began)
-    complete = await goal.wait(opts.jobs, max(1.0, budget) if by_sends_when_partial else budget)
-    # Every send is followed by its run row: wait for the last ones to be committed.
-    rows, last_row = await wait_rows(engine, sent, goal.count, 30 if complete else 2)
+    if several:
+        rows, last_row = await wait_rows(engine, sent, opts.jobs, budget)
+        complete = rows >= opts.jobs
+    else:
+        wait = max(1.0, budget) if by_sends_when_partial else budget
+        complete = await goal.wait(opts.jobs, wait)
+        # Every send is followed by its run row: wait for the last ones to be committed.
+        rows, last_row = await wait_rows(engine, sent, goal.count, 30 if complete else 2)
     await close(app, broker, engine)
     if complete or not by_sends_when_partial:
         counted, end = rows, max(last_row, goal.last or began)
@@ -189,6 +202,8 @@ async def burst(
         counted, end = goal.count, goal.last or time.time()
     elapsed = end - began
     times = [at - began for at, _ in broker.kicks] if isinstance(broker, NoopBroker) else []
+    if several and isinstance(broker, NoopBroker):
+        broker.write_sends(opts.sends_path)
     return {
         "rate": counted / elapsed if elapsed > 0 else 0.0,
         "fires": goal.count,
@@ -218,17 +233,26 @@ class IntervalRun:
 
 async def interval(opts: Options, open_app: OpenApp) -> IntervalRun:
     """Jobs every second: run the scheduler through ``opts.seconds`` whole seconds from the
-    first one 0.3 s after ``start()``, and a grace period after them for late fires."""
-    broker = make_broker("noop")
+    first one 0.3 s after ``start()``, and a grace period after them for late fires.
+
+    One of several schedulers (``opts.sends_path``): ``start()`` at ``opts.start_at``, the
+    window from the first whole second 0.3 s after that (the same for all); its sends are
+    written to ``opts.sends_path``."""
+    broker = make_broker("noop", send_cost=opts.send_cost)
     engine, app = open_app(opts, broker)
     await broker.startup()
+    if opts.sends_path:
+        await sleep_until(opts.start_at)
     await app.start()
-    first = float(math.ceil(time.time() + 0.3))  # the first whole second after 0.3 s
+    # the first whole second 0.3 s after start() (after the common start time, with several)
+    first = float(math.ceil((opts.start_at if opts.sends_path else time.time()) + 0.3))
     end = first + opts.seconds
     # CPU over the window and a grace period after it, for late fires.
     busy = await cpu_percent(end + grace(opts.seconds) - time.time())
     await app.stop()
     await broker.shutdown()
+    if opts.sends_path:
+        broker.write_sends(opts.sends_path)
     return IntervalRun(broker, engine, first, end, busy)
 
 

@@ -49,6 +49,12 @@ class Options:
     redis_url: str = "redis://127.0.0.1:6379/0"
     prefix: str = ""
     spacing: float = 0.25
+    send_cost: float = 0.0
+    """CPU (s) each send of the no-op broker burns (busy-waiting): a broker that costs CPU."""
+    start_at: float = 0.0
+    """With several schedulers: the wall-clock time at which each calls ``start()``."""
+    sends_path: str = ""
+    """With several schedulers: where this one writes its sends, for the parent to merge."""
 
 
 def job_id(index: int) -> str:

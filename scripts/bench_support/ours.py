@@ -173,7 +173,13 @@ async def _interval(opts: Options) -> dict[str, Any]:
         )
     await run.engine.dispose()
     return interval_result(
-        opts, seen, lateness, rows=rows, busy=run.busy, dist_what="lateness: send - scheduled [ms]"
+        opts,
+        seen,
+        lateness,
+        rows=rows,
+        busy=run.busy,
+        dist_what="lateness: send - scheduled [ms]",
+        window=[run.first, run.end],
     )
 
 

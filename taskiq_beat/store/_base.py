@@ -23,7 +23,19 @@ from taskiq_beat.store.dialects import claims_at_once
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-__all__ = ["StoreCore"]
+__all__ = ["StatementTimeout", "StoreCore"]
+
+# PostgreSQL's codes of a statement that waited on others or was cut short, while the
+# server itself answered: lock_not_available (lock_timeout, NOWAIT), query_canceled
+# (statement_timeout), deadlock_detected, serialization_failure.
+_CONTENTION_SQLSTATES = frozenset({"55P03", "57014", "40P01", "40001"})
+
+
+class StatementTimeout(TimeoutError):
+    """An engine operation that did not finish within the store's timeout: a statement that
+    runs long (or waits on a lock), or a server that does not answer; which of the two is
+    not known here."""
+
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -123,12 +135,27 @@ class StoreCore:
         if done:
             return task.result()
         self._abandon(task)
-        raise TimeoutError(f"the database did not answer within {self._timeout:g} s")
+        raise StatementTimeout(f"no answer from the database within {self._timeout:g} s")
 
     def _abandon(self, task: asyncio.Future[Any]) -> None:
         task.cancel()
         self._abandoned.add(task)  # keep a reference until it has unwound
         task.add_done_callback(_forget(self._abandoned))
+
+    @staticmethod
+    def contended(exc: BaseException) -> str | None:
+        """Describe ``exc`` in one line if a statement waited too long or lost to another
+        transaction while the server answered (PostgreSQL's lock, cancel, deadlock and
+        serialization errors), or took longer than the store's timeout
+        (:class:`StatementTimeout`): trying again may succeed, and it is not evidence that
+        the database is down. ``None`` for anything else."""
+        if isinstance(exc, StatementTimeout):
+            return str(exc)
+        if isinstance(exc, sa.exc.DBAPIError) and not exc.connection_invalidated:
+            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+            if code in _CONTENTION_SQLSTATES:
+                return f"{type(exc.orig).__name__}: {exc.orig}".strip()
+        return None
 
     @staticmethod
     def unavailable(exc: BaseException) -> str | None:

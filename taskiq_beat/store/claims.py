@@ -101,15 +101,18 @@ class ClaimOperations(StoreCore):
 
         Returns the fires to send, and the ids of the jobs whose compare-and-set failed (to be
         reloaded). A job that was advanced but whose fire already had a run row is in neither:
-        that fire was claimed before and is not sent again.
+        that fire was claimed before and is not sent again. Nor is a job whose row another
+        transaction holds (PostgreSQL: another scheduler claiming it, an edit under way): it
+        is skipped at once, never waited for, and left to that transaction; if it is still
+        due afterwards, the next sync loads it again.
         """
         if not claims:
             return ClaimedFires(), set()
         async with self._one_statement() as executor:
-            won, inserted = await _batch_sql(executor).claim(
+            won, inserted, skipped = await _batch_sql(executor).claim(
                 executor, claims, owner=owner, lease_until=lease_until, now=now
             )
-        lost = {job_id for job_id in claims.job_ids if job_id not in won}
+        lost = {job_id for job_id in claims.job_ids if job_id not in won and job_id not in skipped}
         return ClaimedFires.of(claims, inserted), lost
 
     @_time_limited

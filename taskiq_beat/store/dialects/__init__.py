@@ -63,10 +63,12 @@ class _BatchSql:
         owner: str,
         lease_until: datetime,
         now: datetime,
-    ) -> tuple[set[str], dict[str, int]]:
+    ) -> tuple[set[str], dict[str, int], set[str]]:
         """Advance the jobs by compare-and-set and insert the runs of those advanced (unless
-        they exist). Returns the ids of the jobs advanced, and the run id of each inserted run
-        by job id. Run in one transaction."""
+        they exist). Returns the ids of the jobs advanced, the run id of each inserted run
+        by job id, and the ids of the jobs skipped because another transaction held their
+        row (PostgreSQL; never waited for), or that no longer exist. Run in one
+        transaction."""
         raise NotImplementedError
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:

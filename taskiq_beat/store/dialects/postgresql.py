@@ -53,12 +53,17 @@ class _PostgresBatchSql(_BatchSql):
     # ~1.5 us an element, a bigint one at ~0.4, a text at once; 5.4 -> 1.7 us of client
     # CPU per claim, the server's work unchanged), a fire's time left out (an empty array)
     # when each is the job's expected one. It answers in one row of JSON texts: the jobs
-    # advanced, and the job and id of each run inserted (a fire that had its run already
-    # has none); no row per fire. (No join of the two CTEs: the planner, which cannot
-    # estimate them, nests loops over them.) The jobs are also looked up by id: joined to
-    # the claims alone, the planner reads every job (a sequential scan and a hash of the
-    # whole table, per batch: 75 of 170 ms for 2,048 claims among 100k jobs); with the id
-    # list it uses the primary key once the table has statistics (10 ms).
+    # advanced, the job and id of each run inserted (a fire that had its run already has
+    # none), and the jobs skipped; no row per fire. (No join of the two CTEs: the planner,
+    # which cannot estimate them, nests loops over them.) The jobs are looked up by id:
+    # joined to the claims alone, the planner reads every job (a sequential scan and a hash
+    # of the whole table, per batch: 75 of 170 ms for 2,048 claims among 100k jobs); with
+    # the id list it uses the primary key once the table has statistics (10 ms).
+    # ``locked`` takes the batch's job rows FOR UPDATE SKIP LOCKED, and only those are
+    # advanced: a row that another transaction holds (another scheduler claiming the same
+    # job, an edit under way) is skipped at once instead of waited for, and reported as
+    # such. Without it two schedulers holding the same due jobs queued on each other's row
+    # locks, batch after batch, for as long as the other's statement ran.
     claim_all = sa.text(
         "WITH claim AS (SELECT c.job_id, c.revision, c.task_id,"
         f" {_from_micros('c.expected')} AS expected, {_from_micros('c.new_next')} AS new_next,"
@@ -68,17 +73,23 @@ class _PostgresBatchSql(_BatchSql):
         " unnest(CAST(:new_next AS BIGINT[])), unnest(CAST(:scheduled_for AS BIGINT[])),"
         " json_array_elements_text(CAST(:task_ids AS JSON)))"
         " AS c(job_id, expected, revision, new_next, scheduled_for, task_id)),"
+        f" locked AS (SELECT job.id FROM {_JOB} AS job"
+        " WHERE job.id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:job_ids AS JSON))))"
+        " FOR UPDATE SKIP LOCKED),"
         f" won AS (UPDATE {_JOB} AS job"
         " SET next_run_at = claim.new_next, last_run_at = claim.scheduled_for"
         " FROM claim WHERE job.id = claim.job_id AND job.next_run_at = claim.expected"
         " AND job.revision = claim.revision AND job.is_enabled"
-        " AND job.id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:job_ids AS JSON))))"
+        " AND job.id = ANY(ARRAY(SELECT locked.id FROM locked))"
         " RETURNING job.id, claim.scheduled_for, claim.task_id),"
         f" run AS ({_RUN_INSERT} SELECT won.id, won.scheduled_for, :status, won.task_id, 1,"
         " :owner, :lease_until, :now, :now FROM won"
         " ON CONFLICT DO NOTHING RETURNING id, job_id)"
         " SELECT CAST((SELECT json_agg(won.id) FROM won) AS TEXT),"
-        " CAST(runs.job_ids AS TEXT), CAST(runs.run_ids AS TEXT)"
+        " CAST(runs.job_ids AS TEXT), CAST(runs.run_ids AS TEXT),"
+        " CAST((SELECT json_agg(skipped.id) FROM"
+        " (SELECT json_array_elements_text(CAST(:job_ids AS JSON)) AS id"
+        " EXCEPT SELECT locked.id FROM locked) AS skipped) AS TEXT)"
         " FROM (SELECT json_agg(job_id) AS job_ids, json_agg(id) AS run_ids FROM run) AS runs"
     ).bindparams(*_times("lease_until", "now"))
     claims_at_once = True
@@ -91,7 +102,7 @@ class _PostgresBatchSql(_BatchSql):
         owner: str,
         lease_until: datetime,
         now: datetime,
-    ) -> tuple[set[str], dict[str, int]]:
+    ) -> tuple[set[str], dict[str, int], set[str]]:
         params = self.claim_params(claims)
         params.update(
             owner=owner,
@@ -99,11 +110,15 @@ class _PostgresBatchSql(_BatchSql):
             now=now,
             status=_STATUS,
         )
-        won, run_jobs, run_ids = (await session.execute(self.claim_all, params)).one()
+        row = (await session.execute(self.claim_all, params)).one()
+        won, run_jobs, run_ids, skipped = row
+        # json_agg of no rows is NULL: no job advanced, no run inserted, none skipped
         advanced: set[str] = set() if won is None else set(json.loads(won))
-        if run_jobs is None:  # no run inserted (json_agg of no rows is NULL)
-            return advanced, {}
-        return advanced, dict(zip(json.loads(run_jobs), json.loads(run_ids), strict=True))
+        passed: set[str] = set() if skipped is None else set(json.loads(skipped))
+        if run_jobs is None:
+            return advanced, {}, passed
+        runs = dict(zip(json.loads(run_jobs), json.loads(run_ids), strict=True))
+        return advanced, runs, passed
 
     def claim_params(self, claims: Claims) -> dict[str, Any]:
         micros = _EachTimeOnce(_micros)

@@ -76,7 +76,8 @@ class _SqliteBatchSql(_BatchSql):
         owner: str,
         lease_until: datetime,
         now: datetime,
-    ) -> tuple[set[str], dict[str, int]]:
+    ) -> tuple[set[str], dict[str, int], set[str]]:
+        # One writer at a time: nothing is skipped, a claim waits for the file's lock.
         params = self.claim_params(claims)
         await self.execute(
             session,
@@ -86,9 +87,9 @@ class _SqliteBatchSql(_BatchSql):
         [(won_text, run_jobs, run_ids)] = await self._rows(session, self.outcome, params)
         won: set[str] = set(json.loads(won_text))
         if not won:
-            return won, {}
+            return won, {}, set()
         await self.execute(session, self.advance, params)
-        return won, dict(zip(json.loads(run_jobs), json.loads(run_ids), strict=True))
+        return won, dict(zip(json.loads(run_jobs), json.loads(run_ids), strict=True)), set()
 
     async def execute(
         self, session: _Executor, statement: sa.TextClause, params: dict[str, Any]
