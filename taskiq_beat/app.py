@@ -576,7 +576,16 @@ class SchedulerApp:
         values = _new_job_values(
             spec, trigger, trigger_to_json(trigger), job_id, name, description, is_enabled, now
         )
-        return SchedulerJob(**values)
+        # A new job has run nowhere: its counters are known without reading them.
+        return SchedulerJob(
+            **values,
+            run_count=0,
+            success_count=0,
+            failure_count=0,
+            last_success_at=None,
+            last_failure_at=None,
+            last_duration_seconds=None,
+        )
 
     async def _send_now(
         self,

@@ -11,11 +11,11 @@ import dataclasses
 import enum
 import json
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
@@ -23,7 +23,6 @@ from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
 __all__ = [
     "ERROR_MAX_LENGTH",
     "ERROR_TYPE_MAX_LENGTH",
-    "JOB_COUNTER_COLUMNS",
     "JOB_ID_MAX_LENGTH",
     "NAME_MAX_LENGTH",
     "TASK_NAME_MAX_LENGTH",
@@ -31,6 +30,7 @@ __all__ = [
     "JSONValue",
     "SchedulerBase",
     "SchedulerJob",
+    "SchedulerJobStats",
     "SchedulerRun",
     "SchedulerWorker",
     "UTCDateTime",
@@ -40,15 +40,6 @@ __all__ = [
     "sqlite_datetime",
 ]
 
-JOB_COUNTER_COLUMNS = (
-    "run_count",
-    "success_count",
-    "failure_count",
-    "last_success_at",
-    "last_failure_at",
-    "last_duration_seconds",
-)
-"""The columns of ``scheduler_job`` that the workers keep (an upsert leaves them alone)."""
 ERROR_MAX_LENGTH = 4000
 """Longest error message kept on a run; a longer one is truncated (never refused)."""
 ERROR_TYPE_MAX_LENGTH = 255
@@ -202,6 +193,42 @@ class SchedulerBase(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class SchedulerJobStats(SchedulerBase):
+    """The counters of one job, kept current by the workers (one row per job that ran).
+
+    Apart from ``scheduler_job``: a worker adding an outcome locks this row, never the job's,
+    which schedulers claim with ``SKIP LOCKED``. Deleted with its job.
+    """
+
+    __tablename__ = "scheduler_job_stats"
+
+    job_id: Mapped[str] = mapped_column(
+        sa.String(JOB_ID_MAX_LENGTH),
+        sa.ForeignKey("scheduler_job.id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    run_count: Mapped[int] = mapped_column(sa.Integer)
+    success_count: Mapped[int] = mapped_column(sa.Integer)
+    failure_count: Mapped[int] = mapped_column(sa.Integer)
+    last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_duration_seconds: Mapped[float | None] = mapped_column(sa.Float)
+
+
+def _stat(name: str, default: Any = None) -> Any:
+    """A job's counter, read with the job (a scalar subquery by primary key); ``default``
+    when the job has not run. Set in Python on new rows (it is never written)."""
+    stats = cast("sa.Table", SchedulerJobStats.__table__)
+    value: Any = (
+        sa.select(stats.c[name])
+        .where(stats.c.job_id == sa.literal_column("scheduler_job.id"))
+        .scalar_subquery()
+    )
+    if default is not None:
+        value = sa.func.coalesce(value, default)
+    return column_property(value, expire_on_flush=False)
+
+
 class SchedulerJob(SchedulerBase):
     """A scheduled job: what to send (task, args, kwargs) and when (trigger, ``next_run_at``).
 
@@ -228,16 +255,17 @@ class SchedulerJob(SchedulerBase):
     revision: Mapped[int] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
-    # What the workers report, kept current by them (never touched by an upsert, and not a
-    # change: neither ``revision`` nor ``updated_at`` moves).
-    run_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    # What the workers report, read from ``scheduler_job_stats`` with the row (see
+    # SchedulerJobStats: a table of its own, so that workers counting never lock a job's
+    # row while a scheduler claims it). Read-only here.
+    run_count: Mapped[int] = _stat("run_count", 0)
     """Runs finished on a worker (succeeded, failed or lost)."""
-    success_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
-    failure_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    success_count: Mapped[int] = _stat("success_count", 0)
+    failure_count: Mapped[int] = _stat("failure_count", 0)
     """Runs that failed on a worker or were lost."""
-    last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_duration_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    last_success_at: Mapped[datetime | None] = _stat("last_success_at")
+    last_failure_at: Mapped[datetime | None] = _stat("last_failure_at")
+    last_duration_seconds: Mapped[float | None] = _stat("last_duration_seconds")
 
     __table_args__ = (
         # The engine's only scan: enabled jobs due before a horizon.

@@ -139,9 +139,10 @@ async def test_one_run_per_job_and_scheduled_time(app: SchedulerApp, session: As
     await session.rollback()
 
 
-def test_metadata_holds_exactly_the_three_tables_with_named_constraints() -> None:
+def test_metadata_holds_exactly_the_four_tables_with_named_constraints() -> None:
     assert set(SchedulerBase.metadata.tables) == {
         "scheduler_job",
+        "scheduler_job_stats",
         "scheduler_run",
         "scheduler_worker",
     }

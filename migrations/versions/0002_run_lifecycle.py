@@ -1,4 +1,4 @@
-"""Run lifecycle: what the workers report of each run, job counters, the worker table.
+"""Run lifecycle: what the workers report of each run, the job counters and worker tables.
 
 Revision ID: 0002
 Revises: 0001
@@ -6,7 +6,7 @@ Create Date: 2026-12-06 12:00:00+00:00
 
 Upgrades a database made by ``0001`` in place; every row is kept. New columns are nullable
 or have a server default, so the rows already there read as runs no worker reported on
-(``executions = 0``) and jobs with no counted run.
+(``executions = 0``); jobs have no counters row until a worker reports one of their runs.
 """
 
 from __future__ import annotations
@@ -25,17 +25,6 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def _job_columns() -> list[sa.Column[object]]:
-    return [
-        sa.Column("run_count", sa.Integer(), server_default="0", nullable=False),
-        sa.Column("success_count", sa.Integer(), server_default="0", nullable=False),
-        sa.Column("failure_count", sa.Integer(), server_default="0", nullable=False),
-        sa.Column("last_success_at", UTCDateTime(), nullable=True),
-        sa.Column("last_failure_at", UTCDateTime(), nullable=True),
-        sa.Column("last_duration_seconds", sa.Float(), nullable=True),
-    ]
-
-
 def _run_columns() -> list[sa.Column[object]]:
     return [
         sa.Column("started_at", UTCDateTime(), nullable=True),
@@ -52,14 +41,28 @@ def upgrade() -> None:
     """Add the lifecycle columns and the worker table."""
     # batch_alter_table: SQLite cannot add several columns in one ALTER (it recreates the
     # table only where it must; plain ADD COLUMN otherwise).
-    with op.batch_alter_table("scheduler_job") as batch:
-        for column in _job_columns():
-            batch.add_column(column)
     with op.batch_alter_table("scheduler_run") as batch:
         for column in _run_columns():
             batch.add_column(column)
     op.create_index(op.f("ix_scheduler_run_worker_id"), "scheduler_run", ["worker_id"])
     op.create_index("ix_scheduler_run_scheduled_for", "scheduler_run", ["scheduled_for"])
+    op.create_table(
+        "scheduler_job_stats",
+        sa.Column("job_id", sa.String(length=255), nullable=False),
+        sa.Column("run_count", sa.Integer(), nullable=False),
+        sa.Column("success_count", sa.Integer(), nullable=False),
+        sa.Column("failure_count", sa.Integer(), nullable=False),
+        sa.Column("last_success_at", UTCDateTime(), nullable=True),
+        sa.Column("last_failure_at", UTCDateTime(), nullable=True),
+        sa.Column("last_duration_seconds", sa.Float(), nullable=True),
+        sa.PrimaryKeyConstraint("job_id", name=op.f("pk_scheduler_job_stats")),
+        sa.ForeignKeyConstraint(
+            ["job_id"],
+            ["scheduler_job.id"],
+            name=op.f("fk_scheduler_job_stats_job_id_scheduler_job"),
+            ondelete="CASCADE",
+        ),
+    )
     op.create_table(
         "scheduler_worker",
         sa.Column("id", sa.String(length=64), nullable=False),
@@ -76,11 +79,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Drop the worker table and the lifecycle columns (the runs' outcomes are lost)."""
     op.drop_table("scheduler_worker")
+    op.drop_table("scheduler_job_stats")
     op.drop_index("ix_scheduler_run_scheduled_for", table_name="scheduler_run")
     op.drop_index(op.f("ix_scheduler_run_worker_id"), table_name="scheduler_run")
     with op.batch_alter_table("scheduler_run") as batch:
         for column in reversed(_run_columns()):
-            batch.drop_column(column.name)
-    with op.batch_alter_table("scheduler_job") as batch:
-        for column in reversed(_job_columns()):
             batch.drop_column(column.name)

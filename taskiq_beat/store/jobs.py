@@ -13,8 +13,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
 from taskiq_beat.models import (
-    JOB_COUNTER_COLUMNS,
     SchedulerJob,
+    SchedulerJobStats,
     SchedulerRun,
 )
 from taskiq_beat.store._common import (
@@ -88,6 +88,9 @@ class JobOperations:
     async def delete_job(session: AsyncSession, job_id: str) -> bool:
         """Delete the job and its runs; return whether it existed."""
         await session.execute(sa.delete(SchedulerRun).where(SchedulerRun.job_id == job_id))
+        await session.execute(
+            sa.delete(SchedulerJobStats).where(SchedulerJobStats.job_id == job_id)
+        )
         result = await session.execute(sa.delete(SchedulerJob).where(SchedulerJob.id == job_id))
         await _announce_change(session)
         await _commit(session)
@@ -161,11 +164,7 @@ class JobOperations:
         insert = _insert_for(_dialect_name(session))(_job)
         statement = insert.on_conflict_do_update(
             index_elements=[_job.c.id],
-            set_={
-                c.name: insert.excluded[c.name]
-                for c in _job.c
-                if c.name != "id" and c.name not in JOB_COUNTER_COLUMNS
-            },
+            set_={c.name: insert.excluded[c.name] for c in _job.c if c.name != "id"},
         )
         for start in range(0, len(rows), _CHUNK):
             await session.execute(statement, list(rows[start : start + _CHUNK]))

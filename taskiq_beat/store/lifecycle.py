@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import sqlalchemy as sa
 
 from taskiq_beat.enums import JobStrategy, RunStatus
-from taskiq_beat.models import SchedulerWorker, UTCDateTime
+from taskiq_beat.models import SchedulerJobStats, SchedulerWorker, UTCDateTime
 from taskiq_beat.store._base import StoreCore, _time_limited
 from taskiq_beat.store._common import _dialect_name, _insert_for, _job, _run
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["Finish", "HealthCounts", "LifecycleOperations", "RunStart"]
 
 _worker = cast("sa.Table", SchedulerWorker.__table__)
+_stats = cast("sa.Table", SchedulerJobStats.__table__)
 _CHUNK = 500  # rows per statement: ~10 parameters a row, within every server's limit
 
 
@@ -422,9 +423,10 @@ async def _count_on_jobs(
     session: AsyncSession | Any,
     outcomes: Sequence[tuple[str, RunStatus, datetime, float | None]],
 ) -> None:
-    """Add ``outcomes`` (job id, status, finish time, duration) to their jobs' counters: one
-    statement for the batch, a parameter set per job. ``revision`` and ``updated_at`` stay:
-    counting is not a change of the job."""
+    """Add ``outcomes`` (job id, status, finish time, duration) to their jobs' counters in
+    ``scheduler_job_stats``: one upsert for the batch, a row per job, in job id order (two
+    workers' batches never wait on each other in a cycle). The job's own row is not
+    touched: a scheduler's claim never finds it locked by a worker counting."""
     if not outcomes:
         return
     per_job: dict[str, dict[str, Any]] = {}
@@ -432,45 +434,56 @@ async def _count_on_jobs(
         row = per_job.setdefault(
             job_id,
             {
-                "job": job_id,
-                "runs": 0,
-                "ok": 0,
-                "bad": 0,
-                "ok_at": None,
-                "bad_at": None,
-                "duration": None,
+                "job_id": job_id,
+                "run_count": 0,
+                "success_count": 0,
+                "failure_count": 0,
+                "last_success_at": None,
+                "last_failure_at": None,
+                "last_duration_seconds": None,
             },
         )
-        row["runs"] += 1
+        row["run_count"] += 1
         if status is RunStatus.SUCCEEDED:
-            row["ok"] += 1
-            row["ok_at"] = finished_at
+            row["success_count"] += 1
+            row["last_success_at"] = finished_at
         else:
-            row["bad"] += 1
-            row["bad_at"] = finished_at
+            row["failure_count"] += 1
+            row["last_failure_at"] = finished_at
         if duration is not None:
-            row["duration"] = duration
-    times = _times("ok_at", "bad_at")
+            row["last_duration_seconds"] = duration
+    # Jobs deleted meanwhile have no counters to keep (the foreign key would refuse them).
+    existing = set(
+        (await session.execute(sa.select(_job.c.id).where(_job.c.id.in_(list(per_job))))).scalars()
+    )
+    rows = [per_job[job_id] for job_id in sorted(per_job) if job_id in existing]
+    if not rows:
+        return
+    insert = _insert_for(_dialect_name(session))(_stats)
+    new = insert.excluded
 
-    def latest(column: sa.Column[Any], value: sa.BindParameter[Any]) -> sa.Case[Any]:
+    def latest(name: str) -> sa.ColumnElement[Any]:
+        old = _stats.c[name]
         return sa.case(
-            (sa.or_(column.is_(None), column < value), sa.func.coalesce(value, column)),
-            else_=column,
+            (sa.or_(old.is_(None), old < new[name]), sa.func.coalesce(new[name], old)),
+            else_=old,
         )
 
-    last_duration = sa.bindparam("duration", type_=sa.Float())
     await session.execute(
-        sa.update(_job)
-        .where(_job.c.id == sa.bindparam("job"))
-        .values(
-            run_count=_job.c.run_count + sa.bindparam("runs"),
-            success_count=_job.c.success_count + sa.bindparam("ok"),
-            failure_count=_job.c.failure_count + sa.bindparam("bad"),
-            last_success_at=latest(_job.c.last_success_at, times["ok_at"]),
-            last_failure_at=latest(_job.c.last_failure_at, times["bad_at"]),
-            last_duration_seconds=sa.func.coalesce(last_duration, _job.c.last_duration_seconds),
+        insert.on_conflict_do_update(
+            index_elements=[_stats.c.job_id],
+            set_={
+                "run_count": _stats.c.run_count + new.run_count,
+                "success_count": _stats.c.success_count + new.success_count,
+                "failure_count": _stats.c.failure_count + new.failure_count,
+                "last_success_at": latest("last_success_at"),
+                "last_failure_at": latest("last_failure_at"),
+                "last_duration_seconds": sa.func.coalesce(
+                    new.last_duration_seconds, _stats.c.last_duration_seconds
+                ),
+            },
         ),
-        [per_job[job_id] for job_id in sorted(per_job)],  # one order: no deadlock between workers
+        rows,
     )
 
 
