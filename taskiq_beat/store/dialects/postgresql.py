@@ -59,13 +59,13 @@ class _PostgresBatchSql(_BatchSql):
     # joined to the claims alone, the planner reads every job (a sequential scan and a hash
     # of the whole table, per batch: 75 of 170 ms for 2,048 claims among 100k jobs); with
     # the id list it uses the primary key once the table has statistics (10 ms).
-    # ``locked`` takes the batch's job rows FOR NO KEY UPDATE SKIP LOCKED (the lock the
-    # UPDATE takes anyway: it changes no key), and only those are advanced: a row that another transaction holds (another scheduler claiming the same
-    # job, an edit under way) is skipped at once instead of waited for, and reported as
-    # such. Without it two schedulers holding the same due jobs queued on each other's row
-    # locks, batch after batch, for as long as the other's statement ran. (FOR UPDATE would
-    # also skip rows a worker holds FOR KEY SHARE while it inserts a row referring to the
-    # job: its counters, see store.lifecycle.)
+    # ``locked`` takes the batch's job rows FOR NO KEY UPDATE SKIP LOCKED (the lock the UPDATE takes
+    # anyway: it changes no key), and only those are advanced: a row that another transaction holds
+    # (another scheduler claiming the same job, an edit under way) is skipped at once instead of
+    # waited for, and reported as such. Without it two schedulers holding the same due jobs queued
+    # on each other's row locks, batch after batch, for as long as the other's statement ran. (FOR
+    # UPDATE would also skip rows a worker holds FOR KEY SHARE while it inserts a row referring to
+    # the job: its counters, see store.lifecycle.)
     claim_all = sa.text(
         "WITH claim AS (SELECT c.job_id, c.revision, c.task_id,"
         f" {_from_micros('c.expected')} AS expected, {_from_micros('c.new_next')} AS new_next,"
