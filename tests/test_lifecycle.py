@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from taskiq import SimpleRetryMiddleware, TaskiqMessage
 from taskiq.message import BrokerMessage
 
@@ -23,6 +24,7 @@ from taskiq_beat import (
     OneOffSchedule,
     RunStatus,
     SchedulerApp,
+    SchedulerBase,
     SchedulerConfig,
     SchedulerJob,
     SchedulerRun,
@@ -389,8 +391,6 @@ async def test_a_run_id_matching_no_row_runs_the_task_with_one_warning(
 async def test_tasks_still_run_while_the_database_is_unreachable(
     tmp_path: Any, caplog: pytest.LogCaptureFixture, clock: FakeClock
 ) -> None:
-    from sqlalchemy.ext.asyncio import create_async_engine
-
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'dir' / 'db'}")
     factory = async_sessionmaker(engine, expire_on_commit=False)
     broker = RecordingBroker()
@@ -490,3 +490,43 @@ async def test_retention_deletes_old_finished_history_in_batches(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_outcomes_wait_out_a_locked_database_and_are_written_after(
+    tmp_path: Any, broker: RecordingBroker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database refusing writes (SQLite locked by another process) while a task ends:
+    its outcome is kept, one warning says so, and it is written once the lock is gone."""
+    path = tmp_path / "locked.sqlite3"
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 0.05})
+    async with engine.begin() as connection:
+        await connection.run_sync(SchedulerBase.metadata.create_all)
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    gate = asyncio.Event()
+
+    @broker.task(task_name="tests.gated")
+    async def gated() -> None:
+        await gate.wait()
+
+    app = lifecycle_app(broker, factory, clock)
+    assert app.lifecycle is not None
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        job_id = await fire_now(app, clock, "tests.gated")
+        await run_status_is(factory, job_id, RunStatus.RUNNING)
+        with caplog.at_level(logging.INFO, logger="taskiq_beat.worker"):
+            other.execute("BEGIN EXCLUSIVE")  # another process holds the file
+            gate.set()
+            await eventually(lambda: _true(app.lifecycle._outage))  # type: ignore[union-attr]
+            await asyncio.sleep(0.3)  # a retry or two meet the lock as well
+            other.execute("COMMIT")
+            await run_status_is(factory, job_id, RunStatus.SUCCEEDED)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert "keeping run outcomes" in warnings[0].getMessage()
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+        assert app.lifecycle.stats.finished_written == 1
+    finally:
+        other.close()
+        await app.lifecycle.close()
+        await engine.dispose()

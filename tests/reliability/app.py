@@ -5,8 +5,10 @@ Configured entirely from the environment :class:`tests.reliability.harness.Clust
 - ``RELIABILITY_DATABASE_URL``: the scheduler's database (SQLite file or PostgreSQL, possibly
   through a fault proxy);
 - ``RELIABILITY_REDIS_URL`` and ``RELIABILITY_QUEUE``: the Redis list the broker pushes every
-  message to (possibly through a fault proxy). No worker consumes it: the list *is* the record
-  of what the broker received, which the tests read;
+  message to (possibly through a fault proxy). No worker consumes it while a test runs its
+  schedulers: the list *is* the record of what the broker received, which the tests read;
+  afterwards a test may start ``taskiq worker tests.reliability.app:broker`` to execute the
+  messages and count the executions (``names.executed_key``);
 - ``RELIABILITY_CONFIG``: ``SchedulerConfig`` fields as a JSON object;
 - ``RELIABILITY_SEND_DELAY``: seconds each send waits before reaching Redis (a broker
   middleware), to make batches slow enough to interrupt.
@@ -21,8 +23,9 @@ import json
 import os
 from typing import Any
 
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from taskiq import TaskiqMessage, TaskiqMiddleware
+from taskiq import Context, TaskiqDepends, TaskiqMessage, TaskiqMiddleware
 from taskiq_redis import ListQueueBroker
 
 from taskiq_beat import SchedulerApp, SchedulerConfig
@@ -59,9 +62,20 @@ if send_delay:
     broker.add_middlewares(SlowSends(send_delay))
 
 
+_redis: list[Redis] = []
+
+
 @broker.task(task_name=names.TASK)
-async def tick(*args: Any, **kwargs: Any) -> None:
-    """Never executed: the tests read the messages from the queue."""
+async def tick(
+    *args: Any,
+    context: Context = TaskiqDepends(),  # noqa: B008 - Taskiq's dependency injection
+    **kwargs: Any,
+) -> None:
+    """Executed only by the workers a test starts once it has read the messages from the
+    queue: appends the task id to the list ``names.executed_key(queue)``."""
+    if not _redis:
+        _redis.append(Redis.from_url(_env(names.REDIS_URL_ENV)))
+    await _redis[0].rpush(names.executed_key(_env(names.QUEUE_ENV)), context.message.task_id)
 
 
 engine = create_async_engine(_env(names.DATABASE_URL_ENV), pool_pre_ping=True)

@@ -89,6 +89,9 @@ class Run:
     created_at: datetime
     dispatched_at: datetime | None
     error: str | None
+    executions: int = 0
+    worker_id: str | None = None
+    duration_seconds: float | None = None
 
     @property
     def fire(self) -> Fire:
@@ -148,6 +151,55 @@ class Cluster:
         if wait:
             await process.wait_for_output(r"scheduler started", STARTUP_TIMEOUT)
         return process
+
+    async def execute_all(self, *, timeout: float) -> list[str]:
+        """Start a ``taskiq worker`` on the queue, with the lifecycle of the reliability app
+        (it builds the ``SchedulerApp``), wait until it has taken every message and every run
+        it could start has finished, stop it, and return the task ids it executed (one per
+        execution)."""
+        worker = ManagedProcess(
+            [
+                PYTHON,
+                "-m",
+                "taskiq",
+                "worker",
+                names.BROKER,
+                "--workers",
+                "1",
+                "--max-async-tasks",
+                "200",
+            ],
+            name="worker",
+            cwd=ROOT,
+            env=self.env(),
+            log_dir=self.log_dir,
+        )
+        self.processes.append(worker)
+        await worker.start()
+        await worker.wait_for_output(r"Listening started", STARTUP_TIMEOUT)
+
+        async def drained() -> bool:
+            if await self.redis.llen(self.queue):
+                return False
+            async with self.db.connect() as connection:
+                unfinished = await connection.execute(
+                    sa.select(sa.func.count()).where(
+                        SchedulerRun.status.in_([RunStatus.DISPATCHED, RunStatus.RUNNING])
+                    )
+                )
+                return unfinished.scalar_one() == 0
+
+        await wait_until(
+            drained,
+            timeout=timeout,
+            interval=0.5,
+            message="the worker did not execute every message",
+            details=self.details,
+            watch=[worker],
+        )
+        assert await worker.terminate(15) == 0, self.details()
+        raw = await self.redis.lrange(names.executed_key(self.queue), 0, -1)
+        return [item.decode() for item in raw]
 
     def details(self, *extra: object) -> str:
         return "\n".join([*(str(item) for item in extra), describe(*self.processes)])
@@ -364,6 +416,9 @@ async def read_runs(db: AsyncEngine) -> list[Run]:
         run.created_at,
         run.dispatched_at,
         run.error,
+        run.executions,
+        run.worker_id,
+        run.duration_seconds,
     ).order_by(run.id)
     async with db.connect() as connection:
         return [Run(*row) for row in await connection.execute(statement)]

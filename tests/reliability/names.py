@@ -9,5 +9,11 @@ CONFIG_ENV = "RELIABILITY_CONFIG"
 SEND_DELAY_ENV = "RELIABILITY_SEND_DELAY"
 
 APP = "tests.reliability.app:scheduler_app"
+BROKER = "tests.reliability.app:broker"
 TASK = "reliability.tick"
 REDIS_SOCKET_TIMEOUT = 2.0
+
+
+def executed_key(queue: str) -> str:
+    """The Redis list of the task ids the workers executed (one entry per execution)."""
+    return f"{queue}:executed"

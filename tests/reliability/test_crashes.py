@@ -6,13 +6,15 @@
 - crash anywhere: one scheduler, killed at random moments of its busy second 20 times and
   started again each time; every fire is sent (those due while none ran a little late,
   within the misfire grace), and a fire may reach the broker twice only when it was sent
-  again after its lease (``attempt`` > 1), with the same task id.
+  again after its lease (``attempt`` > 1), with the same task id; a real ``taskiq worker``
+  then executes every message, and each fire once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -145,3 +147,14 @@ async def test_killed_anywhere_twenty_times_no_fire_is_lost(
         )
         assert report.sent == report.expected
         assert await scheduler.terminate(10) == 0, c.details()
+
+        # A real worker executes every message, the duplicates included: each fire once.
+        executed = Counter(await c.execute_all(timeout=180))
+        duplicates = sum(n - 1 for n in ledger.resent.values())
+        print(
+            f"{backend}: {len(ledger.messages)} messages ({duplicates} duplicates at the"
+            f" broker), {sum(executed.values())} executions, duplicates executed:"
+            f" {sum(n - 1 for n in executed.values())}"
+        )
+        assert set(executed) == set(ledger.received)
+        assert max(executed.values()) == 1, "a fire sent twice is executed once"
