@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from taskiq import Context, TaskiqDepends, TaskiqMessage, TaskiqMiddleware
 from taskiq_redis import ListQueueBroker
@@ -73,8 +73,9 @@ async def tick(
 ) -> None:
     """Executed only by the workers a test starts once it has read the messages from the
     queue: appends the task id to the list ``names.executed_key(queue)``."""
-    if not _redis:
-        _redis.append(Redis.from_url(_env(names.REDIS_URL_ENV)))
+    if not _redis:  # up to 200 executions at once share 16 connections
+        pool = BlockingConnectionPool.from_url(_env(names.REDIS_URL_ENV), max_connections=16)
+        _redis.append(Redis(connection_pool=pool))
     await _redis[0].rpush(names.executed_key(_env(names.QUEUE_ENV)), context.message.task_id)
 
 
