@@ -143,6 +143,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._starting = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self._registered = False
@@ -273,6 +274,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         self._running = True
         self._stopping.clear()
         self._tasks = [
+            asyncio.create_task(self._start_flusher(), name="taskiq-beat-lifecycle-starts"),
             asyncio.create_task(self._flusher(), name="taskiq-beat-lifecycle"),
             asyncio.create_task(self._heartbeat(), name="taskiq-beat-heartbeat"),
         ]
@@ -281,8 +283,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         """The answer of the start check for this delivery (see ``start_runs``)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._starts.append((start, future))
-        self._urgent.set()
-        self._wake.set()
+        self._starting.set()
         return await future
 
     def _finished(self, finish: Finish) -> None:
@@ -301,8 +302,18 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
             self._urgent.set()
         self._wake.set()
 
+    async def _start_flusher(self) -> None:
+        """Write the starts waiting, at once: the starts that arrive while one statement
+        runs share the next. Apart from the finishes, so that no task waits for its start
+        behind a batch of outcomes."""
+        while not self._stopping.is_set():
+            await self._starting.wait()
+            self._starting.clear()
+            await self._flush_starts()
+
     async def _flusher(self) -> None:
-        """Write starts at once (their tasks wait) and finishes in batches, until stopped."""
+        """Write finishes in batches (every ``lifecycle_flush_seconds``, or at once when
+        ``lifecycle_batch_size`` wait), until stopped."""
         backoff = 0.0
         while not self._stopping.is_set():
             await self._wake.wait()
@@ -313,10 +324,9 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
                     )
             self._wake.clear()
             self._urgent.clear()
-            await self._flush_starts()
             written = await self._flush_finishes()
             backoff = 0.0 if written else min(max(backoff * 2, 0.5), 5.0)
-            if self._starts or self._finishes:
+            if self._finishes:
                 self._wake.set()
 
     async def _flush_starts(self) -> None:
@@ -424,6 +434,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         self._stopping.set()
         self._wake.set()
         self._urgent.set()
+        self._starting.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self._flush_starts()

@@ -144,8 +144,9 @@ async def test_health_command_exits_1_when_behind_or_unreachable(
     assert "overdue_jobs" in late.stdout
     assert "2020-01-01" in late.stdout
 
-    missing = tmp_path / "nowhere" / "db.sqlite3"
-    down = await beat("health", "--db", f"sqlite+aiosqlite:///{missing}", cwd=tmp_path)
+    # A database server that does not answer (nothing listens on the port).
+    nobody = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/taskiq_beat"
+    down = await beat("health", "--db", nobody, cwd=tmp_path)
     assert down.returncode == 1
     assert "error" in down.stderr
     bad = await beat("health", "--max-lag", "-1", "--app", target, cwd=tmp_path)

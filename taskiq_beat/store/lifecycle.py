@@ -30,6 +30,7 @@ from taskiq_beat.enums import JobStrategy, RunStatus
 from taskiq_beat.models import SchedulerJobStats, SchedulerWorker, UTCDateTime
 from taskiq_beat.store._base import StoreCore, _time_limited
 from taskiq_beat.store._common import _dialect_name, _insert_for, _job, _run
+from taskiq_beat.store.dialects import batch_sql
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -361,39 +362,35 @@ class LifecycleOperations(StoreCore):
 async def _write_outcomes(
     session: AsyncSession | Any, finishes: Sequence[Finish]
 ) -> list[tuple[int, str, RunStatus, datetime, float]]:
-    """One UPDATE for the batch (each column a ``CASE`` on the run id); returns the run id,
+    """One UPDATE for the batch (the dialect's, see ``write_outcomes``); returns the run id,
     job, status, finish time and duration of each run written."""
     by_id = {finish.run_id: finish for finish in finishes}
-
-    def per_run(value: Any, type_: Any) -> sa.Case[Any]:
-        return sa.case(
-            {run_id: sa.literal(value(finish), type_) for run_id, finish in by_id.items()},
-            value=_run.c.id,
-        )
-
-    statement = (
-        sa.update(_run)
-        .where(
-            sa.tuple_(_run.c.id, _run.c.executions, _run.c.retries).in_(
-                [(f.run_id, f.executions, f.retries) for f in finishes]
-            ),
-            _run.c.status == RunStatus.RUNNING,
-        )
-        .values(
-            status=per_run(lambda f: f.status.value, sa.String()),
-            finished_at=per_run(lambda f: f.finished_at, UTCDateTime()),
-            updated_at=per_run(lambda f: f.finished_at, UTCDateTime()),
-            duration_seconds=per_run(lambda f: f.duration_seconds, sa.Float()),
-            error_type=per_run(lambda f: f.error_type, sa.String()),
-            error=per_run(lambda f: f.error, sa.Text()),
-        )
-        .returning(_run.c.id, _run.c.job_id)
+    written = await batch_sql(session).write_outcomes(
+        session,
+        [
+            (
+                f.run_id,
+                f.executions,
+                f.retries,
+                f.status.value,
+                f.finished_at,
+                f.duration_seconds,
+                f.error_type,
+                f.error,
+            )
+            for f in finishes
+        ],
     )
-    written = []
-    for run_id, job_id in await session.execute(statement):
-        finish = by_id[run_id]
-        written.append((run_id, job_id, finish.status, finish.finished_at, finish.duration_seconds))
-    return written
+    return [
+        (
+            run_id,
+            job_id,
+            by_id[run_id].status,
+            by_id[run_id].finished_at,
+            by_id[run_id].duration_seconds,
+        )
+        for run_id, job_id in written
+    ]
 
 
 async def _lose_runs(

@@ -74,6 +74,16 @@ class _BatchSql:
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         raise NotImplementedError
 
+    async def write_outcomes(
+        self, session: _Executor, outcomes: Sequence[tuple[Any, ...]]
+    ) -> list[tuple[int, str]]:
+        """Write each outcome ``(run id, executions, retries, status, finished_at, duration,
+        error_type, error)`` onto its run if the run is still ``running`` with that execution
+        number and retry count; return ``(run id, job id)`` of the runs written. One
+        statement whose text never changes (the rows travel as one parameter), so it is
+        compiled (and on PostgreSQL prepared) once."""
+        raise NotImplementedError
+
     async def execute(
         self, session: _Executor, statement: sa.TextClause, params: dict[str, Any]
     ) -> None:

@@ -11,11 +11,13 @@ from typing import (
 
 import sqlalchemy as sa
 
+from taskiq_beat.enums import RunStatus
 from taskiq_beat.store._common import (
     _Executor,
 )
 from taskiq_beat.store.dialects import (
     _JOB,
+    _RUN,
     _RUN_INSERT,
     _STATUS,
     _BatchSql,
@@ -139,6 +141,34 @@ class _PostgresBatchSql(_BatchSql):
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         return {"ids": list(ids)}
+
+    outcomes = sa.text(
+        f"UPDATE {_RUN} AS run SET status = v.status, finished_at = v.finished_at,"
+        " updated_at = v.finished_at, duration_seconds = v.duration,"
+        " error_type = v.error_type, error = v.error"
+        " FROM json_to_recordset(CAST(:rows AS JSON)) AS v(id BIGINT, executions INTEGER,"
+        " retries INTEGER, status TEXT, finished_at TIMESTAMPTZ, duration DOUBLE PRECISION,"
+        " error_type TEXT, error TEXT)"
+        " WHERE run.id = v.id AND run.executions = v.executions AND run.retries = v.retries"
+        f" AND run.status = '{RunStatus.RUNNING.value}'"
+        " RETURNING run.id, run.job_id"
+    )
+
+    async def write_outcomes(
+        self, session: _Executor, outcomes: Sequence[tuple[Any, ...]]
+    ) -> list[tuple[int, str]]:
+        keys = ("id", "executions", "retries", "status", "finished_at", "duration")
+        rows = [
+            {
+                **dict(zip(keys, outcome[:6], strict=True)),
+                "finished_at": outcome[4].isoformat(),
+                "error_type": outcome[6],
+                "error": outcome[7],
+            }
+            for outcome in outcomes
+        ]
+        result = await session.execute(self.outcomes, {"rows": json.dumps(rows)})
+        return [(run_id, job_id) for run_id, job_id in result]
 
 
 POSTGRESQL = _PostgresBatchSql()

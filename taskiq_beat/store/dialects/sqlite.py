@@ -14,6 +14,7 @@ from typing import (
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskiq_beat.enums import RunStatus
 from taskiq_beat.models import (
     sqlite_datetime,
 )
@@ -146,6 +147,30 @@ class _SqliteBatchSql(_BatchSql):
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         return {"ids": json.dumps(list(ids))}
+
+    outcomes = sa.text(
+        f"UPDATE {_RUN} SET status = {_each(3)}, finished_at = {_each(4)},"
+        f" updated_at = {_each(4)}, duration_seconds = {_each(5)},"
+        f" error_type = {_each(6)}, error = {_each(7)}"
+        " FROM json_each(:rows) AS item"
+        f" WHERE {_RUN}.id = {_each(0)} AND {_RUN}.executions = {_each(1)}"
+        f" AND {_RUN}.retries = {_each(2)} AND {_RUN}.status = '{RunStatus.RUNNING.value}'"
+        f" RETURNING {_RUN}.id, {_RUN}.job_id"
+    )
+
+    async def write_outcomes(
+        self, session: _Executor, outcomes: Sequence[tuple[Any, ...]]
+    ) -> list[tuple[int, str]]:
+        rows = [
+            (run_id, executions, retries, status, sqlite_datetime(at), took, kind, error)
+            for run_id, executions, retries, status, at, took, kind, error in outcomes
+        ]
+        return [
+            (run_id, job_id)
+            for run_id, job_id in await self._rows(
+                session, self.outcomes, {"rows": json.dumps(rows)}
+            )
+        ]
 
 
 SQLITE = _SqliteBatchSql()
