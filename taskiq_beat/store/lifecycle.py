@@ -110,23 +110,14 @@ class LifecycleOperations(StoreCore):
             "error": None,
             "error_type": None,
         }
-        first = [start for start in starts if start.retries <= 0]
+        first = list({(s.run_id, s.job_id): None for s in starts if s.retries <= 0})
         again = [start for start in starts if start.retries > 0]
         async with self._transaction() as session:
+            batch = batch_sql(session)
             for at in range(0, len(first), _CHUNK):
-                chunk = first[at : at + _CHUNK]
-                statement = (
-                    sa.update(_run)
-                    .where(
-                        sa.tuple_(_run.c.id, _run.c.job_id).in_(
-                            [(start.run_id, start.job_id) for start in chunk]
-                        ),
-                        _STARTABLE,
-                    )
-                    .values(executions=_run.c.executions + 1, **started)
-                    .returning(_run.c.id, _run.c.executions)
-                )
-                for run_id, executions in await session.execute(statement):
+                for run_id, executions in await batch.start_runs(
+                    session, first[at : at + _CHUNK], worker_id=worker_id, now=now
+                ):
                     answer[run_id] = (executions, None)
             for start in again:
                 # A retry: its earlier attempt failed (or is still being recorded).
@@ -449,38 +440,21 @@ async def _count_on_jobs(
             row["last_failure_at"] = finished_at
         if duration is not None:
             row["last_duration_seconds"] = duration
-    # Jobs deleted meanwhile have no counters to keep (the foreign key would refuse them).
-    existing = set(
-        (await session.execute(sa.select(_job.c.id).where(_job.c.id.in_(list(per_job))))).scalars()
-    )
-    rows = [per_job[job_id] for job_id in sorted(per_job) if job_id in existing]
-    if not rows:
-        return
-    insert = _insert_for(_dialect_name(session))(_stats)
-    new = insert.excluded
-
-    def latest(name: str) -> sa.ColumnElement[Any]:
-        old = _stats.c[name]
-        return sa.case(
-            (sa.or_(old.is_(None), old < new[name]), sa.func.coalesce(new[name], old)),
-            else_=old,
-        )
-
-    await session.execute(
-        insert.on_conflict_do_update(
-            index_elements=[_stats.c.job_id],
-            set_={
-                "run_count": _stats.c.run_count + new.run_count,
-                "success_count": _stats.c.success_count + new.success_count,
-                "failure_count": _stats.c.failure_count + new.failure_count,
-                "last_success_at": latest("last_success_at"),
-                "last_failure_at": latest("last_failure_at"),
-                "last_duration_seconds": sa.func.coalesce(
-                    new.last_duration_seconds, _stats.c.last_duration_seconds
-                ),
-            },
-        ),
-        rows,
+    # Jobs deleted meanwhile are left out by the statement (a join on the jobs).
+    await batch_sql(session).count_outcomes(
+        session,
+        [
+            (
+                job_id,
+                row["run_count"],
+                row["success_count"],
+                row["failure_count"],
+                row["last_success_at"],
+                row["last_failure_at"],
+                row["last_duration_seconds"],
+            )
+            for job_id, row in sorted(per_job.items())
+        ],
     )
 
 

@@ -27,6 +27,46 @@ def _times(*names: str) -> list[sa.BindParameter[Any]]:
     return [sa.bindparam(name, type_=UTCDateTime()) for name in names]
 
 
+_STATS = "scheduler_job_stats"
+STARTABLE = (
+    f"(status IN ('{RunStatus.CLAIMED.value}', '{RunStatus.DISPATCHED.value}')"
+    f" OR (status = '{RunStatus.FAILED.value}' AND finished_at IS NULL)"
+    f" OR (status = '{RunStatus.LOST.value}' AND executions < 2))"
+)
+"""SQL: a run nobody executes (see store.lifecycle): a first delivery, a send counted failed
+whose message got through, or a lost run's one further chance."""
+STARTED = (
+    f"status = '{RunStatus.RUNNING.value}', started_at = :now, finished_at = NULL,"
+    " duration_seconds = NULL, worker_id = :worker, executions = executions + 1,"
+    " next_attempt_at = NULL, updated_at = :now, error = NULL, error_type = NULL"
+)
+
+
+def counted(new: str) -> str:
+    """SQL: the ``SET`` of a counters upsert, ``new`` naming the row that conflicted."""
+    stats = _STATS
+
+    def latest(column: str) -> str:
+        return (
+            f"{column} = CASE WHEN {stats}.{column} IS NULL OR {stats}.{column} < {new}.{column}"
+            f" THEN COALESCE({new}.{column}, {stats}.{column}) ELSE {stats}.{column} END"
+        )
+
+    return (
+        f"run_count = {stats}.run_count + {new}.run_count,"
+        f" success_count = {stats}.success_count + {new}.success_count,"
+        f" failure_count = {stats}.failure_count + {new}.failure_count,"
+        f" {latest('last_success_at')}, {latest('last_failure_at')},"
+        f" last_duration_seconds = COALESCE({new}.last_duration_seconds,"
+        f" {stats}.last_duration_seconds)"
+    )
+
+
+STATS_INSERT = (
+    f"INSERT INTO {_STATS} (job_id, run_count, success_count, failure_count,"
+    " last_success_at, last_failure_at, last_duration_seconds)"
+)
+
 STILL_CLAIMED = f" AND status = '{_STATUS}'"
 """SQL: the run is still the scheduler's. Once a worker started it (``running`` and after),
 its status is the worker's: a record that comes later (the worker was faster than the
@@ -72,6 +112,24 @@ class _BatchSql:
         raise NotImplementedError
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def start_runs(
+        self,
+        session: _Executor,
+        starts: Sequence[tuple[int, str]],
+        *,
+        worker_id: str,
+        now: datetime,
+    ) -> list[tuple[int, int]]:
+        """Move the runs ``(run id, job id)`` that nobody executes to ``running`` (see
+        :data:`STARTABLE`); return ``(run id, execution number)`` of each run moved."""
+        raise NotImplementedError
+
+    async def count_outcomes(self, session: _Executor, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Add ``(job id, runs, succeeded, failed, last success at, last failure at, last
+        duration)`` to each job's row of ``scheduler_job_stats`` (made if missing; jobs
+        deleted meanwhile are left out)."""
         raise NotImplementedError
 
     async def write_outcomes(

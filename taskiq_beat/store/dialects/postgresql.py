@@ -20,10 +20,14 @@ from taskiq_beat.store.dialects import (
     _RUN,
     _RUN_INSERT,
     _STATUS,
+    STARTABLE,
+    STARTED,
+    STATS_INSERT,
     _BatchSql,
     _EachTimeOnce,
     _run_updates,
     _times,
+    counted,
 )
 from taskiq_beat.store.values import Claims
 
@@ -141,6 +145,43 @@ class _PostgresBatchSql(_BatchSql):
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         return {"ids": list(ids)}
+
+    starts = sa.text(
+        f"UPDATE {_RUN} SET {STARTED}"
+        " FROM json_to_recordset(CAST(:rows AS JSON)) AS v(id BIGINT, job_id TEXT)"
+        f" WHERE {_RUN}.id = v.id AND {_RUN}.job_id = v.job_id AND {STARTABLE}"
+        f" RETURNING {_RUN}.id, {_RUN}.executions"
+    ).bindparams(*_times("now"))
+    counts = sa.text(
+        f"{STATS_INSERT} SELECT v.job_id, v.runs, v.ok, v.bad, v.ok_at, v.bad_at, v.duration"
+        " FROM json_to_recordset(CAST(:rows AS JSON)) AS v(job_id TEXT, runs INTEGER,"
+        " ok INTEGER, bad INTEGER, ok_at TIMESTAMPTZ, bad_at TIMESTAMPTZ,"
+        f" duration DOUBLE PRECISION) JOIN {_JOB} AS job ON job.id = v.job_id"
+        f" ORDER BY v.job_id ON CONFLICT (job_id) DO UPDATE SET {counted('EXCLUDED')}"
+    )
+
+    async def start_runs(
+        self,
+        session: _Executor,
+        starts: Sequence[tuple[int, str]],
+        *,
+        worker_id: str,
+        now: datetime,
+    ) -> list[tuple[int, int]]:
+        rows = json.dumps([{"id": run_id, "job_id": job_id} for run_id, job_id in starts])
+        result = await session.execute(self.starts, {"rows": rows, "worker": worker_id, "now": now})
+        return [(run_id, executions) for run_id, executions in result]
+
+    async def count_outcomes(self, session: _Executor, rows: Sequence[tuple[Any, ...]]) -> None:
+        keys = ("job_id", "runs", "ok", "bad", "ok_at", "bad_at", "duration")
+        values = [
+            {
+                key: value.isoformat() if isinstance(value, datetime) else value
+                for key, value in zip(keys, row, strict=True)
+            }
+            for row in rows
+        ]
+        await session.execute(self.counts, {"rows": json.dumps(values)})
 
     outcomes = sa.text(
         f"UPDATE {_RUN} AS run SET status = v.status, finished_at = v.finished_at,"

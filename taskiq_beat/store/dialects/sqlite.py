@@ -26,9 +26,13 @@ from taskiq_beat.store.dialects import (
     _RUN,
     _RUN_INSERT,
     _STATUS,
+    STARTABLE,
+    STARTED,
+    STATS_INSERT,
     _BatchSql,
     _EachTimeOnce,
     _run_updates,
+    counted,
 )
 from taskiq_beat.store.values import Claims
 
@@ -147,6 +151,39 @@ class _SqliteBatchSql(_BatchSql):
 
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         return {"ids": json.dumps(list(ids))}
+
+    starts = sa.text(
+        f"UPDATE {_RUN} SET {STARTED} FROM json_each(:rows) AS item"
+        f" WHERE {_RUN}.id = {_each(0)} AND {_RUN}.job_id = {_each(1)} AND {STARTABLE}"
+        f" RETURNING {_RUN}.id, {_RUN}.executions"
+    )
+    counts = sa.text(
+        f"{STATS_INSERT} SELECT {_each(0)}, {_each(1)}, {_each(2)}, {_each(3)}, {_each(4)},"
+        f" {_each(5)}, {_each(6)} FROM json_each(:rows) AS item"
+        f" JOIN {_JOB} ON {_JOB}.id = {_each(0)} WHERE true"
+        f" ON CONFLICT (job_id) DO UPDATE SET {counted('excluded')}"
+    )
+
+    async def start_runs(
+        self,
+        session: _Executor,
+        starts: Sequence[tuple[int, str]],
+        *,
+        worker_id: str,
+        now: datetime,
+    ) -> list[tuple[int, int]]:
+        params = {"rows": json.dumps(list(starts)), "worker": worker_id, "now": now}
+        return [
+            (run_id, executions)
+            for run_id, executions in await self._rows(session, self.starts, params)
+        ]
+
+    async def count_outcomes(self, session: _Executor, rows: Sequence[tuple[Any, ...]]) -> None:
+        values = [
+            [sqlite_datetime(value) if isinstance(value, datetime) else value for value in row]
+            for row in rows
+        ]
+        await self._rows(session, self.counts, {"rows": json.dumps(values)})
 
     outcomes = sa.text(
         f"UPDATE {_RUN} SET status = {_each(3)}, finished_at = {_each(4)},"
