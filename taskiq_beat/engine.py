@@ -68,6 +68,7 @@ _CHANGE_POLL_SECONDS = 0.5
 
 _LATENESS_SAMPLES_PER_BATCH = 32  # fires of a batch whose lateness is kept, evenly spaced
 _LATENESS_WINDOW = 60.0  # seconds of lateness samples the health snapshot reads
+_SUMMARY_EVERY = 60.0  # seconds between two INFO summaries of the fires sent
 
 
 @dataclasses.dataclass
@@ -147,6 +148,8 @@ class SchedulerEngine:
         self._store = store
         self._events = events or EventHooks()
         self.stats = EngineStats()
+        self._summary_at: datetime | None = None
+        self._summary_counts = (0, 0)  # fires sent and failed at the last summary
         self._dispatcher = dispatcher
         self._config = config
         self._clock = clock
@@ -833,8 +836,34 @@ class SchedulerEngine:
         if sent:
             self.stats.fires_sent += sent
             self._sample_lateness(fires, outcomes)
-            logger.info("dispatched %d fires", sent)
+            logger.debug("dispatched %d fires", sent)
+        self._summarize()
         return sent
+
+    def _summarize(self) -> None:
+        """At most once per ``_SUMMARY_EVERY``, one INFO line on what the loop sent since the
+        last one (a line per batch would be a hundred a second under load)."""
+        now = self._clock.now()
+        if self._summary_at is None:
+            self._summary_at, self._summary_counts = now, (0, 0)
+            return
+        if (now - self._summary_at).total_seconds() < _SUMMARY_EVERY:
+            return
+        sent = self.stats.fires_sent - self._summary_counts[0]
+        failed = self.stats.fires_failed - self._summary_counts[1]
+        if sent or failed:
+            p50, p99 = self.stats.lateness_percentiles(window=_SUMMARY_EVERY)
+            logger.info(
+                "sent %d fires in the last %.0f s (%d sends failed); lateness p50 %.0f ms,"
+                " p99 %.0f ms",
+                sent,
+                (now - self._summary_at).total_seconds(),
+                failed,
+                p50 * 1000,
+                p99 * 1000,
+            )
+        self._summary_at = now
+        self._summary_counts = (self.stats.fires_sent, self.stats.fires_failed)
 
     def _sample_lateness(self, fires: Sequence[Fire], outcomes: list[SendOutcome]) -> None:
         """Keep the lateness of a few of a batch's fires sent (all of them, and a

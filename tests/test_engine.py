@@ -1516,3 +1516,27 @@ async def test_claim_times_travel_to_postgresql_to_the_microsecond(
             statement, {"micros": [store_module._micros(v) for v in values]}
         )
         assert [row[0] for row in result] == values
+
+
+async def test_info_logs_a_summary_a_minute_not_a_line_per_batch(
+    app: SchedulerApp,
+    session: AsyncSession,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for index in range(3):
+        await app.single(task="tests.record").upsert(
+            session, trigger=every(10), job_id=f"summary-{index}"
+        )
+    with caplog.at_level(logging.INFO, logger="taskiq_beat.engine"):
+        for _ in range(6):  # a minute of fires, one batch every 10 s
+            clock.advance(10)
+            await app.engine.sync()
+            assert await app.engine.tick() == 3
+        assert not [r for r in caplog.records if r.levelno == logging.INFO]
+        clock.advance(10)
+        await app.engine.sync()
+        await app.engine.tick()
+    # 60 s after the first batch: the 7 batches since, the first one included.
+    [summary] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert summary.startswith("sent 21 fires in the last 60 s (0 sends failed)"), summary
