@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import sqlalchemy as sa
 
 from taskiq_beat.enums import JobStrategy, RunStatus
-from taskiq_beat.models import SchedulerJobStats, SchedulerWorker, UTCDateTime
+from taskiq_beat.models import SchedulerJobStats, SchedulerWorker
 from taskiq_beat.store._base import StoreCore, _time_limited
 from taskiq_beat.store._common import _dialect_name, _insert_for, _job, _run
 from taskiq_beat.store.dialects import batch_sql
@@ -67,19 +67,6 @@ class Finish:
     error: str | None = None
 
 
-_STARTABLE = sa.or_(
-    _run.c.status.in_([RunStatus.CLAIMED, RunStatus.DISPATCHED]),
-    sa.and_(_run.c.status == RunStatus.FAILED, _run.c.finished_at.is_(None)),
-    sa.and_(_run.c.status == RunStatus.LOST, _run.c.executions < 2),
-)
-"""Runs nobody executes: a first delivery, a send counted failed that got through, or a lost
-run's one further chance."""
-
-
-def _times(*names: str) -> dict[str, sa.BindParameter[Any]]:
-    return {name: sa.bindparam(name, type_=UTCDateTime()) for name in names}
-
-
 class LifecycleOperations(StoreCore):
     """Run lifecycle: worker-side starts and finishes, worker heartbeats, lost runs, retention."""
 
@@ -99,17 +86,6 @@ class LifecycleOperations(StoreCore):
         answer: dict[int, tuple[int, RunStatus | None]] = {}
         if not starts:
             return answer
-        started = {
-            "status": RunStatus.RUNNING,
-            "started_at": now,
-            "finished_at": None,
-            "duration_seconds": None,
-            "worker_id": worker_id,
-            "next_attempt_at": None,
-            "updated_at": now,
-            "error": None,
-            "error_type": None,
-        }
         first = list({(s.run_id, s.job_id): None for s in starts if s.retries <= 0})
         again = [start for start in starts if start.retries > 0]
         async with self._transaction() as session:
@@ -120,27 +96,16 @@ class LifecycleOperations(StoreCore):
                 ):
                     answer[run_id] = (executions, None)
             for start in again:
-                # A retry: its earlier attempt failed (or is still being recorded).
-                statement = (
-                    sa.update(_run)
-                    .where(
-                        _run.c.id == start.run_id,
-                        _run.c.job_id == start.job_id,
-                        _run.c.retries < start.retries,
-                        sa.or_(
-                            _run.c.status.in_([RunStatus.RUNNING, RunStatus.FAILED]),
-                            _STARTABLE,
-                        ),
-                    )
-                    .values(
-                        executions=sa.case((_run.c.executions < 1, 1), else_=_run.c.executions),
-                        retries=start.retries,
-                        **started,
-                    )
-                    .returning(_run.c.id, _run.c.executions)
+                restarted = await batch.restart_run(
+                    session,
+                    start.run_id,
+                    start.job_id,
+                    retries=start.retries,
+                    worker_id=worker_id,
+                    now=now,
                 )
-                for run_id, executions in await session.execute(statement):
-                    answer[run_id] = (executions, None)
+                if restarted is not None:
+                    answer[restarted[0]] = (restarted[1], None)
             refused = [start for start in starts if start.run_id not in answer]
             for at in range(0, len(refused), _CHUNK):
                 chunk = refused[at : at + _CHUNK]
@@ -334,20 +299,6 @@ class LifecycleOperations(StoreCore):
         succeeded = outcomes.get(RunStatus.SUCCEEDED, 0)
         failed = outcomes.get(RunStatus.FAILED, 0) + outcomes.get(RunStatus.LOST, 0)
         return HealthCounts(int(workers.scalar_one()), succeeded, failed, int(overdue), oldest)
-
-    @_time_limited
-    async def live_workers(self, *, seen_since: datetime) -> list[SchedulerWorker]:
-        """Workers that renewed their heartbeat since ``seen_since`` and did not stop."""
-        async with self._session_factory() as session:
-            result = await session.execute(
-                sa.select(SchedulerWorker)
-                .where(
-                    SchedulerWorker.stopped_at.is_(None),
-                    SchedulerWorker.last_seen_at >= seen_since,
-                )
-                .order_by(SchedulerWorker.id)
-            )
-            return list(result.scalars())
 
 
 async def _write_outcomes(

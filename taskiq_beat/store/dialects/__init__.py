@@ -35,11 +35,20 @@ STARTABLE = (
 )
 """SQL: a run nobody executes (see store.lifecycle): a first delivery, a send counted failed
 whose message got through, or a lost run's one further chance."""
-STARTED = (
+_RUNNING_HERE = (
     f"status = '{RunStatus.RUNNING.value}', started_at = :now, finished_at = NULL,"
-    " duration_seconds = NULL, worker_id = :worker, executions = executions + 1,"
-    " next_attempt_at = NULL, updated_at = :now, error = NULL, error_type = NULL"
+    " duration_seconds = NULL, worker_id = :worker, next_attempt_at = NULL,"
+    " updated_at = :now, error = NULL, error_type = NULL"
 )
+STARTED = f"{_RUNNING_HERE}, executions = executions + 1"
+"""SQL: the ``SET`` of a first start (a new execution of the fire)."""
+_RESTART = sa.text(
+    f"UPDATE {_RUN} SET {_RUNNING_HERE}, retries = :retries,"
+    " executions = CASE WHEN executions < 1 THEN 1 ELSE executions END"
+    " WHERE id = :id AND job_id = :job_id AND retries < :retries"
+    f" AND (status IN ('{RunStatus.RUNNING.value}', '{RunStatus.FAILED.value}') OR {STARTABLE})"
+    " RETURNING id, executions"
+).bindparams(sa.bindparam("now", type_=UTCDateTime()))
 
 
 def counted(new: str) -> str:
@@ -125,6 +134,24 @@ class _BatchSql:
         """Move the runs ``(run id, job id)`` that nobody executes to ``running`` (see
         :data:`STARTABLE`); return ``(run id, execution number)`` of each run moved."""
         raise NotImplementedError
+
+    async def restart_run(
+        self,
+        session: _Executor,
+        run_id: int,
+        job_id: str,
+        *,
+        retries: int,
+        worker_id: str,
+        now: datetime,
+    ) -> tuple[int, int] | None:
+        """A retry by Taskiq's retry middleware (its ``_retries`` label is ``retries``): move
+        the run to ``running`` if its earlier attempt failed (or is still being recorded) or
+        nobody executes it; return ``(run id, execution number)``, or ``None``."""
+        params = {"id": run_id, "job_id": job_id, "retries": retries}
+        result = await session.execute(_RESTART, {**params, "worker": worker_id, "now": now})
+        row = result.first()
+        return None if row is None else (row[0], row[1])
 
     async def count_outcomes(self, session: _Executor, rows: Sequence[tuple[Any, ...]]) -> None:
         """Add ``(job id, runs, succeeded, failed, last success at, last failure at, last
