@@ -29,7 +29,7 @@ from taskiq_beat.engine import SchedulerEngine
 from taskiq_beat.enums import RunStatus
 from taskiq_beat.events import EventHooks, EventKind, EventListener
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
-from taskiq_beat.health import SchedulerHealthSnapshot
+from taskiq_beat.health import SchedulerHealthSnapshot, read_health
 from taskiq_beat.housekeeping import Housekeeper
 from taskiq_beat.models import (
     JOB_ID_MAX_LENGTH,
@@ -139,48 +139,13 @@ class SchedulerApp:
         :raises sqlalchemy.exc.SQLAlchemyError: or ``TimeoutError`` when the database does not
             answer (the scheduler is then unhealthy too).
         """
-        now = self._clock.now()
-        lag = (
-            max(self.config.misfire_grace_seconds, 5.0)
-            if max_lag_seconds is None
-            else max_lag_seconds
-        )
-        counts = await self._store.health_counts(
-            seen_since=now - timedelta(seconds=self.config.worker_timeout_seconds),
-            runs_since=now - timedelta(seconds=window_seconds),
-            overdue_before=now - timedelta(seconds=lag),
-        )
-        stats = self._engine.stats
-        p50, p99 = stats.lateness_percentiles()
-        finished = counts.runs_succeeded + counts.runs_failed
-        stalled = (
-            self.is_running
-            and stats.last_pass_at is not None
-            and (now - stats.last_pass_at).total_seconds() > lag
-        )
-        return SchedulerHealthSnapshot(
-            checked_at=now,
-            running=self.is_running,
-            instance=self._engine.owner,
-            jobs_loaded=self._engine.loaded_jobs,
-            next_due_at=self._engine.next_due_at,
-            fires_sent=stats.fires_sent,
-            fires_failed=stats.fires_failed,
-            lateness_p50_seconds=p50,
-            lateness_p99_seconds=p99,
-            last_sync_at=stats.last_sync_at,
-            last_pass_at=stats.last_pass_at,
-            last_error=stats.last_error,
-            last_error_at=stats.last_error_at,
-            workers_alive=counts.workers_alive,
-            runs_succeeded=counts.runs_succeeded,
-            runs_failed=counts.runs_failed,
-            success_rate=counts.runs_succeeded / finished if finished else None,
-            overdue_jobs=counts.overdue_jobs,
-            oldest_overdue_at=counts.oldest_overdue_at,
-            max_lag_seconds=lag,
+        return await read_health(
+            self._engine,
+            self._store,
+            self.config,
+            self._clock.now(),
+            max_lag_seconds=max_lag_seconds,
             window_seconds=window_seconds,
-            behind=counts.overdue_jobs > 0 or stalled,
         )
 
     # ------------------------------------------------------------------ lifecycle

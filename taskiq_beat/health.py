@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["SchedulerHealthSnapshot"]
+if TYPE_CHECKING:
+    from taskiq_beat.config import SchedulerConfig
+    from taskiq_beat.engine import SchedulerEngine
+    from taskiq_beat.store import SchedulerStore
+
+__all__ = ["SchedulerHealthSnapshot", "read_health"]
 
 
 class SchedulerHealthSnapshot(BaseModel):
@@ -50,3 +56,54 @@ class SchedulerHealthSnapshot(BaseModel):
     behind: bool
     """Jobs are overdue, or this process's loop is running but has not completed a pass
     within ``max_lag_seconds``."""
+
+
+async def read_health(
+    engine: SchedulerEngine,
+    store: SchedulerStore,
+    config: SchedulerConfig,
+    now: datetime,
+    *,
+    max_lag_seconds: float | None,
+    window_seconds: float,
+) -> SchedulerHealthSnapshot:
+    """The snapshot of ``SchedulerApp.get_health_snapshot()``: ``engine``'s own counters and
+    three index range scans of the database."""
+    lag = max(config.misfire_grace_seconds, 5.0) if max_lag_seconds is None else max_lag_seconds
+    counts = await store.health_counts(
+        seen_since=now - timedelta(seconds=config.worker_timeout_seconds),
+        runs_since=now - timedelta(seconds=window_seconds),
+        overdue_before=now - timedelta(seconds=lag),
+    )
+    stats = engine.stats
+    p50, p99 = stats.lateness_percentiles()
+    finished = counts.runs_succeeded + counts.runs_failed
+    stalled = (
+        engine.running
+        and stats.last_pass_at is not None
+        and (now - stats.last_pass_at).total_seconds() > lag
+    )
+    return SchedulerHealthSnapshot(
+        checked_at=now,
+        running=engine.running,
+        instance=engine.owner,
+        jobs_loaded=engine.loaded_jobs,
+        next_due_at=engine.next_due_at,
+        fires_sent=stats.fires_sent,
+        fires_failed=stats.fires_failed,
+        lateness_p50_seconds=p50,
+        lateness_p99_seconds=p99,
+        last_sync_at=stats.last_sync_at,
+        last_pass_at=stats.last_pass_at,
+        last_error=stats.last_error,
+        last_error_at=stats.last_error_at,
+        workers_alive=counts.workers_alive,
+        runs_succeeded=counts.runs_succeeded,
+        runs_failed=counts.runs_failed,
+        success_rate=counts.runs_succeeded / finished if finished else None,
+        overdue_jobs=counts.overdue_jobs,
+        oldest_overdue_at=counts.oldest_overdue_at,
+        max_lag_seconds=lag,
+        window_seconds=window_seconds,
+        behind=counts.overdue_jobs > 0 or stalled,
+    )
