@@ -301,35 +301,6 @@ def create_scheduler_router(
                 await scheduler_app.delete(session, job_id)
         return Response(status_code=204)
 
-    @router.get(
-        "/jobs/{job_id}/runs",
-        response_model=list[RunOut],
-        responses=_NOT_FOUND,
-        summary="List a job's runs",
-    )
-    async def list_job_runs(
-        job_id: JobIdPath,
-        status: StatusFilter = None,
-        since: SinceFilter = None,
-        until: UntilFilter = None,
-        limit: PageLimit = DEFAULT_PAGE_SIZE,
-        offset: RunsOffset = 0,
-    ) -> list[RunOut]:
-        """The job's runs, the most recently scheduled first."""
-        with _http_errors():
-            async with sessions() as session:
-                await scheduler_app.get_job(session, job_id)
-                runs = await scheduler_app.list_runs(
-                    session,
-                    job_id,
-                    status=status,
-                    since=since,
-                    until=until,
-                    limit=limit,
-                    offset=offset,
-                )
-        return [RunOut.from_run(run) for run in runs]
-
     @router.get("/runs", response_model=list[RunOut], summary="List runs")
     async def list_runs(
         status: StatusFilter = None,
@@ -352,6 +323,26 @@ def create_scheduler_router(
                     offset=offset,
                 )
         return [RunOut.from_run(run) for run in runs]
+
+    @router.get(
+        "/jobs/{job_id}/runs",
+        response_model=list[RunOut],
+        responses=_NOT_FOUND,
+        summary="List a job's runs",
+    )
+    async def list_job_runs(
+        job_id: JobIdPath,
+        status: StatusFilter = None,
+        since: SinceFilter = None,
+        until: UntilFilter = None,
+        limit: PageLimit = DEFAULT_PAGE_SIZE,
+        offset: RunsOffset = 0,
+    ) -> list[RunOut]:
+        """The job's runs, the most recently scheduled first."""
+        with _http_errors():
+            async with sessions() as session:
+                await scheduler_app.get_job(session, job_id)  # 404 for an unknown job
+        return await list_runs(status, job_id, since, until, limit, offset)
 
     @router.get("/health", response_model=SchedulerHealthSnapshot, summary="Scheduler health")
     async def health(response: Response) -> SchedulerHealthSnapshot:
