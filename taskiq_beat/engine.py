@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import heapq
 import logging
 import time
@@ -27,6 +26,7 @@ from taskiq_beat.enums import JobKind
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.models import encode_json
+from taskiq_beat.stats import SUMMARY_EVERY, EngineStats
 from taskiq_beat.store import RELEASED, ChangeListener, Claims, JobRecord, SendOutcome
 from taskiq_beat.triggers import Trigger, next_due_fire, trigger_from_text
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from taskiq_beat.dispatch import Dispatcher
     from taskiq_beat.store import Fire, SchedulerStore
 
-__all__ = ["EngineStats", "JobSnapshot", "SchedulerEngine"]
+__all__ = ["JobSnapshot", "SchedulerEngine"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,36 +67,6 @@ _CHANGE_POLL_SECONDS = 0.5
 
 
 _LATENESS_SAMPLES_PER_BATCH = 32  # fires of a batch whose lateness is kept, evenly spaced
-_LATENESS_WINDOW = 60.0  # seconds of lateness samples the health snapshot reads
-_SUMMARY_EVERY = 60.0  # seconds between two INFO summaries of the fires sent
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """What the loop did, for the health snapshot and the metrics (counted per batch: no
-    work per fire but a few samples of lateness)."""
-
-    fires_sent: int = 0
-    fires_failed: int = 0
-    """Sends that failed (each is retried, or its job disabled when it can never be sent)."""
-    last_sync_at: datetime | None = None
-    last_pass_at: datetime | None = None
-    """When the loop last completed a pass without an error."""
-    last_error: str | None = None
-    last_error_at: datetime | None = None
-    lateness: collections.deque[tuple[float, float]] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=4096)
-    )
-    """(monotonic time, seconds late) of sampled fires sent."""
-
-    def lateness_percentiles(self, *, window: float = _LATENESS_WINDOW) -> tuple[float, float]:
-        """p50 and p99 lateness (seconds) of the fires sampled within the last ``window`` s;
-        ``(0.0, 0.0)`` when none was sent."""
-        since = time.monotonic() - window
-        values = sorted(late for at, late in self.lateness if at >= since)
-        if not values:
-            return 0.0, 0.0
-        return values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.99))]
 
 
 class JobSnapshot(NamedTuple):
@@ -841,18 +811,18 @@ class SchedulerEngine:
         return sent
 
     def _summarize(self) -> None:
-        """At most once per ``_SUMMARY_EVERY``, one INFO line on what the loop sent since the
+        """At most once per ``SUMMARY_EVERY``, one INFO line on what the loop sent since the
         last one (a line per batch would be a hundred a second under load)."""
         now = self._clock.now()
         if self._summary_at is None:
             self._summary_at, self._summary_counts = now, (0, 0)
             return
-        if (now - self._summary_at).total_seconds() < _SUMMARY_EVERY:
+        if (now - self._summary_at).total_seconds() < SUMMARY_EVERY:
             return
         sent = self.stats.fires_sent - self._summary_counts[0]
         failed = self.stats.fires_failed - self._summary_counts[1]
         if sent or failed:
-            p50, p99 = self.stats.lateness_percentiles(window=_SUMMARY_EVERY)
+            p50, p99 = self.stats.lateness_percentiles(window=SUMMARY_EVERY)
             logger.info(
                 "sent %d fires in the last %.0f s (%d sends failed); lateness p50 %.0f ms,"
                 " p99 %.0f ms",
