@@ -234,6 +234,7 @@ class SchedulerApp:
         is_enabled: bool,
     ) -> SchedulerJob:
         trigger = self._localize(validate_trigger(trigger or ImmediateDispatch()))
+        self._check_policy(spec)
         job_id = _check_job_id(job_id) if job_id is not None else str(uuid.uuid4())
         now = self._clock.now()
         job = self._new_job(spec, trigger, job_id, name, description, is_enabled, now)
@@ -280,6 +281,7 @@ class SchedulerApp:
             )
         job_id = _check_job_id(job_id)
         _check_name(name)
+        self._check_policy(spec)
         for attempt in range(2):
             now = self._clock.now()
             job = await self._store.get_job(session, job_id, for_update=True)
@@ -301,6 +303,7 @@ class SchedulerApp:
             job.name, job.description = name, description
             job.task_name, job.kind, job.strategy = spec.task_name, spec.kind, trigger.strategy
             job.args, job.kwargs, job.job_metadata = spec.args, spec.kwargs, spec.metadata
+            job.policy = None if spec.policy is None else spec.policy.to_json()
             job.trigger, job.is_enabled = stored, is_enabled
             if reschedule:
                 job.next_run_at = trigger.first_run_at(now)
@@ -335,6 +338,7 @@ class SchedulerApp:
             if not isinstance(definition, JobDefinition):
                 raise InvalidJobError("definitions", definition, "expected JobDefinition values")
             job_id = _check_job_id(definition.job_id)
+            self._check_policy(definition.spec)
             if job_id in rows:
                 raise InvalidJobError("job_id", job_id, "given twice in one upsert_many()")
             if definition.trigger not in stored_forms:
@@ -386,6 +390,7 @@ class SchedulerApp:
                 args=row["args"],
                 kwargs=row["kwargs"],
                 metadata=row["job_metadata"],
+                policy=row["policy"],
             )
         return len(rows)
 
@@ -520,6 +525,19 @@ class SchedulerApp:
 
     # ------------------------------------------------------------------ internals
 
+    def _check_policy(self, spec: JobSpec) -> None:
+        """An overlap policy decides from the runs' lifecycle, which only workers report."""
+        policy = spec.policy
+        if policy is None or policy.running_limit is None:
+            return
+        if not (self.config.record_runs and self.config.record_lifecycle):
+            raise InvalidJobError(
+                "overlap",
+                policy.overlap,
+                "needs SchedulerConfig(record_runs=True, record_lifecycle=True): without the"
+                " workers reporting when runs end, every run would count as still going",
+            )
+
     def _localize(self, trigger: Trigger) -> Trigger:
         """Give a crontab without a timezone the configured default timezone."""
         crontab = trigger.crontab if isinstance(trigger, PeriodicSchedule) else None
@@ -628,6 +646,7 @@ class SchedulerApp:
             args=job.args,
             kwargs=job.kwargs,
             metadata=job.job_metadata,
+            policy=job.policy,
         )
 
 
@@ -658,6 +677,7 @@ def _new_job_values(
         "args": spec.args,
         "kwargs": spec.kwargs,
         "job_metadata": spec.metadata,
+        "policy": None if spec.policy is None else spec.policy.to_json(),
         "is_enabled": is_enabled,
         "next_run_at": trigger.first_run_at(now),
         "last_run_at": None,

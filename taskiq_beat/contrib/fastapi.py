@@ -115,6 +115,8 @@ class JobOut(BaseModel):
     revision: int
     created_at: datetime
     updated_at: datetime
+    policy: dict[str, Any] | None
+    """The job's policy: the fields that differ from the defaults (see taskiq_beat.policy)."""
     run_count: int
     """Runs finished on a worker (succeeded, failed or lost)."""
     success_count: int
@@ -154,6 +156,8 @@ class RunOut(BaseModel):
     retries: int
     error_type: str | None
     """The type of the exception a failed run raised (module and name)."""
+    jitter_seconds: float | None
+    """The random delay the job's policy gave this fire."""
 
     @classmethod
     def from_run(cls, run: SchedulerRun) -> RunOut:
