@@ -38,6 +38,7 @@ from taskiq_beat.models import (
     SchedulerRun,
     encode_json,
 )
+from taskiq_beat.policy import MAX_BACKFILL, fires_between
 from taskiq_beat.store import Fire, SchedulerStore
 from taskiq_beat.triggers import (
     ImmediateDispatch,
@@ -512,6 +513,53 @@ class SchedulerApp:
         run = await self._store.get_run(session, run_id)
         assert run is not None
         return run
+
+    async def backfill(
+        self, session: AsyncSession, job_id: str, *, start: datetime, end: datetime
+    ) -> int:
+        """Send each fire of the job's schedule from ``start`` to ``end`` (a past range, both
+        included) once: fires that have a run are left alone (a ``missed`` one is sent
+        after all), so calling it twice sends nothing more. The fires keep their identity
+        (scheduled time, task id) and go out through the scheduler's retries path, a batch
+        per pass beside the fires due on time. Returns how many were queued.
+
+        :raises JobNotFoundError: if there is no such job.
+        :raises InvalidJobError: on a bad range (nothing is queued).
+        """
+        for field, value in (("start", start), ("end", end)):
+            if not isinstance(value, datetime_type) or value.utcoffset() is None:
+                raise InvalidJobError(field, value, "expected a timezone-aware datetime")
+        now = self._clock.now()
+        if end < start:
+            raise InvalidJobError("end", end, f"is before start={start.isoformat()}")
+        if end > now:
+            raise InvalidJobError(
+                "end", end, "a backfill covers the past: it must not be later than now"
+            )
+        job = await self._store.find_job(session, job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        trigger = trigger_from_json(job.trigger, job_id=job.id)
+        anchor = job.next_run_at or job.last_run_at
+        fires = fires_between(trigger, start, end, MAX_BACKFILL, anchor=anchor)
+        if fires is None:
+            raise InvalidJobError(
+                "end", end, f"the range holds more than {MAX_BACKFILL} fires; backfill it in parts"
+            )
+        queued = await self._store.add_backfill_runs(
+            session, job_id, {when: fire_task_id(job_id, when) for when in fires}, now=now
+        )
+        logger.info(
+            "backfill of job %s from %s to %s: %d of its %d fires queued",
+            job_id,
+            start.isoformat(),
+            end.isoformat(),
+            queued,
+            len(fires),
+        )
+        if queued:
+            self._engine.retry_at(now)
+        return queued
 
     async def delete(self, session: AsyncSession, job_id: str) -> None:
         """Delete the job and its run history.

@@ -18,14 +18,16 @@ from functools import lru_cache
 from typing import Any, Literal, get_args
 
 from taskiq_beat.exceptions import CorruptJobError, InvalidJobError
-from taskiq_beat.triggers import Trigger, latest_due_fire, next_due_fire
+from taskiq_beat.triggers import PeriodicSchedule, Trigger, latest_due_fire
 
 __all__ = [
     "CATCH_UP_LIMIT",
+    "MAX_BACKFILL",
     "CatchUp",
     "FirePlan",
     "JobPolicy",
     "Overlap",
+    "fires_between",
     "jitter_of",
     "plan_fire",
     "policy_from_text",
@@ -44,8 +46,11 @@ Overlap = Literal["allow", "skip", "buffer_one"]
 ``waiting`` and sends it when a run ends (further ones are ``skipped``)."""
 
 CATCH_UP_LIMIT = 100
+MAX_BACKFILL = 10_000
+"""Most fires one ``backfill()`` call queues (a longer range is refused: do it in parts)."""
 """Default of ``catch_up_limit``: most missed fires that ``catch_up="all"`` sends."""
 _MAX_CATCH_UP_LIMIT = 100_000
+_ONE_MICROSECOND = timedelta(microseconds=1)
 _CATCH_UPS: tuple[str, ...] = get_args(CatchUp)
 _OVERLAPS: tuple[str, ...] = get_args(Overlap)
 
@@ -221,18 +226,20 @@ def plan_fire(
     """
     if now - expected <= grace:
         return FirePlan(expected, trigger.get_next_run_at(expected))
-    if catch_up == "latest":
-        send, after = next_due_fire(trigger, expected, now, grace)
-        return FirePlan(send, after, expected, _before(trigger, expected, send))
+    if catch_up == "all":
+        start = _last_fires_start(trigger, expected, now, limit)
+        if start == expected:
+            return FirePlan(expected, trigger.get_next_run_at(expected))
+        return FirePlan(start, trigger.get_next_run_at(start), expected, None)
+    # The last fire more than ``grace`` late, and the first one at most that late.
+    latest, following = latest_due_fire(trigger, expected, now - grace - _ONE_MICROSECOND)
+    if following is not None and following <= now:  # within the grace: sent as scheduled
+        return FirePlan(following, trigger.get_next_run_at(following), expected, latest)
     if catch_up == "none":
-        latest, following = latest_due_fire(trigger, expected, now - grace)
-        if following is not None and following <= now:  # a fire within the grace
-            return FirePlan(following, trigger.get_next_run_at(following), expected, latest)
         return FirePlan(None, following, expected, latest)
-    start = _last_fires_start(trigger, expected, now, limit)
-    if start == expected:
-        return FirePlan(expected, trigger.get_next_run_at(expected))
-    return FirePlan(start, trigger.get_next_run_at(start), expected, None)
+    if latest == expected:  # one fire overdue: it stands for itself
+        return FirePlan(expected, following)
+    return FirePlan(latest, following, expected, _before(trigger, expected, latest))
 
 
 def _before(trigger: Trigger, first: datetime, send: datetime) -> datetime | None:
@@ -242,9 +249,6 @@ def _before(trigger: Trigger, first: datetime, send: datetime) -> datetime | Non
         return None
     following = trigger.get_next_run_at(first)
     return first if following == send else None
-
-
-_ONE_MICROSECOND = timedelta(microseconds=1)
 
 
 def _fires_from(trigger: Trigger, start: datetime, now: datetime, most: int) -> int:
@@ -260,8 +264,15 @@ def _fires_from(trigger: Trigger, start: datetime, now: datetime, most: int) -> 
 
 def _last_fires_start(trigger: Trigger, expected: datetime, now: datetime, limit: int) -> datetime:
     """The first of the last ``limit`` fires from ``expected`` (a fire) up to ``now``:
-    ``expected`` itself when there are no more than ``limit``. Found by bisection on time,
-    each probe counting at most ``limit + 1`` fires."""
+    ``expected`` itself when there are no more than ``limit``. An interval's fires are
+    counted; a crontab's (whose next fire after any instant is on its calendar) found by
+    bisection on time, each probe counting at most ``limit + 1`` fires."""
+    interval = _interval_of(trigger)
+    if interval is not None:
+        assert isinstance(trigger, PeriodicSchedule)
+        last = now if trigger.end_at is None else min(now, trigger.end_at)
+        count = max(0, (last - expected) // interval) + 1
+        return expected + max(0, count - limit) * interval
     if _fires_from(trigger, expected, now, limit) <= limit:
         return expected
     low, high = expected, now  # more than ``limit`` fires from low; at most from high
@@ -273,6 +284,41 @@ def _last_fires_start(trigger: Trigger, expected: datetime, now: datetime, limit
             high = middle
     start = trigger.get_next_run_at(high - _ONE_MICROSECOND)
     return start if start is not None else expected
+
+
+def _interval_of(trigger: Trigger) -> timedelta | None:
+    if isinstance(trigger, PeriodicSchedule) and trigger.interval is not None:
+        return trigger.interval.period
+    return None
+
+
+def fires_between(
+    trigger: Trigger, start: datetime, end: datetime, most: int, *, anchor: datetime | None
+) -> list[datetime] | None:
+    """The fires of ``trigger`` from ``start`` to ``end`` (both included), in order;
+    ``None`` if there are more than ``most``. An interval's fires are on the grid of
+    ``anchor`` (a fire time of the job: its next or last run), or of its ``start_at``."""
+    fires: list[datetime] = []
+    interval = _interval_of(trigger)
+    if interval is not None:
+        assert isinstance(trigger, PeriodicSchedule)
+        grid = trigger.start_at or anchor
+        if grid is None:
+            return []
+        steps = -((grid - start) // interval)  # ceil((start - grid) / interval)
+        when: datetime | None = grid + steps * interval
+        if trigger.start_at is not None and when is not None and when < trigger.start_at:
+            when = trigger.start_at
+        if when is not None and trigger.end_at is not None and when > trigger.end_at:
+            when = None
+    else:
+        when = trigger.get_next_run_at(start - _ONE_MICROSECOND)
+    while when is not None and when <= end:
+        if len(fires) == most:
+            return None
+        fires.append(when)
+        when = trigger.get_next_run_at(when)
+    return fires
 
 
 def jitter_of(job_id: str, scheduled_for: datetime, bound: float) -> float:

@@ -164,6 +164,22 @@ class RunOut(BaseModel):
         return cls.model_validate(run.to_dict())
 
 
+class BackfillIn(BaseModel):
+    """A past range of a job's schedule to send (both ends included, timezone-aware)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    start: datetime
+    end: datetime
+
+
+class BackfillOut(BaseModel):
+    """How many fires of the range were queued (those without a run yet)."""
+
+    job_id: str
+    queued: int
+
+
 class ErrorOut(BaseModel):
     """The body of a 404 (unknown job) or of a 422 the scheduler raised."""
 
@@ -290,6 +306,22 @@ def create_scheduler_router(
             async with sessions() as session:
                 run = await scheduler_app.run_now(session, job_id)
         return RunOut.from_run(run)
+
+    @router.post(
+        "/jobs/{job_id}/backfill",
+        response_model=BackfillOut,
+        responses={**_NOT_FOUND, 422: _REFUSED[422]},
+        summary="Backfill a past range",
+    )
+    async def backfill_job(job_id: JobIdPath, body: BackfillIn) -> BackfillOut:
+        """Send each fire of the job's schedule in the range once; calling it again sends
+        nothing more. A running scheduler sends them beside the fires due on time."""
+        with _http_errors():
+            async with sessions() as session:
+                queued = await scheduler_app.backfill(
+                    session, job_id, start=body.start, end=body.end
+                )
+        return BackfillOut(job_id=job_id, queued=queued)
 
     @router.delete(
         "/jobs/{job_id}",
