@@ -68,7 +68,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict
 
 from taskiq_beat.app import SchedulerApp
-from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
+from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
 from taskiq_beat.health import SchedulerHealthSnapshot
 from taskiq_beat.models import SchedulerJob, SchedulerRun
@@ -115,6 +115,10 @@ class JobOut(BaseModel):
     revision: int
     created_at: datetime
     updated_at: datetime
+    source: JobSource
+    """``code`` for a job declared in code, ``api`` for one made through the API."""
+    definition_hash: str | None
+    schedule_version: int | None
     run_count: int
     """Runs finished on a worker (succeeded, failed or lost)."""
     success_count: int
