@@ -330,10 +330,14 @@ class SchedulerApp:
                     for job_id in rows
                     if job_id in stored and stored[job_id].definition_hash != hashes[job_id]
                 ),
+                # An app that declared nothing (not even ``define()``) retires nothing: it
+                # may be a process that imports the app without the modules declaring jobs.
                 removed=sorted(
                     job_id
                     for job_id, row in stored.items()
-                    if job_id not in rows and row.definition_hash is not None
+                    if job_id not in rows
+                    and row.definition_hash is not None
+                    and self.declarations.used
                 ),
                 unchanged=sorted(
                     job_id
