@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "upgrade", parents=[target], help="apply taskiq-beat's Alembic migrations"
     )
     upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the upgrade would do (a taskiq-beat 1.4 database: its conversion)",
+    )
     upgrade.set_defaults(handler=_upgrade)
     return parser
 
@@ -370,9 +375,19 @@ def _upgrade(args: argparse.Namespace) -> int:
         url = args.db or os.environ.get(DATABASE_URL_ENV)
         if not url:
             raise UsageError(f"give --app MODULE:APP or --db URL (or set ${DATABASE_URL_ENV})")
-    upgrade_database(url, args.revision)
+    if args.dry_run:
+        from taskiq_beat.migrate import describe_upgrade
+
+        for line in describe_upgrade(url, args.revision):
+            sys.stdout.write(f"would {line}\n" if not line.startswith(_FACTS) else f"{line}\n")
+        return EXIT_OK
+    for line in upgrade_database(url, args.revision):
+        sys.stdout.write(f"{line}\n")
     sys.stdout.write(f"database upgraded to {args.revision}\n")
     return EXIT_OK
+
+
+_FACTS = ("taskiq-beat 1.4 database found", "current revision", "nothing to apply")
 
 
 # ---------------------------------------------------------------------------------- output
