@@ -233,8 +233,12 @@ async def test_0002_upgrades_a_0001_database_in_place(engine: AsyncEngine) -> No
 
     async with engine.connect() as connection:
         assert await connection.run_sync(_schema_diff) == []
-        job = (await connection.execute(sa.text("SELECT name, revision FROM scheduler_job"))).one()
-        assert tuple(job) == ("kept", 3)
+        job = (
+            await connection.execute(
+                sa.text("SELECT name, revision, source, definition_hash FROM scheduler_job")
+            )
+        ).one()
+        assert tuple(job) == ("kept", 3, "api", None)  # 0004: a job made through the API
         run = (
             await connection.execute(
                 sa.text(

@@ -364,3 +364,25 @@ def test_a_bad_payload_names_what_is_wrong() -> None:
         convert_trigger("one_off", {"run_at": "2026-01-01T00:00:00"})
     with pytest.raises(ValueError, match="unknown strategy"):
         convert_trigger("hourly", {})
+
+
+async def test_a_conversion_that_fails_half_way_leaves_the_v14_database_as_it_was(
+    v14_url: str,
+) -> None:
+    """A table in the way of the migrations (created after the renames and our first tables):
+    everything done before it is rolled back, on SQLite as on PostgreSQL."""
+    engine = create_async_engine(v14_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(sa.text("CREATE TABLE scheduler_worker (id INTEGER)"))
+    finally:
+        await engine.dispose()
+    before = await _read(v14_url, "SELECT * FROM scheduler_job ORDER BY id")
+    with pytest.raises(sa.exc.DatabaseError):
+        await asyncio.to_thread(upgrade_database, v14_url)
+    assert await _on(v14_url, is_v14_database)
+    tables = await _on(v14_url, lambda c: set(sa.inspect(c).get_table_names()))
+    assert tables == {"scheduler_job", "scheduler_run", "scheduler_worker"}
+    assert await _read(v14_url, "SELECT * FROM scheduler_job ORDER BY id") == before
+    indexes = await _on(v14_url, lambda c: sa.inspect(c).get_indexes("scheduler_job"))
+    assert indexes  # 1.4's own indexes are back too
