@@ -318,13 +318,23 @@ class SchedulerApp:
         try:
             await self._store.lock_declarations(session)
             stored = await self._store.load_declared(session)
-            current = await self._store.load_schedule_state(session, list(rows))
+            unchanged = {
+                job_id
+                for job_id, row in stored.items()
+                if job_id in hashes and row.definition_hash == hashes[job_id]
+            }
+            # The rows to write (or refuse): what is not declared as it is stored already.
+            current = await self._store.load_schedule_state(
+                session, [job_id for job_id in rows if job_id not in unchanged]
+            )
             versions = [row.schedule_version for row in stored.values()]
             stored_version = max((v for v in versions if v is not None), default=None)
             plan = DeclarationPlan(
                 schedule_version=version,
                 stored_version=stored_version,
-                added=sorted(job_id for job_id in rows if job_id not in current),
+                added=sorted(
+                    job_id for job_id in rows if job_id not in current and job_id not in unchanged
+                ),
                 changed=sorted(
                     job_id
                     for job_id in rows
@@ -339,11 +349,7 @@ class SchedulerApp:
                     and row.definition_hash is not None
                     and self.declarations.used
                 ),
-                unchanged=sorted(
-                    job_id
-                    for job_id in rows
-                    if job_id in stored and stored[job_id].definition_hash == hashes[job_id]
-                ),
+                unchanged=sorted(unchanged),
                 conflicts=sorted(
                     job_id for job_id in rows if job_id in current and job_id not in stored
                 ),
