@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -143,7 +143,7 @@ class Declarations:
         self._definitions.update(checked)
         self.used = True
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[JobDefinition]:
         return iter(list(self._definitions.values()))
 
     def __len__(self) -> int:

@@ -127,25 +127,7 @@ def _read_v14(connection: Connection) -> tuple[list[Any], list[Any]]:
 def _describe(connection: Connection, url: str, revision: str) -> list[str]:
     if is_v14_database(connection):
         job_rows, run_rows = _read_v14(connection)
-        converted = [convert_job(row) for row in job_rows]
-        runs = convert_runs(run_rows, {values["id"] for values, _ in converted})
-        enabled = sum(1 for values, _ in converted if values["is_enabled"])
-        lines = [
-            "taskiq-beat 1.4 database found (scheduler_job has trigger_payload, no "
-            f"{VERSION_TABLE})",
-            *(
-                f"rename {old} to {new} (kept as an archive)"
-                for old, new in V14_ARCHIVE_TABLES.items()
-            ),
-            "create the current tables (migrations up to head)",
-            f"copy {len(converted)} jobs ({enabled} enabled) with their ids, triggers, payloads "
-            "and next runs",
-            f"copy {len(runs)} runs (one per fire) of {len(run_rows)} run rows",
-        ]
-        lines += [
-            f"disable job {values['id']}: {problem}" for values, problem in converted if problem
-        ]
-        return lines
+        return _v14_plan(job_rows, run_rows)[0]
     script = ScriptDirectory.from_config(alembic_config(url))
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
     current = context.get_current_heads()
@@ -166,6 +148,26 @@ def _describe(connection: Connection, url: str, revision: str) -> list[str]:
     return lines
 
 
+def _v14_plan(
+    job_rows: list[Any], run_rows: list[Any]
+) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """What converting these 1.4 rows does (one line per step), the job rows and the runs."""
+    converted = [convert_job(row) for row in job_rows]
+    jobs = [values for values, _ in converted]
+    runs = convert_runs(run_rows, {values["id"] for values in jobs})
+    enabled = sum(1 for values in jobs if values["is_enabled"])
+    lines = [
+        f"taskiq-beat 1.4 database found (scheduler_job has trigger_payload, no {VERSION_TABLE})",
+        *(f"rename {old} to {new} (kept as an archive)" for old, new in V14_ARCHIVE_TABLES.items()),
+        "create the current tables (migrations up to head)",
+        f"copy {len(jobs)} jobs ({enabled} enabled) with their ids, triggers, payloads "
+        "and next runs",
+        f"copy {len(runs)} runs (one per fire) of {len(run_rows)} run rows",
+    ]
+    lines += [f"disable job {values['id']}: {problem}" for values, problem in converted if problem]
+    return lines, jobs, runs
+
+
 def _convert_v14(connection: Connection, url: str) -> list[str]:
     """Convert a 1.4 database in the transaction of ``connection`` (see the module docstring);
     return what was done, as :func:`describe_upgrade` words it."""
@@ -173,12 +175,10 @@ def _convert_v14(connection: Connection, url: str) -> list[str]:
     taken = set(V14_ARCHIVE_TABLES.values()) & set(inspector.get_table_names())
     if taken:
         raise ValueError(f"archive tables exist already: {', '.join(sorted(taken))}")
-    # A write first: on SQLite it opens the transaction that the DDL below then joins.
+    # A write first: on SQLite it opens the transaction that the DDL below then joins (an
+    # error anywhere then leaves the 1.4 database as it was, on SQLite as on PostgreSQL).
     connection.execute(sa.text("UPDATE scheduler_job SET id = id WHERE 1 = 0"))
-    job_rows, run_rows = _read_v14(connection)
-    converted = [convert_job(row) for row in job_rows]
-    runs = convert_runs(run_rows, {values["id"] for values, _ in converted})
-    done = _describe(connection, url, "head")
+    done, jobs, runs = _v14_plan(*_read_v14(connection))
     preparer = connection.dialect.identifier_preparer
     for table in V14_ARCHIVE_TABLES:
         for index in inspector.get_indexes(table):
@@ -189,9 +189,9 @@ def _convert_v14(connection: Connection, url: str) -> list[str]:
     config = alembic_config(url)
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
-    if converted:
+    if jobs:
         rows = []
-        for values, _ in converted:
+        for values in jobs:
             row = dict(values)
             row["metadata"] = row.pop("job_metadata")
             rows.append(row)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from taskiq_beat import SchedulerJob
-from tests.test_cli import beat, json_of
+from tests.test_cli import beat, count_dispatched, json_of
 
 DECLARING_APP = """
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -92,3 +95,74 @@ async def test_diff_needs_the_app(project: Path, database_url: str, db_engine: A
     result = await beat("jobs", "diff", "--db", database_url, cwd=project)
     assert result.returncode == 2
     assert "--app" in result.stderr
+
+
+RUNNING_APP = """
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from taskiq import InMemoryBroker
+
+from taskiq_beat import SchedulerApp, SchedulerConfig
+
+broker = InMemoryBroker()
+scheduler_app = SchedulerApp(
+    broker=broker,
+    session_factory=async_sessionmaker(create_async_engine({url!r}), expire_on_commit=False),
+    config=SchedulerConfig(
+        sync_interval_seconds=0.2, idle_sleep_seconds=0.05, record_lifecycle=False
+    ),
+)
+
+
+@scheduler_app.periodic(timedelta(seconds=0.2), job_id="declared.fast")
+@broker.task(task_name="cli.fast")
+async def fast() -> None:
+    return None
+"""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(["-m", "taskiq_beat.cli", "run"], id="taskiq-beat_run"),
+        pytest.param(["-m", "taskiq", "beat"], id="taskiq_beat_plugin"),
+    ],
+)
+async def test_the_scheduler_process_applies_the_declarations_at_start(
+    project: Path, database_url: str, db_engine: AsyncEngine, command: list[str]
+) -> None:
+    name = f"running_{uuid.uuid4().hex[:8]}"
+    (project / f"{name}.py").write_text(RUNNING_APP.format(url=database_url))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *command,
+        f"{name}:scheduler_app",
+        "--log-level",
+        "warning",
+        cwd=project,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (  # noqa: ASYNC110 - polling another process's writes, bounded by the deadline
+            await count_dispatched(db_engine) < 2
+            and time.monotonic() < deadline
+            and process.returncode is None
+        ):
+            await asyncio.sleep(0.1)
+        assert process.returncode is None, "the scheduler process died"
+        assert await count_dispatched(db_engine) >= 2
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 10)
+        assert process.returncode == 0, stderr.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+    async with db_engine.connect() as connection:
+        [(source, version)] = await connection.execute(
+            sa.select(SchedulerJob.source, SchedulerJob.schedule_version)
+        )
+    assert (source.value, version) == ("code", 0)

@@ -386,3 +386,27 @@ async def test_a_conversion_that_fails_half_way_leaves_the_v14_database_as_it_wa
     assert await _read(v14_url, "SELECT * FROM scheduler_job ORDER BY id") == before
     indexes = await _on(v14_url, lambda c: sa.inspect(c).get_indexes("scheduler_job"))
     assert indexes  # 1.4's own indexes are back too
+
+
+async def test_plain_alembic_refuses_a_v14_database_and_says_what_to_run(v14_url: str) -> None:
+    from alembic import command
+
+    from tests.test_migrations import _config
+
+    with pytest.raises(RuntimeError, match="taskiq-beat db upgrade"):
+        await asyncio.to_thread(command.upgrade, _config(v14_url), "head")
+    assert await _on(v14_url, is_v14_database)
+
+
+async def test_dry_run_of_an_ordinary_database_lists_the_pending_migrations(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'plain.sqlite3'}"
+    lines = await asyncio.to_thread(describe_upgrade, url)
+    assert lines[0] == "current revision: none (empty database)"
+    assert lines[-1] == f"apply migration {HEAD}"
+    await asyncio.to_thread(upgrade_database, url, "0002")
+    assert await asyncio.to_thread(describe_upgrade, url) == [
+        "current revision: 0002",
+        f"apply migration {HEAD}",
+    ]
