@@ -400,6 +400,7 @@ class _JobTable(list[dict[str, Any]]):
         ("TASK", "task_name"),
         ("STRATEGY", "strategy"),
         ("ENABLED", "is_enabled"),
+        ("SOURCE", "source"),
         ("NEXT RUN (UTC)", "next_run_at"),
         ("LAST RUN (UTC)", "last_run_at"),
         ("RUNS", "run_count"),

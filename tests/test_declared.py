@@ -18,6 +18,7 @@ from taskiq_beat import (
     ImmediateDispatch,
     IntervalTrigger,
     InvalidJobError,
+    OneOffSchedule,
     PeriodicSchedule,
     SchedulerApp,
     SchedulerConfig,
@@ -432,3 +433,46 @@ async def test_a_crontab_declared_without_timezone_takes_the_default(
     assert job.trigger["crontab"]["timezone"] == "Asia/Tokyo"
     assert job.next_run_at is not None
     assert job.next_run_at.astimezone(UTC).hour == 0
+
+
+async def test_the_retention_keeps_a_declared_one_off_that_fired(
+    declaring_app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    """Deleted, it would be declared anew at the next start, and fire again."""
+    app = declaring_app
+    run_at = clock.now() + timedelta(minutes=1)
+    app.define(
+        app.single(task="tests.record").definition(
+            trigger=OneOffSchedule(run_at=run_at), job_id="declared-once"
+        )
+    )
+    await app.apply_declarations()
+    await app.single(task="tests.record").upsert(
+        session, trigger=OneOffSchedule(run_at=run_at), job_id="api-once"
+    )
+    await session.execute(sa.update(SchedulerJob).values(next_run_at=None, last_run_at=run_at))
+    await session.commit()
+    store = app._store
+    assert await store.purge_history(before=run_at + timedelta(days=2), limit=100) == (0, 1)
+    assert set(await _jobs(session)) == {"declared-once"}
+    assert (await app.apply_declarations()).unchanged == ["declared-once"]
+
+
+async def test_an_apply_waits_for_the_one_in_progress(
+    database_url: str, session: AsyncSession, clock: FakeClock
+) -> None:
+    """The lock that serializes applies: held by one process, the other's apply waits for
+    its commit and then sees what it wrote."""
+    async with (
+        _process(database_url, clock, 2, _new_code) as new,
+        _process(database_url, clock, 1, _old_code) as old,
+    ):
+        async with new.session_factory() as holder:
+            await new._store.lock_declarations(holder)
+            waiting = asyncio.create_task(old.apply_declarations())
+            done, _ = await asyncio.wait({waiting}, timeout=0.5)
+            assert not done  # blocked on the lock, not failed
+            await new.apply_declarations(holder)  # applies and commits: the lock is free
+        plan = await waiting
+        assert (plan.skipped, plan.stored_version) == (True, 2)
+    _assert_new_code_state(await _jobs(session))
