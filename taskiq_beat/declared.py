@@ -54,13 +54,14 @@ _HASHED = (
     "name",
     "description",
     "is_enabled",
+    "policy",
 )
 
 
 def definition_hash(row: dict[str, Any]) -> str:
     """The SHA-256 of what a declared job stores (task, trigger, payload, name, enabled
-    state), over canonical JSON: equal definitions hash alike in every process."""
-    values = {key: row[key] for key in _HASHED}
+    state, policy), over canonical JSON: equal definitions hash alike in every process."""
+    values = {key: row.get(key) for key in _HASHED}
     values["kind"] = getattr(values["kind"], "value", values["kind"])
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -21,6 +21,7 @@ from sqlalchemy.types import TypeDecorator
 from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus
 
 __all__ = [
+    "ACTIVE_STATUSES",
     "ERROR_MAX_LENGTH",
     "ERROR_TYPE_MAX_LENGTH",
     "JOB_ID_MAX_LENGTH",
@@ -47,6 +48,15 @@ WORKER_ID_MAX_LENGTH = 64
 JOB_ID_MAX_LENGTH = 255
 NAME_MAX_LENGTH = 255
 TASK_NAME_MAX_LENGTH = 255
+
+ACTIVE_STATUSES = (
+    RunStatus.CLAIMED,
+    RunStatus.DISPATCHED,
+    RunStatus.RUNNING,
+    RunStatus.WAITING,
+)
+"""Runs that hold a place under an overlap policy: going, or waiting to go."""
+ACTIVE_RUNS_SQL = "status IN ({})".format(", ".join(f"'{s.value}'" for s in ACTIVE_STATUSES))
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -255,6 +265,8 @@ class SchedulerJob(SchedulerBase):
     revision: Mapped[int] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    policy: Mapped[dict[str, Any] | None] = mapped_column(JSONValue, nullable=True)
+    """The job's policy (see :mod:`taskiq_beat.policy`): the fields set, ``None`` for none."""
     # Schedules declared in code (see taskiq_beat.declared): who owns the row, the hash of
     # the definition last applied (``None``: no longer declared, disabled), and the
     # ``schedule_version`` of the process that applied it.
@@ -300,6 +312,7 @@ class SchedulerJob(SchedulerBase):
             "revision": self.revision,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
+            "policy": _json_ready(self.policy),
             "source": self.source.value if self.source is not None else JobSource.API.value,
             "definition_hash": self.definition_hash,
             "schedule_version": self.schedule_version,
@@ -355,11 +368,23 @@ class SchedulerRun(SchedulerBase):
     retries: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     """Taskiq retries of the fire (its retry middleware's ``_retries`` label)."""
     error_type: Mapped[str | None] = mapped_column(sa.String(ERROR_TYPE_MAX_LENGTH))
+    jitter_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    """The random delay the job's policy gave this fire (sent that much after
+    ``scheduled_for``)."""
 
     __table_args__ = (
         sa.UniqueConstraint("job_id", "scheduled_for"),
         # History across jobs, newest first (list_runs, the CLI), and the retention's scan.
         sa.Index("ix_scheduler_run_scheduled_for", "scheduled_for"),
+        # The runs of a job still going (or waiting), which an overlap policy counts before
+        # it sends a fire. Partial: a run leaves it when it ends, so it stays as small as
+        # the work in flight, however long the history.
+        sa.Index(
+            "ix_scheduler_run_active",
+            "job_id",
+            postgresql_where=sa.text(ACTIVE_RUNS_SQL),
+            sqlite_where=sa.text(ACTIVE_RUNS_SQL),
+        ),
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -384,6 +409,7 @@ class SchedulerRun(SchedulerBase):
             "executions": self.executions,
             "retries": self.retries,
             "error_type": self.error_type,
+            "jitter_seconds": self.jitter_seconds,
         }
 
     def __repr__(self) -> str:

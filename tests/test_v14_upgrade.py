@@ -406,7 +406,7 @@ async def test_dry_run_of_an_ordinary_database_lists_the_pending_migrations(
     assert lines[0] == "current revision: none (empty database)"
     assert lines[-1] == f"apply migration {HEAD}"
     await asyncio.to_thread(upgrade_database, url, "0002")
-    assert await asyncio.to_thread(describe_upgrade, url) == [
-        "current revision: 0002",
-        f"apply migration {HEAD}",
-    ]
+    lines = await asyncio.to_thread(describe_upgrade, url)
+    assert lines[0] == "current revision: 0002"
+    assert lines[-1] == f"apply migration {HEAD}"
+    assert not {"apply migration 0001", "apply migration 0002"} & set(lines)

@@ -1,7 +1,7 @@
 """Schedules declared in code: who owns a job, and which definition was applied.
 
 Revision ID: 0004_declared_jobs
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-06 14:30:00+00:00
 
 Adds ``scheduler_job.source`` (``api`` or ``code``; every existing row is ``api``: it was made
@@ -18,7 +18,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision: str = "0004_declared_jobs"
-down_revision: str | Sequence[str] | None = "0002"
+down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
