@@ -476,3 +476,30 @@ async def test_an_apply_waits_for_the_one_in_progress(
         plan = await waiting
         assert (plan.skipped, plan.stored_version) == (True, 2)
     _assert_new_code_state(await _jobs(session))
+
+
+async def test_a_declared_policy_is_applied_and_a_policy_change_keeps_the_next_run(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    clock: FakeClock,
+) -> None:
+    def app_with(jitter: float) -> SchedulerApp:
+        app = SchedulerApp(
+            broker=broker, session_factory=session_factory, config=CONFIG, clock=clock
+        )
+        builder = app.single(task="tests.record").policy(jitter_seconds=jitter)
+        app.define(builder.definition(trigger=EVERY_MINUTE, job_id="guarded"))
+        return app
+
+    await app_with(5.0).apply_declarations()
+    first = (await _jobs(session))["guarded"]
+    assert first.policy is not None
+    assert first.policy["jitter_seconds"] == 5.0
+    clock.advance(10)
+    plan = await app_with(10.0).apply_declarations()
+    assert plan.changed == ["guarded"]
+    second = (await _jobs(session))["guarded"]
+    assert second.policy is not None
+    assert second.policy["jitter_seconds"] == 10.0
+    assert second.next_run_at == first.next_run_at
