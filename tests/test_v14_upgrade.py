@@ -1,9 +1,11 @@
 """``taskiq-beat db upgrade`` on a database that taskiq-beat 1.4.0 made, on SQLite and PostgreSQL.
 
 The database comes from ``tests/fixtures/v14/`` (what the real 1.4.0 package wrote, captured
-with ``capture.sh``: 1.4.0 needs Python >= 3.12). With ``TASKIQ_BEAT_V14_PYTHON`` naming a
-Python that has taskiq-beat 1.4.0 installed, the ``package`` cases make the database with it
-instead, in a subprocess.
+with ``capture.sh``), and in the ``package`` cases from the real package itself, in a
+subprocess: 1.4.0 needs Python >= 3.12, so the test installs it into a venv of its own
+(``.bench-venvs/taskiq-beat-1.4.0``, shared with ``scripts/bench.py --vs``) made with the
+first Python >= 3.12 it finds (``TASKIQ_BEAT_V14_PYTHON`` names one with 1.4.0 installed
+already). Where this machine has no such Python, those cases are skipped.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import AsyncIterator
@@ -40,7 +43,58 @@ from tests.test_migrations import HEAD, VERSION_TABLE, _schema_diff
 from tests.utils import UTC, FakeClock, RecordingBroker, temporary_postgres_database
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v14"
-V14_PYTHON = os.environ.get("TASKIQ_BEAT_V14_PYTHON")
+V14_VENV = Path(__file__).resolve().parents[1] / ".bench-venvs" / "taskiq-beat-1.4.0"
+V14_REQUIREMENTS = ["taskiq-beat==1.4.0", "aiosqlite", "asyncpg", "greenlet"]
+
+
+def _has_v14(python: str) -> bool:
+    check = "from importlib.metadata import version; assert version('taskiq-beat') == '1.4.0'"
+    return subprocess.run([python, "-c", check], capture_output=True, cwd="/").returncode == 0
+
+
+def _python312() -> str | None:
+    """The first Python >= 3.12 on this machine (PATH, then pyenv's versions)."""
+    candidates = [shutil.which(f"python3.{minor}") for minor in (14, 13, 12)]
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    if pyenv.is_dir():
+        for version in sorted(pyenv.iterdir(), reverse=True):
+            candidates += [str(version / "bin" / f"python3.{minor}") for minor in (14, 13, 12)]
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            probe = [candidate, "-c", "import sys, venv; assert sys.version_info >= (3, 12)"]
+            if subprocess.run(probe, capture_output=True).returncode == 0:
+                return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def v14_python() -> str:
+    """A Python with the real taskiq-beat 1.4.0 installed (made on first use)."""
+    given = os.environ.get("TASKIQ_BEAT_V14_PYTHON")
+    if given:
+        return given
+    python = V14_VENV / "bin" / "python"
+    if python.exists() and _has_v14(str(python)):
+        return str(python)
+    base = _python312()
+    if base is None:
+        pytest.skip("taskiq-beat 1.4.0 needs Python >= 3.12, and this machine has none")
+    subprocess.run([base, "-m", "venv", "--clear", str(V14_VENV)], check=True, timeout=300)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            *V14_REQUIREMENTS,
+        ],
+        check=True,
+        timeout=600,
+    )
+    assert _has_v14(str(python))
+    return str(python)
 
 
 def _load_fixture(url: str, backend: str) -> None:
@@ -63,10 +117,9 @@ def _load_fixture(url: str, backend: str) -> None:
     asyncio.run(load())
 
 
-def _make_with_package(url: str) -> None:
-    assert V14_PYTHON is not None
+def _make_with_package(url: str, python: str) -> None:
     subprocess.run(
-        [V14_PYTHON, "-I", str(FIXTURES / "make_database.py"), url],
+        [python, "-I", str(FIXTURES / "make_database.py"), url],
         check=True,
         capture_output=True,
         timeout=120,
@@ -83,15 +136,13 @@ async def v14_url(
     request: pytest.FixtureRequest, backend: str, tmp_path: Path
 ) -> AsyncIterator[str]:
     """A database as taskiq-beat 1.4.0 left it."""
-    if request.param == "package" and V14_PYTHON is None:
-        pytest.skip("set TASKIQ_BEAT_V14_PYTHON to a Python with taskiq-beat==1.4.0")
-    make = _load_fixture if request.param == "fixture" else None
+    python = request.getfixturevalue("v14_python") if request.param == "package" else None
 
     async def fill(url: str) -> None:
-        if make is not None:
-            await asyncio.to_thread(make, url, backend)
+        if python is None:
+            await asyncio.to_thread(_load_fixture, url, backend)
         else:
-            await asyncio.to_thread(_make_with_package, url)
+            await asyncio.to_thread(_make_with_package, url, python)
 
     if backend == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'v14.sqlite3'}"
