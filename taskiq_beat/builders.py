@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from taskiq import AsyncBroker
 
     from taskiq_beat.models import SchedulerJob
-    from taskiq_beat.triggers import Trigger
+    from taskiq_beat.triggers import TriggerInput
 
 __all__ = ["ChainJobBuilder", "JobDefinition", "JobSpec", "SingleJobBuilder"]
 
@@ -47,7 +47,7 @@ class JobDefinition:
     kept for later. Made by ``builder.definition(...)``."""
 
     spec: JobSpec
-    trigger: Trigger
+    trigger: TriggerInput
     job_id: str
     name: str | None = None
     description: str | None = None
@@ -61,7 +61,7 @@ class JobWriter(Protocol):
         self,
         spec: JobSpec,
         session: AsyncSession,
-        trigger: Trigger | None,
+        trigger: TriggerInput | None,
         *,
         job_id: str | None,
         name: str | None,
@@ -74,7 +74,7 @@ class JobWriter(Protocol):
         spec: JobSpec,
         session: AsyncSession,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None,
         description: str | None,
@@ -120,7 +120,7 @@ class _Builder:
     async def schedule(
         self,
         session: AsyncSession,
-        trigger: Trigger | None = None,
+        trigger: TriggerInput | None = None,
         *,
         job_id: str | None = None,
         name: str | None = None,
@@ -128,6 +128,8 @@ class _Builder:
         is_enabled: bool = True,
     ) -> SchedulerJob:
         """Store a new job and return its row. Without a trigger the task is sent at once.
+
+        ``trigger`` also takes a cron string (``"0 9 * * mon-fri"``) or a ``timedelta``.
 
         :raises InvalidJobError: on bad input (nothing is stored), including an existing
             ``job_id`` (use :meth:`upsert` to update a job).
@@ -146,7 +148,7 @@ class _Builder:
         self,
         session: AsyncSession,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None = None,
         description: str | None = None,
@@ -172,7 +174,7 @@ class _Builder:
     def definition(
         self,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None = None,
         description: str | None = None,
