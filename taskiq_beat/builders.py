@@ -25,7 +25,14 @@ if TYPE_CHECKING:
     from taskiq_beat.models import SchedulerJob
     from taskiq_beat.triggers import TriggerInput
 
-__all__ = ["ChainJobBuilder", "JobDefinition", "JobSpec", "SingleJobBuilder"]
+__all__ = [
+    "ChainJobBuilder",
+    "ChainScheduleBuilder",
+    "JobDefinition",
+    "JobSpec",
+    "SingleJobBuilder",
+    "SingleScheduleBuilder",
+]
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,12 @@ class SingleJobBuilder(_Builder):
 
 class ChainJobBuilder(_Builder):
     """Builds a job that runs steps in order through the chain orchestrator."""
+
+
+SingleScheduleBuilder = SingleJobBuilder
+"""taskiq-beat 1.4's name of :class:`SingleJobBuilder` (what ``single()`` returns)."""
+ChainScheduleBuilder = ChainJobBuilder
+"""taskiq-beat 1.4's name of :class:`ChainJobBuilder` (what ``chain()`` returns)."""
 
 
 def task_name_of(broker: AsyncBroker, task: Any, field_name: str = "task") -> str:
