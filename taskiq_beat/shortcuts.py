@@ -174,7 +174,11 @@ def calendar(
                 )
         else:
             flat.append(rule)
-    union = CalendarTrigger(rules=flat)
+    try:
+        union = CalendarTrigger(rules=flat)
+    except InvalidTriggerError as exc:
+        field = exc.field.removeprefix("CalendarTrigger.")
+        raise InvalidTriggerError(field, exc.value, exc.reason) from None
     if tz is not None:
         union = union.with_timezone(tz)
     return _periodic({"calendar": union}, start_at, end_at)
