@@ -840,7 +840,17 @@ def validate_trigger(value: Any, field: str = "trigger") -> Trigger:
     :raises InvalidTriggerError: naming ``field`` and the value, for anything else.
     """
     if isinstance(value, str):
-        crontab = CrontabTrigger.from_expression(value, field=field)
+        try:
+            crontab = CrontabTrigger.from_expression(value, field=field)
+        except InvalidTriggerError as exc:
+            if _INTERVAL_RE.fullmatch(value) and value.strip():
+                raise InvalidTriggerError(
+                    field,
+                    value,
+                    f"a trigger string is a cron expression; for an interval write "
+                    f"every({value!r}) or give a timedelta",
+                ) from None
+            raise exc from None
         return PeriodicSchedule(crontab=crontab)
     if isinstance(value, timedelta):
         return PeriodicSchedule(interval=IntervalTrigger.parse(value, field))

@@ -247,6 +247,13 @@ def test_bad_cron_strings_name_the_argument_the_value_and_the_field(text: str, n
     assert raised.value.field == "PeriodicSchedule.crontab"
 
 
+def test_an_interval_string_as_a_trigger_points_to_every() -> None:
+    with pytest.raises(InvalidTriggerError) as raised:
+        validate_trigger("5m")
+    assert raised.value.field == "trigger"
+    assert "every('5m')" in str(raised.value)
+
+
 def test_an_unknown_timezone_is_named() -> None:
     with pytest.raises(InvalidTriggerError) as raised:
         cron("0 9 * * *", tz="Mars/Olympus_Mons")
