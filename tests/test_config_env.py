@@ -21,7 +21,7 @@ from taskiq_beat import (
     daily,
 )
 from taskiq_beat.triggers import trigger_from_json
-from tests.test_cli import beat, json_of
+from tests.test_cli import beat, json_of, write_app
 
 UTC = timezone.utc
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -224,14 +224,33 @@ def test_version_comes_from_the_package_metadata() -> None:
     assert re.match(r"\d+\.\d+", taskiq_beat.__version__)
 
 
-def test_the_1_4_command_line_class_builds_the_runner(tmp_path: Path) -> None:
+def test_the_1_4_command_line_class_builds_the_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from taskiq_beat import SchedulerRunner, SchedulerRunnerCli
 
-    parser = SchedulerRunnerCli.build_parser()
-    args = parser.parse_args(["pkg:app", "--startup", "pkg:hook", "--skip-broker-lifespan"])
-    assert (args.scheduler_app, args.startup, args.skip_broker_lifespan) == (
-        "pkg:app",
-        ["pkg:hook"],
-        True,
-    )
-    assert callable(SchedulerRunner.run_forever)
+    name = write_app(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'cli.sqlite3'}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = SchedulerRunnerCli.build_runner([f"{name}:scheduler_app", "--skip-broker-lifespan"])
+    assert isinstance(runner, SchedulerRunner)
+    assert isinstance(runner.scheduler_app, SchedulerApp)
+    assert runner.manage_broker is False
+    assert runner.startup_hooks == ()
+
+
+async def test_the_runner_starts_and_stops_as_in_1_4(app: SchedulerApp) -> None:
+    from taskiq_beat import SchedulerRunner
+
+    called: list[SchedulerApp] = []
+
+    async def hook(scheduler_app: SchedulerApp) -> None:
+        called.append(scheduler_app)
+
+    runner = SchedulerRunner(app, startup_hooks=[hook], manage_broker=False)
+    await runner.start()
+    try:
+        assert app.is_running
+        assert called == [app]
+    finally:
+        await runner.stop()
+    assert not app.is_running

@@ -39,7 +39,12 @@ from taskiq_beat import (
     parse_interval,
     weekly,
 )
-from taskiq_beat.triggers import trigger_from_json, trigger_to_json, validate_trigger
+from taskiq_beat.triggers import (
+    next_due_fire,
+    trigger_from_json,
+    trigger_to_json,
+    validate_trigger,
+)
 from tests.test_properties import cron_spec
 from tests.utils import FakeClock, RecordingBroker
 
@@ -452,6 +457,21 @@ def test_bounds_hold_on_every_periodic_trigger() -> None:
         datetime(2027, 1, 5, 12, 0, tzinfo=UTC),
         datetime(2027, 1, 6, 12, 0, tzinfo=UTC),
     ]
+
+
+def test_missed_calendar_fires_coalesce_like_any_cron() -> None:
+    union = calendar("0 9 * * *", "0 18 * * *", "0 9 * * mon")
+    first_due = datetime(2027, 1, 4, 9, 0, tzinfo=UTC)
+    now = datetime(2027, 1, 7, 10, 0, tzinfo=UTC)  # down for three days
+    sent, following = next_due_fire(union, first_due, now, timedelta(seconds=30))
+    assert sent == datetime(2027, 1, 7, 9, 0, tzinfo=UTC)  # the latest missed, once
+    assert following == datetime(2027, 1, 7, 18, 0, tzinfo=UTC)
+    # Within the grace, each fire is sent as scheduled, in order.
+    late = datetime(2027, 1, 4, 9, 0, 20, tzinfo=UTC)
+    assert next_due_fire(union, first_due, late, timedelta(seconds=30)) == (
+        first_due,
+        datetime(2027, 1, 4, 18, 0, tzinfo=UTC),
+    )
 
 
 def test_a_calendar_survives_its_stored_form() -> None:
