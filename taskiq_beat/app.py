@@ -48,6 +48,7 @@ from taskiq_beat.triggers import (
     IntervalTrigger,
     PeriodicSchedule,
     Trigger,
+    TriggerInput,
     trigger_from_json,
     trigger_to_json,
     validate_trigger,
@@ -411,14 +412,16 @@ class SchedulerApp:
         self,
         spec: JobSpec,
         session: AsyncSession,
-        trigger: Trigger | None,
+        trigger: TriggerInput | None,
         *,
         job_id: str | None,
         name: str | None,
         description: str | None,
         is_enabled: bool,
     ) -> SchedulerJob:
-        trigger = self._localize(validate_trigger(trigger or ImmediateDispatch()))
+        trigger = self._localize(
+            validate_trigger(ImmediateDispatch() if trigger is None else trigger)
+        )
         self._check_policy(spec)
         job_id = _check_job_id(job_id) if job_id is not None else str(uuid.uuid4())
         now = self._clock.now()
@@ -453,7 +456,7 @@ class SchedulerApp:
         spec: JobSpec,
         session: AsyncSession,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None,
         description: str | None,
@@ -535,7 +538,7 @@ class SchedulerApp:
         """
         rows: dict[str, dict[str, Any]] = {}
         triggers: dict[str, Trigger] = {}
-        stored_forms: dict[Trigger, tuple[Trigger, dict[str, Any]]] = {}
+        stored_forms: dict[TriggerInput, tuple[Trigger, dict[str, Any]]] = {}
         for definition in definitions:
             if not isinstance(definition, JobDefinition):
                 raise InvalidJobError("definitions", definition, "expected JobDefinition values")
@@ -772,11 +775,16 @@ class SchedulerApp:
             )
 
     def _localize(self, trigger: Trigger) -> Trigger:
-        """Give a crontab without a timezone the configured default timezone."""
-        crontab = trigger.crontab if isinstance(trigger, PeriodicSchedule) else None
+        """Give a crontab (or a calendar's rules) without a timezone the configured default."""
+        if not isinstance(trigger, PeriodicSchedule):
+            return trigger
+        crontab, calendar = trigger.crontab, trigger.calendar
         if crontab is not None and crontab.timezone is None:
             crontab = crontab.with_timezone(self.config.default_timezone)
             return trigger.model_copy(update={"crontab": crontab})
+        if calendar is not None and any(rule.timezone is None for rule in calendar.rules):
+            calendar = calendar.with_timezone(self.config.default_timezone)
+            return trigger.model_copy(update={"calendar": calendar})
         return trigger
 
     def _new_job(
