@@ -279,7 +279,8 @@ async def test_pages_render_with_their_data(app: SchedulerApp, client: httpx.Asy
         )
     jobs = await client.get("/jobs")
     assert jobs.status_code == 200
-    assert "reports/daily" in jobs.text and "Daily &lt;report&gt;" in jobs.text
+    assert "reports/daily" in jobs.text
+    assert "Daily &lt;report&gt;" in jobs.text
     job = await client.get("/job", params={"id": "reports/daily"})
     assert "every weekday at 09:00 Europe/Berlin" in job.text
     assert job.text.count("<li><time") == 10  # the next ten fires
@@ -290,11 +291,14 @@ async def test_pages_render_with_their_data(app: SchedulerApp, client: httpx.Asy
     assert "No worker has reported yet" in (await client.get("/workers")).text
     assert "No job matches" in (await client.get("/jobs?q=zzz")).text
     missing = await client.get("/job", params={"id": "nope"})
-    assert missing.status_code == 404 and "There is no job" in missing.text
+    assert missing.status_code == 404
+    assert "There is no job" in missing.text
     fragment = await client.get("/jobs", params={"partial": "1"})
-    assert "<html" not in fragment.text and "reports/daily" in fragment.text
+    assert "<html" not in fragment.text
+    assert "reports/daily" in fragment.text
     static = await client.get("/static/dashboard.js")
-    assert static.status_code == 200 and "data-live" in static.text
+    assert static.status_code == 200
+    assert "data-live" in static.text
 
 
 async def test_actions_need_post_and_the_csrf_token(
@@ -305,7 +309,8 @@ async def test_actions_need_post_and_the_csrf_token(
     token = await _token(client)
     assert (await client.get("/job/pause", params={"id": "j"})).status_code == 405
     no_token = await client.post("/job/pause", data={"id": "j"})
-    assert no_token.status_code == 403 and "CSRF" in no_token.text
+    assert no_token.status_code == 403
+    assert "CSRF" in no_token.text
     wrong = await client.post("/job/pause", data={"id": "j", "csrf_token": "x" * 43})
     assert wrong.status_code == 403
     assert await _enabled(app, "j")
@@ -316,10 +321,12 @@ async def test_actions_need_post_and_the_csrf_token(
     assert await _enabled(app, "j")
 
     paused = await client.post("/job/pause", data={"id": "j", "csrf_token": token})
-    assert paused.status_code == 303 and paused.headers["location"] == "/job?id=j&done=paused"
+    assert paused.status_code == 303
+    assert paused.headers["location"] == "/job?id=j&done=paused"
     assert not await _enabled(app, "j")
     resumed = await client.post("/job/resume", data={"id": "j", "csrf_token": token})
-    assert resumed.status_code == 303 and await _enabled(app, "j")
+    assert resumed.status_code == 303
+    assert await _enabled(app, "j")
     sent = await client.post("/job/run-now", data={"id": "j", "csrf_token": token})
     assert sent.status_code == 303
     async with app.session_factory() as session:
@@ -329,7 +336,8 @@ async def test_actions_need_post_and_the_csrf_token(
     confirm = await client.get("/job/delete", params={"id": "j"})
     assert "Delete job j?" in confirm.text
     deleted = await client.post("/job/delete", data={"id": "j", "csrf_token": token})
-    assert deleted.status_code == 303 and deleted.headers["location"].startswith("/jobs?")
+    assert deleted.status_code == 303
+    assert deleted.headers["location"].startswith("/jobs?")
     async with app.session_factory() as session:
         assert await app.list_jobs(session) == []
 
@@ -339,12 +347,14 @@ async def test_read_only_shows_no_action_and_refuses_them(app: SchedulerApp) -> 
         await app.single("tests.record").upsert(session, trigger=EVERY_MINUTE, job_id="j")
     async with _client(create_dashboard(app, read_only=True)) as client:
         page = await client.get("/job", params={"id": "j"})
-        assert "read-only" in page.text and "/job/pause" not in page.text
+        assert "read-only" in page.text
+        assert "/job/pause" not in page.text
         token = CSRF.findall(page.text)
         refused = await client.post(
             "/job/pause", data={"id": "j", "csrf_token": token[0] if token else ""}
         )
-        assert refused.status_code == 403 and "read-only" in refused.text
+        assert refused.status_code == 403
+        assert "read-only" in refused.text
         assert (await client.get("/job/delete", params={"id": "j"})).status_code == 403
     assert await _enabled(app, "j")
 
@@ -352,18 +362,21 @@ async def test_read_only_shows_no_action_and_refuses_them(app: SchedulerApp) -> 
 async def test_token_login(app: SchedulerApp) -> None:
     async with _client(create_dashboard(app, token="s3cret")) as client:
         refused = await client.get("/jobs")
-        assert refused.status_code == 401 and "Access token" in refused.text
+        assert refused.status_code == 401
+        assert "Access token" in refused.text
         token = CSRF.search(refused.text)
         assert token is not None
         wrong = await client.post(
             "/login", data={"token": "guess", "csrf_token": token.group(1), "next": "/runs"}
         )
-        assert wrong.status_code == 401 and "not right" in wrong.text
+        assert wrong.status_code == 401
+        assert "not right" in wrong.text
         assert (await client.get("/jobs")).status_code == 401
         right = await client.post(
             "/login", data={"token": "s3cret", "csrf_token": token.group(1), "next": "/runs"}
         )
-        assert right.status_code == 303 and right.headers["location"] == "/runs"
+        assert right.status_code == 303
+        assert right.headers["location"] == "/runs"
         assert "s3cret" not in right.headers["set-cookie"]
         assert (await client.get("/jobs")).status_code == 200
         # Only a path of the dashboard is a place to go after the login.
@@ -393,7 +406,8 @@ async def test_basic_auth_and_a_host_dependency(app: SchedulerApp) -> None:
 
     async with _client(create_dashboard(app, dependencies=[Depends(only_admins)])) as client:
         refused = await client.get("/jobs")
-        assert refused.status_code == 403 and "Admins only." in refused.text
+        assert refused.status_code == 403
+        assert "Admins only." in refused.text
         assert (await client.post("/job/pause", data={"id": "j"})).status_code == 403
 
 
@@ -428,13 +442,16 @@ async def test_an_unreachable_database_gets_a_designed_page(
     try:
         async with _client(create_dashboard(app)) as client:
             page = await client.get("/jobs")
-            assert page.status_code == 503 and "did not answer" in page.text
+            assert page.status_code == 503
+            assert "did not answer" in page.text
             fragment = await client.get("/jobs", params={"partial": "1"})
-            assert fragment.status_code == 503 and "<html" not in fragment.text
+            assert fragment.status_code == 503
+            assert "<html" not in fragment.text
     finally:
         await engine.dispose()
 
 
 async def test_a_damaged_page_link_is_a_clear_400(client: httpx.AsyncClient) -> None:
     response = await client.get("/jobs", params={"after": "not-a-cursor", "sort": "next_run_at"})
-    assert response.status_code == 400 and "damaged" in response.text
+    assert response.status_code == 400
+    assert "damaged" in response.text
