@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, params
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from taskiq_beat.app import SchedulerApp
 from taskiq_beat.clock import Clock, SystemClock
@@ -100,7 +101,7 @@ def create_dashboard(
     )
     app.include_router(dashboard.public_router())
     app.include_router(dashboard.router(guards))
-    app.add_exception_handler(HTTPException, dashboard.http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, dashboard.http_error)  # type: ignore[arg-type]
     app.add_exception_handler(SQLAlchemyError, dashboard.database_error)
     app.add_exception_handler(TimeoutError, dashboard.database_error)
     app.add_exception_handler(OSError, dashboard.database_error)
@@ -234,20 +235,23 @@ class _Dashboard:
             set_csrf_cookie(response, request, token)
         return response
 
-    async def http_error(self, request: Request, exc: HTTPException) -> Response:
+    async def http_error(self, request: Request, exc: StarletteHTTPException) -> Response:
         if isinstance(exc, LoginRequired) and self.token_auth is not None:
-            return self.render(
-                request,
-                "login.html",
-                {"message": exc.detail, "next": request.url.path},
-                status_code=401,
-            )
+            return self.login_page(request, exc.detail, request.url.path)
         return self.render(
             request,
             "error.html",
             {"status": exc.status_code, "message": exc.detail},
             status_code=exc.status_code,
             headers=dict(exc.headers or {}),
+        )
+
+    def login_page(self, request: Request, message: str, next_path: str) -> HTMLResponse:
+        base = str(request.scope.get("root_path") or "")
+        if next_path in (f"{base}/login", f"{base}/logout"):
+            next_path = f"{base}/jobs"
+        return self.render(
+            request, "login.html", {"message": message, "next": next_path}, status_code=401
         )
 
     async def database_error(self, request: Request, exc: Exception) -> Response:
@@ -277,7 +281,7 @@ class _Dashboard:
             check_csrf(request, form)
             if not token_auth.matches(form.get("token", "")):
                 logger.info("dashboard: a login with a wrong token was refused")
-                raise LoginRequired("That token is not right.")
+                return self.login_page(request, "That token is not right.", form.get("next", ""))
             response = RedirectResponse(_local(request, form.get("next", "")), status_code=303)
             response.set_cookie(
                 TOKEN_COOKIE,
@@ -288,6 +292,10 @@ class _Dashboard:
                 path=cookie_path(request),
             )
             return response
+
+        @router.get("/login", include_in_schema=False)
+        async def login_form(request: Request) -> Response:
+            return RedirectResponse(_local(request, "jobs"), status_code=303)
 
         @router.post("/logout", include_in_schema=False)
         async def logout(request: Request) -> Response:
