@@ -226,13 +226,14 @@ class JobOperations:
         if task_name is not None:
             statement = statement.where(_job.c.task_name == task_name)
         if search:
-            pattern = (
-                "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            )
+            # A plain substring test: PostgreSQL's ILIKE folds case per character, several
+            # times slower on a scan of 100k rows; no pattern characters to escape either.
+            find = sa.func.strpos if _dialect_name(session) == "postgresql" else sa.func.instr
+            needle = sa.literal(search.lower())
             statement = statement.where(
                 sa.or_(
-                    _job.c.id.ilike(pattern, escape="\\"),
-                    _job.c.name.ilike(pattern, escape="\\"),
+                    find(sa.func.lower(_job.c.id), needle) > 0,
+                    find(sa.func.lower(_job.c.name), needle) > 0,
                 )
             )
         # Whether the statement reads the sort downwards: a descending page, or the rows
