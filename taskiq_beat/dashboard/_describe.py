@@ -179,6 +179,7 @@ class ChartBar:
 
 CHART_WIDTH = 600.0
 CHART_HEIGHT = 120.0
+CHART_SLOTS = 30
 
 
 def run_chart(runs: Sequence[SchedulerRun]) -> tuple[list[ChartBar], str]:
@@ -189,7 +190,9 @@ def run_chart(runs: Sequence[SchedulerRun]) -> tuple[list[ChartBar], str]:
         return [], "No runs yet."
     durations = [run.duration_seconds for run in ordered if run.duration_seconds is not None]
     longest = max(durations, default=0.0) or 1.0
-    slot = CHART_WIDTH / len(ordered)
+    # At least CHART_SLOTS slots, the newest run on the right: a few runs make thin bars.
+    slot = CHART_WIDTH / max(len(ordered), CHART_SLOTS)
+    offset = CHART_WIDTH - slot * len(ordered)
     bars = []
     for index, run in enumerate(ordered):
         status = run.status.value
@@ -202,7 +205,7 @@ def run_chart(runs: Sequence[SchedulerRun]) -> tuple[list[ChartBar], str]:
         label = f"{utc_text(run.scheduled_for)}: {status}, {duration}"
         bars.append(
             ChartBar(
-                index * slot + slot * 0.1,
+                offset + index * slot + slot * 0.1,
                 CHART_HEIGHT - height,
                 max(slot * 0.8, 1.0),
                 height,
@@ -213,7 +216,8 @@ def run_chart(runs: Sequence[SchedulerRun]) -> tuple[list[ChartBar], str]:
     counts: dict[str, int] = {}
     for run in ordered:
         counts[run.status.value] = counts.get(run.status.value, 0) + 1
-    summary = f"The last {len(ordered)} runs: " + ", ".join(
+    lead = "The last run" if len(ordered) == 1 else f"The last {len(ordered)} runs"
+    summary = f"{lead}: " + ", ".join(
         f"{count} {status}" for status, count in sorted(counts.items())
     )
     if durations:
