@@ -181,7 +181,7 @@ class _Dashboard:
             lstrip_blocks=True,
         )
         self.env.filters["utc"] = _describe.utc_text
-        self.env.filters["duration"] = _duration_text
+        self.env.filters["duration"] = _describe.duration_text
         self.env.filters["percent"] = _percent_text
 
     # ------------------------------------------------------------------ rendering
@@ -411,6 +411,8 @@ class _Dashboard:
                     "chart_summary": chart_summary,
                     "chart_width": _describe.CHART_WIDTH,
                     "chart_height": _describe.CHART_HEIGHT,
+                    "strip_y": _describe.CHART_HEIGHT - _describe.STRIP_HEIGHT,
+                    "strip_height": _describe.STRIP_HEIGHT,
                     "notice": _notice(request.query_params),
                 },
             )
@@ -614,16 +616,6 @@ def _notice(query: Any) -> str | None:
 
 def _jsonable(value: Any) -> Any:
     return {"unreadable_json": value.text} if isinstance(value, Unreadable) else value
-
-
-def _duration_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.2f} s"
-    return f"{seconds / 60:.1f} min"
 
 
 def _percent_text(value: float | None) -> str:

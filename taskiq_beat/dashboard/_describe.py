@@ -19,7 +19,14 @@ from taskiq_beat.triggers import (
 if TYPE_CHECKING:
     from taskiq_beat.models import SchedulerRun
 
-__all__ = ["ChartBar", "describe_trigger", "next_fires", "run_chart", "utc_text"]
+__all__ = [
+    "ChartBar",
+    "describe_trigger",
+    "duration_text",
+    "next_fires",
+    "run_chart",
+    "utc_text",
+]
 
 _DAYS = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
 _DAY_NUMBERS = {name[:3].lower(): number for number, name in enumerate(_DAYS)}
@@ -168,7 +175,8 @@ def _crontab(crontab: CrontabTrigger) -> str:
 
 
 class ChartBar:
-    """One bar of the run chart (SVG coordinates in a 600 x 120 view box)."""
+    """One bar of the run chart (SVG coordinates in a 600 x 120 view box), with its mark in
+    the outcome strip below the bars (from ``strip_y`` down)."""
 
     __slots__ = ("height", "label", "status", "width", "x", "y")
 
@@ -180,6 +188,8 @@ class ChartBar:
 CHART_WIDTH = 600.0
 CHART_HEIGHT = 120.0
 CHART_SLOTS = 30
+STRIP_HEIGHT = 10.0
+"""The outcome strip under the bars: a failure shows there however short it ran."""
 
 
 def run_chart(runs: Sequence[SchedulerRun]) -> tuple[list[ChartBar], str]:
@@ -190,6 +200,7 @@ def run_chart(runs: Sequence[SchedulerRun]) -> tuple[list[ChartBar], str]:
         return [], "No runs yet."
     durations = [run.duration_seconds for run in ordered if run.duration_seconds is not None]
     longest = max(durations, default=0.0) or 1.0
+    room = CHART_HEIGHT - STRIP_HEIGHT - 4
     # At least CHART_SLOTS slots, the newest run on the right: a few runs make thin bars.
     slot = CHART_WIDTH / max(len(ordered), CHART_SLOTS)
     offset = CHART_WIDTH - slot * len(ordered)
@@ -200,13 +211,13 @@ def run_chart(runs: Sequence[SchedulerRun]) -> tuple[list[ChartBar], str]:
             height = 4.0  # no duration yet (sent, running): a stub
             duration = "no duration yet"
         else:
-            height = max(4.0, run.duration_seconds / longest * (CHART_HEIGHT - 4))
-            duration = f"{run.duration_seconds:.3f} s"
+            height = max(4.0, run.duration_seconds / longest * room)
+            duration = duration_text(run.duration_seconds)
         label = f"{utc_text(run.scheduled_for)}: {status}, {duration}"
         bars.append(
             ChartBar(
                 offset + index * slot + slot * 0.1,
-                CHART_HEIGHT - height,
+                CHART_HEIGHT - STRIP_HEIGHT - 4 - height,
                 max(slot * 0.8, 1.0),
                 height,
                 status,
@@ -222,9 +233,21 @@ def run_chart(runs: Sequence[SchedulerRun]) -> tuple[list[ChartBar], str]:
     )
     if durations:
         summary += (
-            f"; median duration {statistics.median(durations):.3f} s, longest {longest:.3f} s"
+            f"; median duration {duration_text(statistics.median(durations))}, "
+            f"longest {duration_text(longest)}"
         )
     return bars, summary + "."
+
+
+def duration_text(seconds: float | None) -> str:
+    """``8 ms``, ``52.00 s``, ``3.5 min``."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    return f"{seconds / 60:.1f} min"
 
 
 def trigger_kind(trigger: Trigger) -> str:

@@ -212,7 +212,7 @@ async def test_dashboard_pages_and_actions_with_a_real_worker(tmp_path: Path) ->
             assert run.status is RunStatus.SUCCEEDED
             assert run.worker_id is not None
             await expect(history).to_contain_text(run.worker_id)
-            await expect(page.locator("svg.chart rect.bar-succeeded")).to_have_count(1)
+            await expect(page.locator("svg.chart rect.bar.bar-succeeded")).to_have_count(1)
             await screenshot(page, "job")
 
             # A failing task: its error on the job's page and on the runs page.
