@@ -455,3 +455,36 @@ async def test_a_damaged_page_link_is_a_clear_400(client: httpx.AsyncClient) -> 
     response = await client.get("/jobs", params={"after": "not-a-cursor", "sort": "next_run_at"})
     assert response.status_code == 400
     assert "damaged" in response.text
+
+
+async def test_run_now_is_refused_without_a_broker_to_send_through(app: SchedulerApp) -> None:
+    async with app.session_factory() as session:
+        await app.single("tests.record").upsert(session, trigger=EVERY_MINUTE, job_id="j")
+    async with _client(create_dashboard(app, can_run_now=False)) as client:
+        page = await client.get("/job", params={"id": "j"})
+        assert "/job/run-now" not in page.text
+        assert "/job/pause" in page.text
+        token = await _token(client)
+        refused = await client.post("/job/run-now", data={"id": "j", "csrf_token": token})
+        assert refused.status_code == 403
+    async with app.session_factory() as session:
+        assert await app.list_runs(session, "j") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--host", "0.0.0.0"], "reachable from other machines", id="open"),
+        pytest.param(["--basic-auth", "admin"], "USER:PASSWORD", id="basic-auth"),
+        pytest.param(["--port", "0"], "--port", id="port"),
+        pytest.param(["--poll", "-1"], "--poll", id="poll"),
+    ],
+)
+def test_dashboard_command_refuses_bad_options(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    from taskiq_beat.cli import EXIT_USAGE, main
+
+    database = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
+    assert main(["dashboard", "--db", database, *args]) == EXIT_USAGE
+    assert message in capsys.readouterr().err

@@ -34,6 +34,7 @@
     setInterval(function () {
       if (busy || document.hidden || region.contains(document.activeElement)) { return; }
       busy = true;
+      region.setAttribute("aria-busy", "true");
       fetch(url, { credentials: "same-origin", headers: { "X-Requested-With": "poll" } })
         .then(function (response) {
           return response.text().then(function (html) {
@@ -45,7 +46,7 @@
           });
         })
         .catch(function (error) { setState("Live updates paused (" + error.message + "); reload the page."); })
-        .then(function () { busy = false; });
+        .then(function () { busy = false; region.removeAttribute("aria-busy"); });
     }, every);
   }
 
