@@ -488,3 +488,44 @@ def test_dashboard_command_refuses_bad_options(
     database = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
     assert main(["dashboard", "--db", database, *args]) == EXIT_USAGE
     assert message in capsys.readouterr().err
+
+
+async def test_runs_page_filters_by_status_job_and_time(
+    app: SchedulerApp, clock: FakeClock
+) -> None:
+    async with app.session_factory() as session:
+        for job_id in ("a", "b"):
+            await app.single("tests.record").upsert(session, trigger=EVERY_MINUTE, job_id=job_id)
+        early = clock.now()
+        await app.run_now(session, "a")
+        clock.advance(hours=2)
+        await app.run_now(session, "a")
+        await app.run_now(session, "b")
+        await session.execute(
+            sa.update(SchedulerRun)
+            .where(SchedulerRun.job_id == "b")
+            .values(status=RunStatus.FAILED, error="boom (test)")
+        )
+        await session.commit()
+    dashboard = create_dashboard(app, clock=clock)
+    async with _client(dashboard) as client:
+
+        async def shown(**query: str) -> list[str]:
+            page = await client.get("/runs", params=query)
+            assert page.status_code == 200
+            return re.findall(
+                r'<tr data-run-id="\d+">\s*<td data-label="Job"><a [^>]+>([^<]+)<', page.text
+            )
+
+        assert await shown() == ["b", "a", "a"]
+        assert await shown(status="failed") == ["b"]
+        assert "boom (test)" in (await client.get("/runs", params={"status": "failed"})).text
+        assert await shown(job="a") == ["a", "a"]
+        assert await shown(window="1h") == ["b", "a"]
+        since = (early + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+        assert await shown(since=since) == ["b", "a"]
+        assert await shown(until=since) == ["a"]
+        assert "No run matches" in (await client.get("/runs", params={"status": "lost"})).text
+        bad = await client.get("/runs", params={"since": "yesterday"})
+        assert bad.status_code == 400
+        assert "since" in bad.text
