@@ -437,7 +437,7 @@ class _Dashboard:
                 async with sessions() as session:
                     with _not_found():
                         await call(session, job_id)
-                logger.info("dashboard: %s job %s", name, job_id)
+                logger.debug("dashboard: %s job %s", name, job_id)
                 if name == "deleted":
                     target = "jobs?" + urlencode({"done": name, "job": job_id})
                 else:

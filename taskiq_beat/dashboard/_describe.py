@@ -12,7 +12,6 @@ from taskiq_beat.triggers import (
     ImmediateDispatch,
     IntervalTrigger,
     OneOffSchedule,
-    PeriodicSchedule,
     Trigger,
 )
 
@@ -248,9 +247,3 @@ def duration_text(seconds: float | None) -> str:
     if seconds < 120:
         return f"{seconds:.2f} s"
     return f"{seconds / 60:.1f} min"
-
-
-def trigger_kind(trigger: Trigger) -> str:
-    if isinstance(trigger, PeriodicSchedule):
-        return "interval" if trigger.interval is not None else "cron"
-    return "one-off" if isinstance(trigger, OneOffSchedule) else "immediate"
