@@ -529,3 +529,19 @@ async def test_runs_page_filters_by_status_job_and_time(
         bad = await client.get("/runs", params={"since": "yesterday"})
         assert bad.status_code == 400
         assert "since" in bad.text
+
+
+async def test_a_job_whose_trigger_cannot_be_read_still_has_its_page(
+    app: SchedulerApp, client: httpx.AsyncClient
+) -> None:
+    async with app.session_factory() as session:
+        await app.single("tests.record").upsert(session, trigger=EVERY_MINUTE, job_id="j")
+        await session.execute(
+            sa.update(SchedulerJob).where(SchedulerJob.id == "j").values(trigger={"version": 99})
+        )
+        await session.commit()
+    page = await client.get("/job", params={"id": "j"})
+    assert page.status_code == 200
+    assert "The stored trigger cannot be read" in page.text
+    assert "unknown trigger format version 99" in page.text
+    assert "j" in (await client.get("/jobs")).text
