@@ -203,6 +203,19 @@ async def test_dashboard_pages_and_actions_with_a_real_worker(tmp_path: Path) ->
             await expect(page.get_by_role("status").first).to_contain_text("Resumed")
             assert (await _job(app, "e2e.ok")).is_enabled
 
+            # Live: a change made elsewhere reaches an open page without a reload.
+            await page.goto(f"{base}/jobs")
+            await page.evaluate("window.stillTheSamePage = true")
+            async with app.session_factory() as session:
+                await app.pause(session, "e2e.fail")
+            row = page.locator("tbody tr", has=page.get_by_role("link", name="e2e.fail"))
+            await expect(row).to_contain_text("paused", timeout=LIVE_TIMEOUT_MS)
+            assert await page.evaluate("window.stillTheSamePage === true")
+            async with app.session_factory() as session:
+                await app.resume(session, "e2e.fail")
+            await expect(row).to_contain_text("enabled", timeout=LIVE_TIMEOUT_MS)
+
+            await page.goto(f"{base}/job?id=e2e.ok")
             # Run now: the run appears, and its outcome arrives from the worker without a
             # reload (the page polls its fragment).
             await page.get_by_role("button", name="Run now").click()
