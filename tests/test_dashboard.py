@@ -318,6 +318,13 @@ async def test_actions_need_post_and_the_csrf_token(
     async with _client(create_dashboard(app)) as stranger:
         forged = await stranger.post("/job/pause", data={"id": "j", "csrf_token": token})
     assert forged.status_code == 403
+    # Nor does a cookie planted by someone else (a sibling subdomain can) with its own value
+    # as the token: the token is a keyed hash of the cookie.
+    planted = "p" * 43
+    async with _client(create_dashboard(app)) as stranger:
+        stranger.cookies.set("taskiq_beat_csrf", planted)
+        tossed = await stranger.post("/job/pause", data={"id": "j", "csrf_token": planted})
+    assert tossed.status_code == 403
     assert await _enabled(app, "j")
 
     paused = await client.post("/job/pause", data={"id": "j", "csrf_token": token})

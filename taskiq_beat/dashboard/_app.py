@@ -9,6 +9,7 @@ import binascii
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
@@ -33,7 +34,8 @@ from taskiq_beat.dashboard._security import (
     TokenAuth,
     check_csrf,
     cookie_path,
-    csrf_token,
+    csrf_cookie,
+    csrf_form_token,
     set_csrf_cookie,
 )
 from taskiq_beat.enums import RunStatus
@@ -63,6 +65,7 @@ def create_dashboard(
     page_size: int = 50,
     poll_seconds: float = 5.0,
     clock: Clock | None = None,
+    secret: str | bytes | None = None,
 ) -> FastAPI:
     """An ASGI app (a FastAPI app) serving the dashboard of ``scheduler_app``; mount it in
     yours: ``host.mount("/scheduler", create_dashboard(scheduler_app, dependencies=[...]))``.
@@ -72,6 +75,10 @@ def create_dashboard(
     the dashboard's own (what ``taskiq-beat dashboard`` uses). ``read_only`` hides the actions
     and refuses them (403). ``can_run_now=False`` hides "run now", for a process whose broker
     cannot send. Pages refresh their data every ``poll_seconds`` (``0``: never).
+
+    ``secret`` keys the CSRF tokens of the forms; by default a random one per process, so a
+    page loaded before a restart must be reloaded before its form is sent. Give the same
+    secret to every replica behind one address.
     """
     if not 1 <= page_size <= 500:
         raise ValueError(f"page_size={page_size!r}: expected 1 to 500")
@@ -92,6 +99,7 @@ def create_dashboard(
         poll_seconds=poll_seconds,
         clock=clock or SystemClock(),
         token_auth=token_auth,
+        secret=(secret.encode() if isinstance(secret, str) else secret) or secrets.token_bytes(32),
     )
     app = FastAPI(title=f"{title} dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount(
@@ -163,6 +171,7 @@ class _Dashboard:
         poll_seconds: float,
         clock: Clock,
         token_auth: TokenAuth | None,
+        secret: bytes,
     ) -> None:
         self.app = scheduler_app
         self.read_only = read_only
@@ -172,6 +181,7 @@ class _Dashboard:
         self.poll_seconds = poll_seconds
         self.clock = clock
         self.token_auth = token_auth
+        self.secret = secret
         self._task_names: tuple[float, list[str]] = (-_TASK_NAMES_TTL, [])
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("taskiq_beat.dashboard", "templates"),
@@ -196,7 +206,7 @@ class _Dashboard:
         headers: dict[str, str] | None = None,
     ) -> HTMLResponse:
         """The page, or with ``?partial=1`` only its ``live`` block (what the poller asks)."""
-        token, new = csrf_token(request)
+        cookie, new = csrf_cookie(request)
         base = str(request.scope.get("root_path") or "")
         page_url = request.url.path + ("?" + request.url.query if request.url.query else "")
 
@@ -209,7 +219,7 @@ class _Dashboard:
             "base": base,
             "url": url,
             "csrf_field": CSRF_FIELD,
-            "csrf_token": token,
+            "csrf_token": csrf_form_token(self.secret, cookie),
             "read_only": self.read_only,
             "can_run_now": self.can_run_now,
             "poll_ms": int(self.poll_seconds * 1000),
@@ -232,7 +242,7 @@ class _Dashboard:
             "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
         )
         if new:
-            set_csrf_cookie(response, request, token)
+            set_csrf_cookie(response, request, cookie)
         return response
 
     async def http_error(self, request: Request, exc: StarletteHTTPException) -> Response:
@@ -278,7 +288,7 @@ class _Dashboard:
         @router.post("/login", include_in_schema=False)
         async def login(request: Request) -> Response:
             form = await _form(request)
-            check_csrf(request, form)
+            check_csrf(request, form, self.secret)
             if not token_auth.matches(form.get("token", "")):
                 logger.info("dashboard: a login with a wrong token was refused")
                 return self.login_page(request, "That token is not right.", form.get("next", ""))
@@ -299,7 +309,7 @@ class _Dashboard:
 
         @router.post("/logout", include_in_schema=False)
         async def logout(request: Request) -> Response:
-            check_csrf(request, await _form(request))
+            check_csrf(request, await _form(request), self.secret)
             response = RedirectResponse(_local(request, ""), status_code=303)
             response.delete_cookie(TOKEN_COOKIE, path=cookie_path(request))
             return response
@@ -432,7 +442,7 @@ class _Dashboard:
             async def handle(request: Request) -> Response:
                 self._refuse_if_read_only()
                 form = await _form(request)
-                check_csrf(request, form)
+                check_csrf(request, form, self.secret)
                 job_id = form.get("id", "")
                 async with sessions() as session:
                     with _not_found():

@@ -22,7 +22,8 @@ __all__ = [
     "LoginRequired",
     "TokenAuth",
     "check_csrf",
-    "csrf_token",
+    "csrf_cookie",
+    "csrf_form_token",
     "set_csrf_cookie",
 ]
 
@@ -36,18 +37,24 @@ def cookie_path(request: Request) -> str:
     return str(request.scope.get("root_path") or "") + "/"
 
 
-def csrf_token(request: Request) -> tuple[str, bool]:
-    """The request's CSRF token and whether it is new (then the response sets its cookie)."""
-    token = request.cookies.get(CSRF_COOKIE)
-    if token and 20 <= len(token) <= 100:
-        return token, False
+def csrf_cookie(request: Request) -> tuple[str, bool]:
+    """The request's CSRF cookie value, and whether it is new (then the response sets it)."""
+    value = request.cookies.get(CSRF_COOKIE)
+    if value and 20 <= len(value) <= 100:
+        return value, False
     return secrets.token_urlsafe(32), True
 
 
-def set_csrf_cookie(response: Response, request: Request, token: str) -> None:
+def csrf_form_token(secret: bytes, cookie: str) -> str:
+    """The token the forms carry: a keyed hash of the cookie. Someone able to plant a cookie
+    (a sibling subdomain can) still cannot make the matching token without ``secret``."""
+    return hmac.new(secret, cookie.encode(), hashlib.sha256).hexdigest()
+
+
+def set_csrf_cookie(response: Response, request: Request, value: str) -> None:
     response.set_cookie(
         CSRF_COOKIE,
-        token,
+        value,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
@@ -55,12 +62,13 @@ def set_csrf_cookie(response: Response, request: Request, token: str) -> None:
     )
 
 
-def check_csrf(request: Request, form: dict[str, str]) -> None:
-    """Refuse (403) a form whose token is missing or differs from the cookie's: a page of
-    another site can make the browser post here, but can neither read nor set the cookie."""
+def check_csrf(request: Request, form: dict[str, str], secret: bytes) -> None:
+    """Refuse (403) a form whose token is missing or does not belong to the cookie: a page of
+    another site can make the browser post here, but can neither read the cookie nor the
+    token of a page of this dashboard."""
     cookie = request.cookies.get(CSRF_COOKIE)
     sent = form.get(CSRF_FIELD)
-    if not cookie or not sent or not hmac.compare_digest(cookie, sent):
+    if not cookie or not sent or not hmac.compare_digest(csrf_form_token(secret, cookie), sent):
         raise HTTPException(
             status_code=403,
             detail="The form's security token is missing or out of date (CSRF check). "
