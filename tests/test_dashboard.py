@@ -552,3 +552,34 @@ async def test_a_job_whose_trigger_cannot_be_read_still_has_its_page(
     assert "The stored trigger cannot be read" in page.text
     assert "unknown trigger format version 99" in page.text
     assert "j" in (await client.get("/jobs")).text
+
+
+async def test_backfill_queues_the_fires_of_a_past_range_once(
+    app: SchedulerApp, client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    async with app.session_factory() as session:
+        await app.single("tests.record").upsert(
+            session,
+            trigger=PeriodicSchedule(interval=IntervalTrigger(minutes=10), start_at=T0),
+            job_id="j",
+        )
+    clock.set(T0 + timedelta(days=1))
+    token = await _token(client)
+    form = {"id": "j", "csrf_token": token, "start": "2026-03-02T08:00", "end": "2026-03-02T09:00"}
+    done = await client.post("/job/backfill", data=form)
+    assert done.status_code == 303
+    assert done.headers["location"] == "/job?id=j&done=backfilled&count=7"
+    page = await client.get(done.headers["location"])
+    assert "Backfill queued 7 fires" in page.text
+    again = await client.post("/job/backfill", data=form)
+    assert again.headers["location"].endswith("count=0")
+    async with app.session_factory() as session:
+        assert len(await app.list_runs(session, "j")) == 7
+    future = {**form, "end": "2026-03-09T09:00"}
+    refused = await client.post("/job/backfill", data=future)
+    assert refused.status_code == 422
+    assert "must not be later than now" in refused.text
+    missing = await client.post("/job/backfill", data={"id": "j", "csrf_token": token})
+    assert missing.status_code == 422
+    no_token = await client.post("/job/backfill", data={**form, "csrf_token": ""})
+    assert no_token.status_code == 403

@@ -473,6 +473,25 @@ class _Dashboard:
                 path, action(name, call), methods=["POST"], include_in_schema=False
             )
 
+        @router.post("/job/backfill", include_in_schema=False)
+        async def backfill(request: Request) -> Response:
+            self._refuse_if_read_only()
+            form = await _form(request)
+            check_csrf(request, form, self.secret)
+            job_id = form.get("id", "")
+            start = _parse_utc(form.get("start", ""), "start")
+            end = _parse_utc(form.get("end", ""), "end")
+            if start is None or end is None:
+                raise HTTPException(status_code=422, detail="A backfill needs a start and an end.")
+            async with sessions() as session:
+                with _not_found():
+                    try:
+                        queued = await app.backfill(session, job_id, start=start, end=end)
+                    except InvalidJobError as exc:
+                        raise HTTPException(status_code=422, detail=str(exc)) from None
+            target = "job?" + urlencode({"id": job_id, "done": "backfilled", "count": queued})
+            return RedirectResponse(_local(request, target), status_code=303)
+
         @router.get("/runs", include_in_schema=False)
         async def runs(request: Request) -> Response:
             query = request.query_params
@@ -613,6 +632,7 @@ _NOTICES = {
     "resumed": "Resumed: its next fire is computed from now.",
     "sent": "Sent now: its run appears below and updates as the worker reports.",
     "deleted": "Deleted, with its run history.",
+    "backfilled": "Backfill queued: the scheduler sends those fires beside the ones due now.",
 }
 
 
@@ -621,6 +641,10 @@ def _notice(query: Any) -> str | None:
     text = _NOTICES.get(done)
     if text and done == "deleted":
         return f"Job {query.get('job', '')!r} deleted, with its run history."
+    if text and done == "backfilled":
+        count = query.get("count", "0")
+        fires = "fire" if count == "1" else "fires"
+        return f"Backfill queued {count} {fires} of the range; the scheduler sends them."
     return text
 
 
