@@ -42,6 +42,7 @@ from taskiq_beat.models import (
 )
 from taskiq_beat.policy import MAX_BACKFILL, fires_between
 from taskiq_beat.store import Fire, SchedulerStore, ScheduleState
+from taskiq_beat.store.values import JOB_SORT_COLUMNS, JobSummary, WorkerSummary
 from taskiq_beat.triggers import (
     CrontabTrigger,
     ImmediateDispatch,
@@ -612,6 +613,54 @@ class SchedulerApp:
         return await self._store.list_jobs(
             session, is_enabled=is_enabled, task_name=task_name, limit=limit, offset=offset
         )
+
+    async def page_jobs(
+        self,
+        session: AsyncSession,
+        *,
+        search: str | None = None,
+        is_enabled: bool | None = None,
+        task_name: str | None = None,
+        sort: str = "id",
+        descending: bool = False,
+        after: tuple[Any, str] | None = None,
+        before: tuple[Any, str] | None = None,
+        limit: int = 50,
+    ) -> list[JobSummary]:
+        """One page of a job listing (what the dashboard shows), paged by key: ``after`` /
+        ``before`` is the ``(sort value, id)`` of the row the page follows / precedes.
+
+        ``sort`` is one of ``id``, ``name``, ``task_name``, ``next_run_at``, ``last_run_at``
+        (empty values last); ``search`` matches id or name anywhere, ignoring case.
+
+        :raises InvalidJobError: for an unknown sort, a limit outside 1-1000, or both cursors.
+        """
+        if sort not in JOB_SORT_COLUMNS:
+            raise InvalidJobError("sort", sort, f"expected one of {', '.join(JOB_SORT_COLUMNS)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidJobError("limit", limit, "expected an integer from 1 to 1000")
+        if after is not None and before is not None:
+            raise InvalidJobError("before", before, "give after or before, not both")
+        return await self._store.page_jobs(
+            session,
+            search=search,
+            is_enabled=is_enabled,
+            task_name=task_name,
+            sort=sort,
+            descending=descending,
+            after=after,
+            before=before,
+            limit=limit,
+        )
+
+    async def task_names(self, session: AsyncSession) -> list[str]:
+        """The distinct task names of the jobs, sorted (at most 500)."""
+        return await self._store.task_names(session)
+
+    async def list_workers(self, session: AsyncSession, *, limit: int = 200) -> list[WorkerSummary]:
+        """The workers that reported runs: those not stopped first, each with the number of
+        runs it is executing now."""
+        return await self._store.list_workers(session, limit=limit)
 
     async def list_runs(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import (
     TYPE_CHECKING,
+    cast,
 )
 
 import sqlalchemy as sa
@@ -13,6 +14,7 @@ from taskiq_beat.enums import RunStatus
 from taskiq_beat.models import (
     SchedulerJob,
     SchedulerRun,
+    SchedulerWorker,
 )
 from taskiq_beat.store._common import (
     _commit,
@@ -22,11 +24,14 @@ from taskiq_beat.store._common import (
     _make_room,
     _run,
 )
+from taskiq_beat.store.values import WorkerSummary
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = ["RunOperations"]
+
+_worker = cast("sa.Table", SchedulerWorker.__table__)
 
 
 class RunOperations:
@@ -181,3 +186,29 @@ class RunOperations:
         )
         await _commit(session)
         return run_id
+
+    @staticmethod
+    async def list_workers(session: AsyncSession, *, limit: int = 200) -> list[WorkerSummary]:
+        """Workers, those not stopped first, the most recently seen first, each with the
+        number of its runs ``running`` now (counted through the run table's worker index)."""
+        running = (
+            sa.select(sa.func.count())
+            .where(_run.c.worker_id == _worker.c.id, _run.c.status == RunStatus.RUNNING)
+            .scalar_subquery()
+        )
+        statement = (
+            sa.select(
+                _worker.c.id,
+                _worker.c.hostname,
+                _worker.c.pid,
+                _worker.c.started_at,
+                _worker.c.last_seen_at,
+                _worker.c.stopped_at,
+                running,
+            )
+            .order_by(_worker.c.stopped_at.is_not(None), _worker.c.last_seen_at.desc())
+            .limit(limit)
+        )
+        workers = [WorkerSummary(*row) for row in await session.execute(statement)]
+        await _commit(session)
+        return workers
