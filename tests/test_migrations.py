@@ -31,7 +31,7 @@ from tests.utils import temporary_postgres_database
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 VERSION_TABLE = "taskiq_beat_alembic_version"
 SCHEDULER_TABLES = {"scheduler_job", "scheduler_job_stats", "scheduler_run", "scheduler_worker"}
-HEAD = "0002"
+HEAD = "0005_chain_steps"
 
 
 def _config(url: str | None = None, *, output: io.StringIO | None = None) -> Config:
