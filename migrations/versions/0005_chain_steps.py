@@ -84,9 +84,7 @@ def upgrade() -> None:
         ),
         sa.UniqueConstraint("task_id", name=op.f("uq_scheduler_chain_step_task_id")),
     )
-    op.create_index(
-        "ix_scheduler_chain_step_due", "scheduler_chain_step", ["status", "due_at"]
-    )
+    op.create_index("ix_scheduler_chain_step_due", "scheduler_chain_step", ["status", "due_at"])
     op.create_index(
         "ix_scheduler_chain_step_deadline", "scheduler_chain_step", ["status", "deadline_at"]
     )
