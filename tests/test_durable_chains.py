@@ -28,6 +28,7 @@ from taskiq_beat import (
 from taskiq_beat.chain import CHAIN_RUN_ID_LABEL
 from taskiq_beat.enums import StepStatus
 from taskiq_beat.models import SchedulerChainStep, SchedulerWorker
+from tests.processes import wait_until
 from tests.utils import FakeClock, RecordingBroker
 
 WAIT = 10.0
@@ -118,15 +119,9 @@ async def step_rows(app: SchedulerApp) -> list[SchedulerChainStep]:
         return list(rows.scalars())
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = WAIT) -> Any:
-    """Poll ``check`` until it returns something truthy (bounded)."""
-
-    async def poll() -> Any:
-        while not (found := await check()):
-            await asyncio.sleep(0.01)
-        return found
-
-    return await asyncio.wait_for(poll(), timeout)
+async def eventually(check: Callable[[], Awaitable[Any]]) -> Any:
+    """Poll the database with ``check`` until it returns something truthy (bounded)."""
+    return await wait_until(check, WAIT, interval=0.01)
 
 
 async def test_steps_run_in_order_pass_results_and_free_the_slot(
@@ -193,7 +188,8 @@ async def test_a_failing_step_is_retried_then_the_chain_is_aborted(
     ]
     async with app.session_factory() as session:
         run = await session.get(SchedulerRun, rows[0].run_id)
-    assert run is not None and run.status is RunStatus.ABORTED
+    assert run is not None
+    assert run.status is RunStatus.ABORTED
     assert run.error_type == "taskiq_beat.exceptions.ChainAbortedError"
     assert "step 1 (durable.broken) failed after 2 attempts" in (run.error or "")
     # The job counts the chain once, as a failure.

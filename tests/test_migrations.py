@@ -30,7 +30,14 @@ from tests.utils import temporary_postgres_database
 
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 VERSION_TABLE = "taskiq_beat_alembic_version"
-SCHEDULER_TABLES = {"scheduler_job", "scheduler_job_stats", "scheduler_run", "scheduler_worker"}
+SCHEDULER_TABLES = {
+    "scheduler_chain",
+    "scheduler_chain_step",
+    "scheduler_job",
+    "scheduler_job_stats",
+    "scheduler_run",
+    "scheduler_worker",
+}
 HEAD = "0005_chain_steps"
 
 
