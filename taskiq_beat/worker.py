@@ -103,6 +103,7 @@ class _Execution:
     began: float = 0.0
     error: BaseException | None = None
     step_task_id: str | None = None  # a durable chain step's attempt
+    unchecked: bool = False  # started without the check (database unreachable)
     chain_started: bool = False  # the orchestrator recorded its chain: the chain ends the run
 
 
@@ -252,6 +253,9 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
             self._database_down(exc, "executing chain steps without the executed-once check")
             answer = None
         if answer is None:
+            # Executed at least once: its outcome is written onto the attempt if it is
+            # still pending or running then.
+            execution.unchecked = True
             self.stats.unchecked += 1
         elif answer[1] is not None:
             execution.skip = True
@@ -277,7 +281,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
 
     async def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
         execution = _EXECUTION.get()
-        if execution is None or execution.skip or not execution.executions:
+        if execution is None or execution.skip or not (execution.executions or execution.unchecked):
             return
         duration = time.perf_counter() - execution.began
         error = execution.error
@@ -322,7 +326,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
             message.task_id,
             status,
             self._clock.now(),
-            executions=execution.executions,
+            executions=None if execution.unchecked else execution.executions,
             duration_seconds=duration,
             result=result_text(result.return_value) if error is None else None,
             error_type=None if error is None else _error_type(error),

@@ -211,9 +211,13 @@ class ChainOperations(StoreCore):
     @_time_limited
     async def finish_step(self, outcome: StepOutcome, *, decide: Decide) -> Advance | None:
         """Write ``outcome`` onto its running execution and record what follows (see the
-        module docstring); ``None`` if the attempt is not running that execution."""
+        module docstring); ``None`` if the attempt is not running that execution.
+
+        With ``outcome.executions`` ``None`` (an execution started while the database was
+        unreachable, unchecked) the attempt may also still be ``pending``."""
+        statuses = _LIVE if outcome.executions is None else (StepStatus.RUNNING,)
         async with self._transaction() as session:
-            return await _finish(session, outcome, (StepStatus.RUNNING,), decide)
+            return await _finish(session, outcome, statuses, decide)
 
     @_time_limited
     async def fail_step(self, outcome: StepOutcome, *, decide: Decide) -> Advance | None:
