@@ -217,6 +217,23 @@ async def measure(args: argparse.Namespace, url: str) -> bool:
                     )
                 )
             )
+            timings = list(
+                await session.execute(
+                    sa.select(
+                        SchedulerChainStep.created_at,
+                        SchedulerChainStep.started_at,
+                        SchedulerChainStep.finished_at,
+                    )
+                )
+            )
+        queued = sorted(
+            (started - created).total_seconds() for created, started, _ in timings if started
+        )
+        ran = sorted(
+            (finished - started).total_seconds()
+            for _, started, finished in timings
+            if started and finished
+        )
         counts = [
             int(v) for v in (await redis.hgetall(chain_worker.executions_key(stream))).values()
         ]
@@ -228,6 +245,11 @@ async def measure(args: argparse.Namespace, url: str) -> bool:
             f"{args.db}: {args.chains} chains x {args.steps} steps on {args.workers} workers:"
             f" {took:.1f} s from start() to every chain final"
             f" ({succeeded / took:.0f} chains/s, {executions / took:.0f} steps/s)"
+        )
+        print(
+            "  a step from recorded to started: "
+            f"p50 {_q(queued, 0.5):.2f} s, p99 {_q(queued, 0.99):.2f} s;"
+            f" started to finished: p50 {_q(ran, 0.5):.3f} s, p99 {_q(ran, 0.99):.3f} s"
         )
         print(f"  runs: {dict((s.value, n) for s, n in runs.items())}")
         print(f"  step rows: {dict((s.value, n) for s, n in steps.items())}")
@@ -242,6 +264,10 @@ async def measure(args: argparse.Namespace, url: str) -> bool:
         await redis.aclose()
         await broker.shutdown()
         await engine.dispose()
+
+
+def _q(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 async def run(args: argparse.Namespace) -> bool:

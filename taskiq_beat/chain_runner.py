@@ -102,6 +102,12 @@ class ChainRunner:
         self._config = config
         self._timers: set[asyncio.TimerHandle] = set()
         self._sending: set[asyncio.Task[None]] = set()
+        # Starts and "sent" marks wait for one statement shared by all that arrive while
+        # the previous one runs (see _flush).
+        self._starts: list[tuple[str, str, asyncio.Future[Any]]] = []
+        self._sent: list[int] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ worker side
 
@@ -121,6 +127,20 @@ class ChainRunner:
             return
         logger.debug("chain run %d started: %d steps", run_id, len(spec.steps))
         await self.send([sent])
+
+    async def start_step(
+        self, task_id: str, *, worker_id: str
+    ) -> tuple[int, StepStatus | None] | None:
+        """Start a delivered step attempt by compare-and-set (see ``start_steps``): its
+        execution number, or ``(0, status)`` for a duplicate, or ``None`` (no such attempt).
+
+        :raises Exception: what the database raised (the caller decides).
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._starts.append((task_id, worker_id, future))
+        self._kick()
+        answer: tuple[int, StepStatus | None] | None = await future
+        return answer
 
     async def step_finished(self, outcome: StepOutcome) -> Advance | None:
         """Write the outcome of a step execution and send what follows (``None``: a late or
@@ -216,11 +236,65 @@ class ChainRunner:
                 due.append(message)
         await self._send_now(due)
 
-    def close(self) -> None:
-        """Drop the timers of delayed sends (the scheduler's watchdog sends them)."""
+    async def close(self) -> None:
+        """Drop the timers of delayed sends (the scheduler's watchdog sends them) and write
+        the marks of sends made."""
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        with contextlib.suppress(Exception):
+            await self._flush()
+
+    def _kick(self) -> None:
+        self._wake.set()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """One statement for the starts waiting, one for the sends to mark."""
+        starts, self._starts = self._starts, []
+        if starts:
+            by_worker: dict[str, list[tuple[str, asyncio.Future[Any]]]] = {}
+            for task_id, worker_id, future in starts:
+                by_worker.setdefault(worker_id, []).append((task_id, future))
+            for worker_id, waiting in by_worker.items():
+                try:
+                    answers = await self._store.start_steps(
+                        [task_id for task_id, _ in waiting],
+                        worker_id=worker_id,
+                        now=self._clock.now(),
+                    )
+                except Exception as exc:
+                    for _, future in waiting:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                granted: set[str] = set()
+                for task_id, future in waiting:
+                    answer = answers.get(task_id)
+                    if answer is not None and answer[1] is None:
+                        if task_id in granted:  # delivered twice in one batch: started once
+                            answer = (0, StepStatus.RUNNING)
+                        granted.add(task_id)
+                    if not future.done():
+                        future.set_result(answer)
+        sent, self._sent = self._sent, []
+        if sent:
+            try:
+                await self._store.mark_steps_sent(sent, now=self._clock.now())
+            except Exception as exc:  # the watchdog sends them again: a duplicate, skipped
+                logger.debug("sent chain steps not marked: %s", exc)
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -279,12 +353,10 @@ class ChainRunner:
         )
 
     async def _send_now(self, messages: list[StepMessage]) -> None:
-        sent: list[int] = []
-        for message in messages:
-            if await self._kiq(message):
-                sent.append(message.step_id)
+        sent = [message.step_id for message in messages if await self._kiq(message)]
         if sent:
-            await self._store.mark_steps_sent(sent, now=self._clock.now())
+            self._sent.extend(sent)
+            self._kick()
 
     async def _kiq(self, message: StepMessage) -> bool:
         """Send one step attempt; ``False`` if it was not sent (left to the watchdog, or

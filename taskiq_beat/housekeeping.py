@@ -68,6 +68,8 @@ class Housekeeper:
         """Stop after the operation under way (a cancelled one would leave its connection to
         unwind on its own); cancel it if it outlasts ``shutdown_timeout_seconds``."""
         task, self._task = self._task, None
+        if self._chains is not None:
+            await self._chains.close()
         if task is None:
             return
         self._stopping.set()

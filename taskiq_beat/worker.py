@@ -246,9 +246,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         execution = _Execution(run_id=0, job_id="", retries=0, step_task_id=message.task_id)
         _EXECUTION.set(execution)
         try:
-            answer = await self._store.start_step(
-                message.task_id, worker_id=self.worker_id, now=self._clock.now()
-            )
+            answer = await self.chains.start_step(message.task_id, worker_id=self.worker_id)
         except Exception as exc:
             self._database_down(exc, "executing chain steps without the executed-once check")
             answer = None
@@ -562,7 +560,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
                 pass
             await self._flush_step_outcomes()
         if self._chains is not None:
-            self._chains.close()
+            await self._chains.close()
         if self._registered:
             with contextlib.suppress(Exception):
                 lost = await self._store.stop_worker(

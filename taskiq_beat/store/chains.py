@@ -12,7 +12,7 @@ The contract (see :mod:`taskiq_beat.chain_runner` for who calls what):
   pushes ``due_at`` forward by compare-and-set (:meth:`claim_step_send`,
   :meth:`claim_unsent_steps`): a lease, after which another sender may send it again with the
   same task id.
-- :meth:`start_step` moves a step attempt from ``pending`` to ``running`` by compare-and-set
+- :meth:`start_steps` moves a step attempt from ``pending`` to ``running`` by compare-and-set
   on its task id: a second delivery of the message finds it running or finished and is not
   executed.
 - :meth:`finish_step` writes an outcome only onto the execution that produced it (still
@@ -55,6 +55,7 @@ _chain = cast("sa.Table", SchedulerChain.__table__)
 _step = cast("sa.Table", SchedulerChainStep.__table__)
 _worker = cast("sa.Table", SchedulerWorker.__table__)
 _LIVE = (StepStatus.PENDING, StepStatus.RUNNING)
+_CHUNK = 500
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,19 +179,23 @@ class ChainOperations(StoreCore):
         return StepMessage(step_id, run_id, run.job_id, run.scheduled_for, run.task_id, first)
 
     @_time_limited
-    async def start_step(
-        self, task_id: str, *, worker_id: str, now: datetime
-    ) -> tuple[int, StepStatus | None] | None:
-        """Move the step attempt ``task_id`` to ``running`` if it is ``pending``.
+    async def start_steps(
+        self, task_ids: Sequence[str], *, worker_id: str, now: datetime
+    ) -> dict[str, tuple[int, StepStatus | None]]:
+        """Move the step attempts ``task_ids`` that are ``pending`` to ``running``.
 
-        Returns ``(executions, None)`` when this delivery may execute it, ``(0, status)``
-        when it runs or ran already (a duplicate), ``None`` when there is no such attempt.
+        Returns, by task id, ``(executions, None)`` when this delivery may execute it, and
+        ``(0, status)`` when it runs or ran already (a duplicate). A task id not in the
+        answer has no step attempt. The same task id twice starts once.
         """
+        answer: dict[str, tuple[int, StepStatus | None]] = {}
+        wanted = list(dict.fromkeys(task_ids))
         async with self._transaction() as session:
-            started = (
-                await session.execute(
+            for at in range(0, len(wanted), _CHUNK):
+                chunk = wanted[at : at + _CHUNK]
+                started = await session.execute(
                     sa.update(_step)
-                    .where(_step.c.task_id == task_id, _step.c.status == StepStatus.PENDING)
+                    .where(_step.c.task_id.in_(chunk), _step.c.status == StepStatus.PENDING)
                     .values(
                         status=StepStatus.RUNNING,
                         started_at=now,
@@ -198,15 +203,20 @@ class ChainOperations(StoreCore):
                         executions=_step.c.executions + 1,
                         dispatched_at=sa.func.coalesce(_step.c.dispatched_at, now),
                     )
-                    .returning(_step.c.executions)
+                    .returning(_step.c.task_id, _step.c.executions)
                 )
-            ).first()
-            if started is not None:
-                return int(started[0]), None
-            status = (
-                await session.execute(sa.select(_step.c.status).where(_step.c.task_id == task_id))
-            ).scalar()
-        return None if status is None else (0, StepStatus(status))
+                for task_id, executions in started:
+                    answer[task_id] = (int(executions), None)
+                refused = [task_id for task_id in chunk if task_id not in answer]
+                if refused:
+                    rows = await session.execute(
+                        sa.select(_step.c.task_id, _step.c.status).where(
+                            _step.c.task_id.in_(refused)
+                        )
+                    )
+                    for task_id, status in rows:
+                        answer[task_id] = (0, StepStatus(status))
+        return answer
 
     @_time_limited
     async def finish_step(self, outcome: StepOutcome, *, decide: Decide) -> Advance | None:
