@@ -162,6 +162,7 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         self._warned_unknown = False
         self._dropping = False
         self._chains: ChainRunner | None = None
+        logging.getLogger("taskiq.receiver.receiver").addFilter(_QUIET_CHAIN_STARTS)
         self._step_outcomes: deque[StepOutcome] = deque()
 
     @property
@@ -600,6 +601,23 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
             )
         else:
             logger.debug("task %s: %s", message.task_id, why)
+
+
+class _QuietChainStarts(logging.Filter):
+    """Drops Taskiq's warning that a task "skipped setting result" for the chain
+    orchestrator: a durable chain's fire ends that way by design (its result is stored when
+    the chain ends), once per fire."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            isinstance(args, tuple)
+            and args[:1] == (CHAIN_TASK_NAME,)
+            and "skipped setting result" in str(record.msg)
+        )
+
+
+_QUIET_CHAIN_STARTS = _QuietChainStarts()
 
 
 def _new_worker_id() -> str:
