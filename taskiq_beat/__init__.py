@@ -2,12 +2,18 @@
 
 from taskiq_beat.app import SchedulerApp
 from taskiq_beat.builders import ChainJobBuilder, JobDefinition, SingleJobBuilder
-from taskiq_beat.chain import CHAIN_TASK_NAME, ChainStep, register_chain_orchestrator
+from taskiq_beat.chain import (
+    CHAIN_TASK_NAME,
+    ChainHandle,
+    ChainOutcome,
+    ChainStep,
+    register_chain_orchestrator,
+)
 from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
 from taskiq_beat.discovery import TaskDiscovery, discover_task_modules
 from taskiq_beat.dispatch import JOB_ID_LABEL, RUN_ID_LABEL, SCHEDULED_FOR_LABEL, fire_task_id
-from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
+from taskiq_beat.enums import JobKind, JobStrategy, RunStatus, StepStatus
 from taskiq_beat.events import EventKind, SchedulerEvent
 from taskiq_beat.exceptions import (
     ChainAbortedError,
@@ -20,7 +26,13 @@ from taskiq_beat.exceptions import (
     UnknownTaskError,
 )
 from taskiq_beat.health import SchedulerHealthSnapshot
-from taskiq_beat.models import SchedulerBase, SchedulerJob, SchedulerRun, SchedulerWorker
+from taskiq_beat.models import (
+    SchedulerBase,
+    SchedulerChainStep,
+    SchedulerJob,
+    SchedulerRun,
+    SchedulerWorker,
+)
 from taskiq_beat.triggers import (
     CrontabTrigger,
     ImmediateDispatch,
@@ -37,7 +49,9 @@ __all__ = [
     "RUN_ID_LABEL",
     "SCHEDULED_FOR_LABEL",
     "ChainAbortedError",
+    "ChainHandle",
     "ChainJobBuilder",
+    "ChainOutcome",
     "ChainStep",
     "Clock",
     "CorruptJobError",
@@ -58,6 +72,7 @@ __all__ = [
     "RunStatus",
     "SchedulerApp",
     "SchedulerBase",
+    "SchedulerChainStep",
     "SchedulerConfig",
     "SchedulerEvent",
     "SchedulerHealthSnapshot",
@@ -65,6 +80,7 @@ __all__ = [
     "SchedulerRun",
     "SchedulerWorker",
     "SingleJobBuilder",
+    "StepStatus",
     "SystemClock",
     "TaskDiscovery",
     "TaskiqBeatError",
