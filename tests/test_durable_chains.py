@@ -416,3 +416,21 @@ async def test_without_the_lifecycle_run_waits_for_the_orchestrator_in_the_worke
         await app.broker.shutdown()
     assert outcome.run.status is RunStatus.DISPATCHED
     assert outcome.steps == []
+
+
+async def test_a_short_delay_is_sent_by_the_worker_that_recorded_it(
+    app: SchedulerApp, steps: Steps
+) -> None:
+    outcome = await app.chain(
+        steps=[
+            ChainStep(task="durable.upload", post_delay_ms=20),
+            ChainStep(task="durable.broken", max_attempts=2, retry_delay_seconds=0.02),
+        ],
+        wait_poll_interval_seconds=0.01,
+    ).start()
+    with pytest.raises(ChainAbortedError):
+        await outcome.wait(WAIT)  # no watchdog pass: the worker's timers sent both
+    assert steps.log == [("upload",), ("broken",), ("broken",)]
+    rows = await step_rows(app)
+    assert [(row.step, row.attempt) for row in rows] == [(0, 1), (1, 1), (1, 2)]
+    assert all(row.dispatched_at is not None for row in rows)
