@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime as datetime_type
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
@@ -25,9 +26,10 @@ from taskiq_beat.chain import ChainHandle, ChainStep, OnFailure, register_chain_
 from taskiq_beat.chain_runner import ChainRunner
 from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
+from taskiq_beat.declared import DeclarationPlan, Declarations, coerce_trigger, definition_hash
 from taskiq_beat.dispatch import Dispatcher, fire_task_id
 from taskiq_beat.engine import SchedulerEngine
-from taskiq_beat.enums import RunStatus
+from taskiq_beat.enums import JobSource, RunStatus
 from taskiq_beat.events import EventHooks, EventKind, EventListener
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
 from taskiq_beat.health import SchedulerHealthSnapshot, read_health
@@ -39,11 +41,16 @@ from taskiq_beat.models import (
     SchedulerRun,
     encode_json,
 )
-from taskiq_beat.store import Fire, SchedulerStore
+from taskiq_beat.policy import MAX_BACKFILL, fires_between
+from taskiq_beat.store import Fire, SchedulerStore, ScheduleState
+from taskiq_beat.store.values import JOB_SORT_COLUMNS, JobSummary, WorkerSummary
 from taskiq_beat.triggers import (
+    CrontabTrigger,
     ImmediateDispatch,
+    IntervalTrigger,
     PeriodicSchedule,
     Trigger,
+    TriggerInput,
     trigger_from_json,
     trigger_to_json,
     validate_trigger,
@@ -61,6 +68,8 @@ __all__ = ["SchedulerApp"]
 
 logger = logging.getLogger(__name__)
 
+_Task = TypeVar("_Task")
+
 
 class SchedulerApp:
     """A database-backed scheduler for one Taskiq broker.
@@ -77,7 +86,19 @@ class SchedulerApp:
         session_factory: async_sessionmaker[AsyncSession],
         config: SchedulerConfig | None = None,
         clock: Clock | None = None,
+        schedule_version: int = 0,
     ) -> None:
+        if (
+            isinstance(schedule_version, bool)
+            or not isinstance(schedule_version, int)
+            or schedule_version < 0
+        ):
+            raise InvalidJobError("schedule_version", schedule_version, "expected an integer >= 0")
+        self.schedule_version = schedule_version
+        """The version of the schedules declared in code on this app (see
+        :mod:`taskiq_beat.declared`): raise it when they change; an apply never overwrites
+        declarations of a higher version."""
+        self.declarations = Declarations()
         self.broker = broker
         self.session_factory = session_factory
         self.config = config or SchedulerConfig()
@@ -172,7 +193,10 @@ class SchedulerApp:
         return self._engine.running
 
     async def start(self) -> None:
-        """Load the due jobs and start the scheduling loop in the background."""
+        """Apply the schedules declared in code (if any were), load the due jobs and start
+        the scheduling loop in the background."""
+        if self.declarations.used:
+            await self.apply_declarations()
         await self._engine.start()
         self._housekeeper.start()
         logger.info("scheduler started (instance %s)", self._engine.owner)
@@ -232,13 +256,176 @@ class SchedulerApp:
         )
         return ChainJobBuilder(self, spec)
 
+    # ------------------------------------------------------------------ declared in code
+
+    def periodic(
+        self,
+        trigger: Trigger | CrontabTrigger | IntervalTrigger | timedelta | str,
+        *,
+        job_id: str | None = None,
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        description: str | None = None,
+        is_enabled: bool = True,
+    ) -> Callable[[_Task], _Task]:
+        """Declare a job that sends the decorated Taskiq task on ``trigger`` (a trigger, a
+        ``timedelta`` or a cron string such as ``"*/5 * * * *"``); ``job_id`` defaults to
+        the task's name. Applied when the scheduler starts (see :mod:`taskiq_beat.declared`).
+
+        :raises InvalidJobError: at once, for a bad trigger, payload, id or task.
+        """
+        checked = coerce_trigger(trigger)
+
+        def declare(task: _Task) -> _Task:
+            task_name = getattr(task, "task_name", None)
+            if not isinstance(task_name, str):
+                raise InvalidJobError(
+                    "task",
+                    task,
+                    "expected a Taskiq task: put @scheduler_app.periodic(...) above @broker.task",
+                )
+            builder = self.single(task, args, kwargs, metadata)
+            self.declarations.add(
+                [
+                    builder.definition(
+                        trigger=checked,
+                        job_id=task_name if job_id is None else job_id,
+                        name=name,
+                        description=description,
+                        is_enabled=is_enabled,
+                    )
+                ]
+            )
+            return task
+
+        return declare
+
+    def define(self, *definitions: JobDefinition) -> None:
+        """Declare jobs made with ``builder.definition(...)`` (single jobs and chains alike).
+
+        ``define()`` with no argument declares that this app's schedules live in code even
+        if there are none left: the scheduler then disables every job declared earlier.
+
+        :raises InvalidJobError: at once, for a bad definition or an id declared twice.
+        """
+        self.declarations.add(definitions)
+
+    async def apply_declarations(
+        self, session: AsyncSession | None = None, *, dry_run: bool = False
+    ) -> DeclarationPlan:
+        """Bring the jobs declared in code into the database, in one transaction; with
+        ``dry_run`` only say what would change. ``session`` defaults to a new one.
+
+        Jobs made through the API are never touched. Nothing is written when the database
+        holds declarations of a higher ``schedule_version`` than this app's.
+
+        :raises InvalidJobError: on a declaration that cannot be stored (nothing is).
+        """
+        if session is None:
+            async with self.session_factory() as own:
+                return await self.apply_declarations(own, dry_run=dry_run)
+        now = self._clock.now()
+        version = self.schedule_version
+        rows, triggers = self._definition_rows(self.declarations, now)
+        hashes = {job_id: definition_hash(row) for job_id, row in rows.items()}
+        try:
+            await self._store.lock_declarations(session)
+            stored = await self._store.load_declared(session)
+            unchanged = {
+                job_id
+                for job_id, row in stored.items()
+                if job_id in hashes and row.definition_hash == hashes[job_id]
+            }
+            # The rows to write (or refuse): what is not declared as it is stored already.
+            current = await self._store.load_schedule_state(
+                session, [job_id for job_id in rows if job_id not in unchanged]
+            )
+            versions = [row.schedule_version for row in stored.values()]
+            stored_version = max((v for v in versions if v is not None), default=None)
+            plan = DeclarationPlan(
+                schedule_version=version,
+                stored_version=stored_version,
+                added=sorted(
+                    job_id for job_id in rows if job_id not in current and job_id not in unchanged
+                ),
+                changed=sorted(
+                    job_id
+                    for job_id in rows
+                    if job_id in stored and stored[job_id].definition_hash != hashes[job_id]
+                ),
+                # An app that declared nothing (not even ``define()``) retires nothing: it
+                # may be a process that imports the app without the modules declaring jobs.
+                removed=sorted(
+                    job_id
+                    for job_id, row in stored.items()
+                    if job_id not in rows
+                    and row.definition_hash is not None
+                    and self.declarations.used
+                ),
+                unchanged=sorted(unchanged),
+                conflicts=sorted(
+                    job_id for job_id in rows if job_id in current and job_id not in stored
+                ),
+                skipped=stored_version is not None and stored_version > version,
+            )
+            if dry_run or not plan.has_changes:
+                await self._store.rollback(session)
+                self._log_plan(plan)
+                return plan
+            written = {job_id: rows[job_id] for job_id in (*plan.added, *plan.changed)}
+            _keep_schedules(written, current)
+            for job_id, row in written.items():
+                row["source"] = JobSource.CODE
+                row["definition_hash"] = hashes[job_id]
+                row["schedule_version"] = version
+            await self._store.write_declared(session, list(written.values()), version)
+            await self._store.retire_declared(session, plan.removed, version, now)
+            await self._store.commit_declared(session)
+        except BaseException:
+            await self._store.rollback(session)
+            raise
+        plan = dataclasses.replace(plan, applied=True)
+        self._log_plan(plan)
+        self._notify_rows(written, triggers)
+        for job_id in plan.removed:
+            self._engine.job_deleted(job_id)
+        return plan
+
+    def _log_plan(self, plan: DeclarationPlan) -> None:
+        if plan.conflicts:
+            logger.warning(
+                "declared jobs %s belong to jobs made through the API: left as they are",
+                ", ".join(plan.conflicts),
+            )
+        if plan.skipped:
+            logger.warning(
+                "declared schedules not applied: the database holds schedule_version %s, "
+                "newer than this app's %s",
+                plan.stored_version,
+                plan.schedule_version,
+            )
+        elif plan.applied:
+            logger.info(
+                "applied declared schedules (version %s): %d added, %d changed, "
+                "%d disabled (no longer declared), %d unchanged",
+                plan.schedule_version,
+                len(plan.added),
+                len(plan.changed),
+                len(plan.removed),
+                len(plan.unchanged),
+            )
+        else:
+            logger.debug("declared schedules: %s", plan.to_dict())
+
     # ------------------------------------------------------------------ JobWriter
 
     async def schedule_spec(
         self,
         spec: JobSpec,
         session: AsyncSession,
-        trigger: Trigger | None,
+        trigger: TriggerInput | None,
         *,
         job_id: str | None,
         name: str | None,
@@ -293,7 +480,7 @@ class SchedulerApp:
         self,
         spec: JobSpec,
         session: AsyncSession,
-        trigger: Trigger | None,
+        trigger: TriggerInput | None,
         *,
         job_id: str | None,
         name: str | None,
@@ -301,7 +488,10 @@ class SchedulerApp:
         is_enabled: bool,
     ) -> tuple[SchedulerJob, tuple[int, str] | None]:
         """Store a new job; with ``ImmediateDispatch`` send it and return its run and task id."""
-        trigger = self._localize(validate_trigger(trigger or ImmediateDispatch()))
+        trigger = self._localize(
+            validate_trigger(ImmediateDispatch() if trigger is None else trigger)
+        )
+        self._check_policy(spec)
         job_id = _check_job_id(job_id) if job_id is not None else str(uuid.uuid4())
         now = self._clock.now()
         job = self._new_job(spec, trigger, job_id, name, description, is_enabled, now)
@@ -336,7 +526,7 @@ class SchedulerApp:
         spec: JobSpec,
         session: AsyncSession,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None,
         description: str | None,
@@ -349,6 +539,7 @@ class SchedulerApp:
             )
         job_id = _check_job_id(job_id)
         _check_name(name)
+        self._check_policy(spec)
         for attempt in range(2):
             now = self._clock.now()
             job = await self._store.get_job(session, job_id, for_update=True)
@@ -370,6 +561,7 @@ class SchedulerApp:
             job.name, job.description = name, description
             job.task_name, job.kind, job.strategy = spec.task_name, spec.kind, trigger.strategy
             job.args, job.kwargs, job.job_metadata = spec.args, spec.kwargs, spec.metadata
+            job.policy = None if spec.policy is None else spec.policy.to_json()
             job.trigger, job.is_enabled = stored, is_enabled
             if reschedule:
                 job.next_run_at = trigger.first_run_at(now)
@@ -397,13 +589,31 @@ class SchedulerApp:
         :raises InvalidJobError: on bad input (nothing is stored), including an id given twice.
         """
         now = self._clock.now()
+        rows, triggers = self._definition_rows(definitions, now)
+        if not rows:
+            return 0
+        current = await self._store.load_schedule_state(session, list(rows))
+        _keep_schedules(rows, current)
+        await self._store.write_jobs(session, list(rows.values()))  # attribute names
+        logger.info("upserted %d jobs (%d new)", len(rows), len(rows) - len(current))
+        self._notify_rows(rows, triggers)
+        return len(rows)
+
+    def _definition_rows(
+        self, definitions: Iterable[JobDefinition], now: datetime
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Trigger]]:
+        """The new-job values of ``definitions`` by id, and their (localized) triggers.
+
+        :raises InvalidJobError: on bad input, including an id given twice.
+        """
         rows: dict[str, dict[str, Any]] = {}
         triggers: dict[str, Trigger] = {}
-        stored_forms: dict[Trigger, tuple[Trigger, dict[str, Any]]] = {}
+        stored_forms: dict[TriggerInput, tuple[Trigger, dict[str, Any]]] = {}
         for definition in definitions:
             if not isinstance(definition, JobDefinition):
                 raise InvalidJobError("definitions", definition, "expected JobDefinition values")
             job_id = _check_job_id(definition.job_id)
+            self._check_policy(definition.spec)
             if job_id in rows:
                 raise InvalidJobError("job_id", job_id, "given twice in one upsert_many()")
             if definition.trigger not in stored_forms:
@@ -425,24 +635,9 @@ class SchedulerApp:
                 now,
             )
             triggers[job_id] = trigger
-        if not rows:
-            return 0
-        current = await self._store.load_schedule_state(session, list(rows))
-        for job_id, row in rows.items():
-            state = current.get(job_id)
-            if state is None:
-                continue
-            row["revision"] = state.revision + 1
-            row["created_at"] = state.created_at
-            if not _reschedules(
-                (state.trigger, state.task_name, state.kind, state.is_enabled),
-                (row["trigger"], row["task_name"], row["kind"], row["is_enabled"]),
-            ):
-                row["next_run_at"] = state.next_run_at
-                row["last_error"] = state.last_error
-            row["last_run_at"] = state.last_run_at
-        await self._store.write_jobs(session, list(rows.values()))  # attribute names
-        logger.info("upserted %d jobs (%d new)", len(rows), len(rows) - len(current))
+        return rows, triggers
+
+    def _notify_rows(self, rows: dict[str, dict[str, Any]], triggers: dict[str, Trigger]) -> None:
         for job_id, row in rows.items():
             self._engine.job_changed(
                 job_id,
@@ -455,8 +650,8 @@ class SchedulerApp:
                 args=row["args"],
                 kwargs=row["kwargs"],
                 metadata=row["job_metadata"],
+                policy=row["policy"],
             )
-        return len(rows)
 
     # ------------------------------------------------------------------ management
 
@@ -487,6 +682,54 @@ class SchedulerApp:
         return await self._store.list_jobs(
             session, is_enabled=is_enabled, task_name=task_name, limit=limit, offset=offset
         )
+
+    async def page_jobs(
+        self,
+        session: AsyncSession,
+        *,
+        search: str | None = None,
+        is_enabled: bool | None = None,
+        task_name: str | None = None,
+        sort: str = "id",
+        descending: bool = False,
+        after: tuple[Any, str] | None = None,
+        before: tuple[Any, str] | None = None,
+        limit: int = 50,
+    ) -> list[JobSummary]:
+        """One page of a job listing (what the dashboard shows), paged by key: ``after`` /
+        ``before`` is the ``(sort value, id)`` of the row the page follows / precedes.
+
+        ``sort`` is one of ``id``, ``name``, ``task_name``, ``next_run_at``, ``last_run_at``
+        (empty values last); ``search`` matches id or name anywhere, ignoring case.
+
+        :raises InvalidJobError: for an unknown sort, a limit outside 1-1000, or both cursors.
+        """
+        if sort not in JOB_SORT_COLUMNS:
+            raise InvalidJobError("sort", sort, f"expected one of {', '.join(JOB_SORT_COLUMNS)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidJobError("limit", limit, "expected an integer from 1 to 1000")
+        if after is not None and before is not None:
+            raise InvalidJobError("before", before, "give after or before, not both")
+        return await self._store.page_jobs(
+            session,
+            search=search,
+            is_enabled=is_enabled,
+            task_name=task_name,
+            sort=sort,
+            descending=descending,
+            after=after,
+            before=before,
+            limit=limit,
+        )
+
+    async def task_names(self, session: AsyncSession) -> list[str]:
+        """The distinct task names of the jobs, sorted (at most 500)."""
+        return await self._store.task_names(session)
+
+    async def list_workers(self, session: AsyncSession, *, limit: int = 200) -> list[WorkerSummary]:
+        """The workers that reported runs: those not stopped first, each with the number of
+        runs it is executing now."""
+        return await self._store.list_workers(session, limit=limit)
 
     async def list_runs(
         self,
@@ -577,6 +820,53 @@ class SchedulerApp:
         assert run is not None
         return run
 
+    async def backfill(
+        self, session: AsyncSession, job_id: str, *, start: datetime, end: datetime
+    ) -> int:
+        """Send each fire of the job's schedule from ``start`` to ``end`` (a past range, both
+        included) once: fires that have a run are left alone (a ``missed`` one is sent
+        after all), so calling it twice sends nothing more. The fires keep their identity
+        (scheduled time, task id) and go out through the scheduler's retries path, a batch
+        per pass beside the fires due on time. Returns how many were queued.
+
+        :raises JobNotFoundError: if there is no such job.
+        :raises InvalidJobError: on a bad range (nothing is queued).
+        """
+        for field, value in (("start", start), ("end", end)):
+            if not isinstance(value, datetime_type) or value.utcoffset() is None:
+                raise InvalidJobError(field, value, "expected a timezone-aware datetime")
+        now = self._clock.now()
+        if end < start:
+            raise InvalidJobError("end", end, f"is before start={start.isoformat()}")
+        if end > now:
+            raise InvalidJobError(
+                "end", end, "a backfill covers the past: it must not be later than now"
+            )
+        job = await self._store.find_job(session, job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        trigger = trigger_from_json(job.trigger, job_id=job.id)
+        anchor = job.next_run_at or job.last_run_at
+        fires = fires_between(trigger, start, end, MAX_BACKFILL, anchor=anchor)
+        if fires is None:
+            raise InvalidJobError(
+                "end", end, f"the range holds more than {MAX_BACKFILL} fires; backfill it in parts"
+            )
+        queued = await self._store.add_backfill_runs(
+            session, job_id, {when: fire_task_id(job_id, when) for when in fires}, now=now
+        )
+        logger.info(
+            "backfill of job %s from %s to %s: %d of its %d fires queued",
+            job_id,
+            start.isoformat(),
+            end.isoformat(),
+            queued,
+            len(fires),
+        )
+        if queued:
+            self._engine.retry_at(now)
+        return queued
+
     async def delete(self, session: AsyncSession, job_id: str) -> None:
         """Delete the job and its run history.
 
@@ -589,12 +879,30 @@ class SchedulerApp:
 
     # ------------------------------------------------------------------ internals
 
+    def _check_policy(self, spec: JobSpec) -> None:
+        """An overlap policy decides from the runs' lifecycle, which only workers report."""
+        policy = spec.policy
+        if policy is None or policy.running_limit is None:
+            return
+        if not (self.config.record_runs and self.config.record_lifecycle):
+            raise InvalidJobError(
+                "overlap",
+                policy.overlap,
+                "needs SchedulerConfig(record_runs=True, record_lifecycle=True): without the"
+                " workers reporting when runs end, every run would count as still going",
+            )
+
     def _localize(self, trigger: Trigger) -> Trigger:
-        """Give a crontab without a timezone the configured default timezone."""
-        crontab = trigger.crontab if isinstance(trigger, PeriodicSchedule) else None
+        """Give a crontab (or a calendar's rules) without a timezone the configured default."""
+        if not isinstance(trigger, PeriodicSchedule):
+            return trigger
+        crontab, calendar = trigger.crontab, trigger.calendar
         if crontab is not None and crontab.timezone is None:
             crontab = crontab.with_timezone(self.config.default_timezone)
             return trigger.model_copy(update={"crontab": crontab})
+        if calendar is not None and any(rule.timezone is None for rule in calendar.rules):
+            calendar = calendar.with_timezone(self.config.default_timezone)
+            return trigger.model_copy(update={"calendar": calendar})
         return trigger
 
     def _new_job(
@@ -697,6 +1005,7 @@ class SchedulerApp:
             args=job.args,
             kwargs=job.kwargs,
             metadata=job.job_metadata,
+            policy=job.policy,
         )
 
 
@@ -727,6 +1036,7 @@ def _new_job_values(
         "args": spec.args,
         "kwargs": spec.kwargs,
         "job_metadata": spec.metadata,
+        "policy": None if spec.policy is None else spec.policy.to_json(),
         "is_enabled": is_enabled,
         "next_run_at": trigger.first_run_at(now),
         "last_run_at": None,
@@ -735,6 +1045,25 @@ def _new_job_values(
         "created_at": now,
         "updated_at": now,
     }
+
+
+def _keep_schedules(rows: dict[str, dict[str, Any]], current: dict[str, ScheduleState]) -> None:
+    """Turn new-job values into updates of the jobs that exist (``current``): their
+    creation time, next revision and last run kept, and their ``next_run_at`` and
+    ``last_error`` too unless the trigger, the task (or kind) or the enabled state changed."""
+    for job_id, row in rows.items():
+        state = current.get(job_id)
+        if state is None:
+            continue
+        row["revision"] = state.revision + 1
+        row["created_at"] = state.created_at
+        if not _reschedules(
+            (state.trigger, state.task_name, state.kind, state.is_enabled),
+            (row["trigger"], row["task_name"], row["kind"], row["is_enabled"]),
+        ):
+            row["next_run_at"] = state.next_run_at
+            row["last_error"] = state.last_error
+        row["last_run_at"] = state.last_run_at
 
 
 def _reschedules(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:

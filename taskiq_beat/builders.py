@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from taskiq_beat.chain import CHAIN_TASK_NAME, ChainSpec, ChainStep, OnFailure, ResolvedStep
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import InvalidJobError, UnknownTaskError
+from taskiq_beat.policy import CATCH_UP_LIMIT, CatchUp, JobPolicy, Overlap, check_policy
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,9 +24,16 @@ if TYPE_CHECKING:
 
     from taskiq_beat.chain import ChainHandle, ChainOutcome
     from taskiq_beat.models import SchedulerJob
-    from taskiq_beat.triggers import Trigger
+    from taskiq_beat.triggers import TriggerInput
 
-__all__ = ["ChainJobBuilder", "JobDefinition", "JobSpec", "SingleJobBuilder"]
+__all__ = [
+    "ChainJobBuilder",
+    "ChainScheduleBuilder",
+    "JobDefinition",
+    "JobSpec",
+    "SingleJobBuilder",
+    "SingleScheduleBuilder",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ class JobSpec:
     args: list[Any] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    policy: JobPolicy | None = None
+    """The job's policy; ``None`` for the defaults."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,7 @@ class JobDefinition:
     kept for later. Made by ``builder.definition(...)``."""
 
     spec: JobSpec
-    trigger: Trigger
+    trigger: TriggerInput
     job_id: str
     name: str | None = None
     description: str | None = None
@@ -58,7 +69,7 @@ class JobWriter(Protocol):
         self,
         spec: JobSpec,
         session: AsyncSession,
-        trigger: Trigger | None,
+        trigger: TriggerInput | None,
         *,
         job_id: str | None,
         name: str | None,
@@ -71,7 +82,7 @@ class JobWriter(Protocol):
         spec: JobSpec,
         session: AsyncSession,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None,
         description: str | None,
@@ -79,15 +90,45 @@ class JobWriter(Protocol):
     ) -> SchedulerJob: ...
 
 
+_B = TypeVar("_B", bound="_Builder")
+
+
 class _Builder:
     def __init__(self, writer: JobWriter, spec: JobSpec) -> None:
         self._writer = writer
         self.spec = spec
 
+    def policy(
+        self: _B,
+        *,
+        misfire_grace_seconds: float | timedelta | None = None,
+        catch_up: CatchUp = "latest",
+        catch_up_limit: int = CATCH_UP_LIMIT,
+        overlap: Overlap = "allow",
+        max_running: int | None = None,
+        jitter_seconds: float | timedelta = 0.0,
+    ) -> _B:
+        """The same job with this policy (see :mod:`taskiq_beat.policy`); fields left out
+        keep their defaults. Stored by ``.schedule()`` / ``.upsert()`` with the job; an upsert
+        that changes only the policy keeps the job's next run.
+
+        :raises InvalidJobError: naming the field and the value that are wrong.
+        """
+        checked = check_policy(
+            misfire_grace_seconds=misfire_grace_seconds,
+            catch_up=catch_up,
+            catch_up_limit=catch_up_limit,
+            overlap=overlap,
+            max_running=max_running,
+            jitter_seconds=jitter_seconds,
+        )
+        policy = None if checked.is_default else checked
+        return type(self)(self._writer, replace(self.spec, policy=policy))
+
     async def schedule(
         self,
         session: AsyncSession,
-        trigger: Trigger | None = None,
+        trigger: TriggerInput | None = None,
         *,
         job_id: str | None = None,
         name: str | None = None,
@@ -95,6 +136,8 @@ class _Builder:
         is_enabled: bool = True,
     ) -> SchedulerJob:
         """Store a new job and return its row. Without a trigger the task is sent at once.
+
+        ``trigger`` also takes a cron string (``"0 9 * * mon-fri"``) or a ``timedelta``.
 
         :raises InvalidJobError: on bad input (nothing is stored), including an existing
             ``job_id`` (use :meth:`upsert` to update a job).
@@ -113,7 +156,7 @@ class _Builder:
         self,
         session: AsyncSession,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None = None,
         description: str | None = None,
@@ -139,7 +182,7 @@ class _Builder:
     def definition(
         self,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None = None,
         description: str | None = None,
@@ -206,6 +249,12 @@ class ChainJobBuilder(_Builder):
         """
         handle = await self.start(session, job_id=job_id, name=name, description=description)
         return await handle.wait(timeout)
+
+
+SingleScheduleBuilder = SingleJobBuilder
+"""taskiq-beat 1.4's name of :class:`SingleJobBuilder` (what ``single()`` returns)."""
+ChainScheduleBuilder = ChainJobBuilder
+"""taskiq-beat 1.4's name of :class:`ChainJobBuilder` (what ``chain()`` returns)."""
 
 
 def task_name_of(broker: AsyncBroker, task: Any, field_name: str = "task") -> str:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAIN_ATTEMPT_LABEL",
     "CHAIN_JOB_ID_LABEL",
+    "CHAIN_ORCHESTRATOR_TASK_NAME",
     "CHAIN_RUN_ID_LABEL",
     "CHAIN_SCHEDULED_FOR_LABEL",
     "CHAIN_STEP_ATTEMPT_LABEL",
@@ -55,6 +56,7 @@ __all__ = [
     "ChainSpec",
     "ChainStep",
     "Plan",
+    "TaskChain",
     "chain_orchestrator",
     "plan_after",
     "register_chain_orchestrator",
@@ -65,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 CHAIN_TASK_NAME = "taskiq_beat.chain_orchestrator"
 """The name under which the orchestrator task is registered on the broker."""
+CHAIN_ORCHESTRATOR_TASK_NAME = CHAIN_TASK_NAME
+"""taskiq-beat 1.4's name of :data:`CHAIN_TASK_NAME`."""
 
 OnFailure = Literal["stop", "restart"]
 
@@ -158,6 +162,11 @@ class ChainSpec(BaseModel):
     on_failure: OnFailure = "stop"
     max_chain_attempts: int = Field(default=1, ge=1)
     wait_poll_interval_seconds: float = Field(default=0.5, gt=0)
+
+
+TaskChain = ChainSpec
+"""taskiq-beat 1.4's name of the whole chain as the orchestrator receives it: here
+:class:`ChainSpec` (every step's defaults resolved). Build chains with ``chain(steps=...)``."""
 
 
 async def chain_orchestrator(

@@ -86,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("job_id")
         command.set_defaults(handler=_handler(function))
 
+    backfill = job_commands.add_parser(
+        "backfill",
+        parents=[target, output],
+        help="send each fire of a past range once (a running scheduler sends them)",
+    )
+    backfill.add_argument("job_id")
+    backfill.add_argument("--start", required=True, help="ISO 8601 time with its UTC offset")
+    backfill.add_argument("--end", required=True, help="ISO 8601 time with its UTC offset")
+    backfill.set_defaults(handler=_handler(_backfill_job))
+
+    _add_declaration_commands(job_commands, target, output)
+
     runs = commands.add_parser("runs", parents=[target, output], help="show run history")
     runs.add_argument("job_id", nargs="?", help="only runs of this job")
     runs.add_argument(
@@ -117,14 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.set_defaults(handler=_handler(_health))
 
+    add_dashboard_command(commands, target)
+
     database = commands.add_parser("db", help="database schema")
     db_commands = database.add_subparsers(dest="action", required=True, metavar="ACTION")
     upgrade = db_commands.add_parser(
         "upgrade", parents=[target], help="apply taskiq-beat's Alembic migrations"
     )
     upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the upgrade would do (a taskiq-beat 1.4 database: its conversion)",
+    )
     upgrade.set_defaults(handler=_upgrade)
     return parser
+
+
+def _add_declaration_commands(
+    job_commands: Any, target: argparse.ArgumentParser, output: argparse.ArgumentParser
+) -> None:
+    """``jobs diff`` and ``jobs apply``: the schedules declared in the app's code."""
+    for name, help_text, function in (
+        ("diff", "what applying the jobs declared in the app's code would change", _diff_jobs),
+        ("apply", "apply the jobs declared in the app's code, without running", _apply_jobs),
+    ):
+        command = job_commands.add_parser(name, parents=[target, output], help=help_text)
+        command.set_defaults(handler=_handler(function))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,6 +291,23 @@ async def _run_job_now(app: SchedulerApp, session: AsyncSession, args: argparse.
     return run.to_dict()
 
 
+def _aware_time(field: str, text: str) -> datetime:
+    """An ISO 8601 time with its UTC offset (``Z`` or ``+02:00``)."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidJobError(field, text, "not an ISO 8601 time") from None
+    if value.utcoffset() is None:
+        raise InvalidJobError(field, text, "has no UTC offset (add Z or +HH:MM)")
+    return value
+
+
+async def _backfill_job(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    start, end = _aware_time("start", args.start), _aware_time("end", args.end)
+    queued = await app.backfill(session, args.job_id, start=start, end=end)
+    return {"job_id": args.job_id, "queued": queued}
+
+
 async def _delete_job(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
     await app.delete(session, args.job_id)
     return {"deleted": args.job_id}
@@ -270,6 +318,47 @@ async def _list_runs(app: SchedulerApp, session: AsyncSession, args: argparse.Na
         session, args.job_id, status=args.status, limit=args.limit, offset=args.offset
     )
     return _RunTable([run.to_dict() for run in runs])
+
+
+class _PlanReport(dict[str, Any]):
+    """What applying the declared jobs changes (``DeclarationPlan.to_dict()``)."""
+
+
+async def _diff_jobs(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    return await _declarations(app, session, args, dry_run=True)
+
+
+async def _apply_jobs(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    return await _declarations(app, session, args, dry_run=False)
+
+
+async def _declarations(
+    app: SchedulerApp, session: AsyncSession, args: argparse.Namespace, *, dry_run: bool
+) -> Any:
+    if not args.app:
+        raise UsageError(f"jobs {args.action} reads the app's declarations: give --app MODULE:APP")
+    plan = await app.apply_declarations(session, dry_run=dry_run)
+    return _PlanReport(plan.to_dict())
+
+
+def _plan_lines(plan: dict[str, Any]) -> list[str]:
+    stored = plan["stored_version"]
+    lines = [
+        f"schedule_version {plan['schedule_version']} "
+        f"(database: {'none' if stored is None else stored})"
+    ]
+    if plan["skipped"]:
+        lines.append("not applied: the database holds declarations of a newer schedule_version")
+    lines += [f"+ {job_id}  (added)" for job_id in plan["added"]]
+    lines += [f"~ {job_id}  (changed)" for job_id in plan["changed"]]
+    lines += [f"- {job_id}  (no longer declared: disabled)" for job_id in plan["removed"]]
+    lines += [
+        f"! {job_id}  (a job made through the API: left alone)" for job_id in plan["conflicts"]
+    ]
+    changes = len(plan["added"]) + len(plan["changed"]) + len(plan["removed"])
+    verb = "applied" if plan["applied"] else "to apply"
+    lines.append(f"{changes} changes {verb}, {len(plan['unchanged'])} unchanged")
+    return lines
 
 
 class _HealthReport(dict[str, Any]):
@@ -315,8 +404,132 @@ def _upgrade(args: argparse.Namespace) -> int:
         url = args.db or os.environ.get(DATABASE_URL_ENV)
         if not url:
             raise UsageError(f"give --app MODULE:APP or --db URL (or set ${DATABASE_URL_ENV})")
-    upgrade_database(url, args.revision)
+    if args.dry_run:
+        from taskiq_beat.migrate import describe_upgrade
+
+        for line in describe_upgrade(url, args.revision):
+            sys.stdout.write(f"would {line}\n" if not line.startswith(_FACTS) else f"{line}\n")
+        return EXIT_OK
+    for line in upgrade_database(url, args.revision):
+        sys.stdout.write(f"{line}\n")
     sys.stdout.write(f"database upgraded to {args.revision}\n")
+    return EXIT_OK
+
+
+_FACTS = ("taskiq-beat 1.4 database found", "current revision", "nothing to apply")
+
+
+# ---------------------------------------------------------------------------------- dashboard
+
+DASHBOARD_TOKEN_ENV = "TASKIQ_BEAT_DASHBOARD_TOKEN"
+DASHBOARD_BASIC_AUTH_ENV = "TASKIQ_BEAT_DASHBOARD_BASIC_AUTH"
+
+
+def add_dashboard_command(commands: Any, target: argparse.ArgumentParser) -> None:
+    """``taskiq-beat dashboard``: the web dashboard on its own (needs the dashboard extra)."""
+    dashboard = commands.add_parser(
+        "dashboard",
+        parents=[target],
+        help="serve the web dashboard (pip install 'taskiq-beat[dashboard]')",
+        description="Serve the web dashboard. With --db it shows and manages jobs but cannot "
+        "run them now (that needs the broker of --app).",
+    )
+    dashboard.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    login = dashboard.add_mutually_exclusive_group()
+    login.add_argument(
+        "--token",
+        default=None,
+        help=f"access token asked by a login form or sent as Bearer (or ${DASHBOARD_TOKEN_ENV})",
+    )
+    login.add_argument(
+        "--basic-auth",
+        default=None,
+        metavar="USER:PASSWORD",
+        help=f"HTTP basic auth (or ${DASHBOARD_BASIC_AUTH_ENV})",
+    )
+    dashboard.add_argument(
+        "--read-only", action="store_true", help="show everything, change nothing"
+    )
+    dashboard.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve without a login on an address other than loopback (not recommended)",
+    )
+    dashboard.add_argument(
+        "--poll", type=float, default=5.0, metavar="SECONDS", help="live refresh (default: 5)"
+    )
+    dashboard.set_defaults(handler=_dashboard)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import contextlib
+    import ipaddress
+    import logging
+    from collections.abc import AsyncIterator
+
+    try:
+        import uvicorn
+
+        from taskiq_beat.dashboard import create_dashboard
+    except ImportError as exc:
+        raise UsageError(
+            f"the dashboard needs its extra: pip install 'taskiq-beat[dashboard]' ({exc})"
+        ) from None
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be 1-65535, got {args.port}")
+    if args.poll < 0:
+        raise UsageError(f"--poll must not be negative, got {args.poll}")
+    token = args.token or (None if args.basic_auth else os.environ.get(DASHBOARD_TOKEN_ENV))
+    basic = args.basic_auth or (None if token else os.environ.get(DASHBOARD_BASIC_AUTH_ENV))
+    credentials: tuple[str, str] | None = None
+    if basic:
+        user, _, password = basic.partition(":")
+        if not user or not password:
+            raise UsageError("--basic-auth must be USER:PASSWORD")
+        credentials = (user, password)
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not (token or credentials or loopback or args.no_auth):
+        raise UsageError(
+            f"--host {args.host} is reachable from other machines: give --token or "
+            "--basic-auth (or --no-auth to serve it open)"
+        )
+    app = _open_app(args)
+    sends = bool(args.app)
+    dashboard = create_dashboard(
+        app,
+        token=token or None,
+        basic_auth=credentials,
+        read_only=args.read_only,
+        can_run_now=sends,
+        poll_seconds=args.poll,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        if sends:
+            await app.broker.startup()
+        try:
+            yield
+        finally:
+            if sends:
+                await app.broker.shutdown()
+            bind = app.session_factory.kw.get("bind")
+            if bind is not None:
+                await bind.dispose()
+
+    dashboard.router.lifespan_context = lifespan
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.stderr.write(
+        f"taskiq-beat dashboard on http://{args.host}:{args.port}/"
+        f"{' (read-only)' if args.read_only else ''}\n"
+    )
+    uvicorn.run(dashboard, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
 
 
@@ -330,6 +543,7 @@ class _JobTable(list[dict[str, Any]]):
         ("TASK", "task_name"),
         ("STRATEGY", "strategy"),
         ("ENABLED", "is_enabled"),
+        ("SOURCE", "source"),
         ("NEXT RUN (UTC)", "next_run_at"),
         ("LAST RUN (UTC)", "last_run_at"),
         ("RUNS", "run_count"),
@@ -354,6 +568,8 @@ class _RunTable(list[dict[str, Any]]):
 def _print(result: Any, *, as_json: bool, out: TextIO) -> None:
     if as_json:
         out.write(json.dumps(result, indent=2, default=str) + "\n")
+    elif isinstance(result, _PlanReport):
+        out.write("\n".join(_plan_lines(result)) + "\n")
     elif isinstance(result, (_JobTable, _RunTable)):
         out.write(_table(result.columns, result) + "\n")
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["JobKind", "JobStrategy", "RunStatus", "StepStatus"]
+__all__ = ["JobKind", "JobSource", "JobStrategy", "RunStatus", "StepStatus"]
 
 
 class JobKind(str, enum.Enum):
@@ -16,6 +16,16 @@ class JobKind(str, enum.Enum):
     """The chain orchestrator, which runs the job's steps in order on a worker."""
 
 
+class JobSource(str, enum.Enum):
+    """Who owns a job: the API (management calls, builders) or the schedules declared in code."""
+
+    API = "api"
+    """Created or changed through the API; declarations in code never touch it."""
+    CODE = "code"
+    """Declared in code (``@scheduler_app.periodic``, ``scheduler_app.define``) and applied
+    when a scheduler starts (or by ``taskiq-beat jobs apply``)."""
+
+
 class JobStrategy(str, enum.Enum):
     """Which kind of trigger drives a job."""
 
@@ -23,6 +33,8 @@ class JobStrategy(str, enum.Enum):
     ONE_OFF = "one_off"
     INTERVAL = "interval"
     CRONTAB = "crontab"
+    CALENDAR = "calendar"
+    """A union of cron rules (``PeriodicSchedule(calendar=...)``)."""
 
 
 class RunStatus(str, enum.Enum):
@@ -39,6 +51,11 @@ class RunStatus(str, enum.Enum):
     ``finished_at``, ``duration_seconds``, ``error_type`` and ``error``). ``LOST``: the worker
     running it stopped renewing its heartbeat; a redelivered message may run it once more.
 
+    A job's policy (see :mod:`taskiq_beat.policy`) writes these three, each a fire that was
+    not sent: ``MISSED`` (a stretch of fires missed for longer than the grace, from
+    ``scheduled_for``; ``error`` says how far), ``SKIPPED`` (other runs of the job were still
+    going), ``WAITING`` (buffered until a run of the job ends; then ``CLAIMED`` and sent).
+
     A chain's run stays ``RUNNING`` while its steps run (see :mod:`taskiq_beat.chain`), and
     ends ``SUCCEEDED`` or ``ABORTED``: a step used all its attempts and the chain gave up.
     """
@@ -49,6 +66,9 @@ class RunStatus(str, enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     LOST = "lost"
+    MISSED = "missed"
+    SKIPPED = "skipped"
+    WAITING = "waiting"
     ABORTED = "aborted"
 
 

@@ -18,9 +18,10 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from taskiq_beat.enums import JobKind, JobStrategy, RunStatus, StepStatus
+from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus, StepStatus
 
 __all__ = [
+    "ACTIVE_STATUSES",
     "ERROR_MAX_LENGTH",
     "ERROR_TYPE_MAX_LENGTH",
     "JOB_ID_MAX_LENGTH",
@@ -52,6 +53,15 @@ WORKER_ID_MAX_LENGTH = 64
 JOB_ID_MAX_LENGTH = 255
 NAME_MAX_LENGTH = 255
 TASK_NAME_MAX_LENGTH = 255
+
+ACTIVE_STATUSES = (
+    RunStatus.CLAIMED,
+    RunStatus.DISPATCHED,
+    RunStatus.RUNNING,
+    RunStatus.WAITING,
+)
+"""Runs that hold a place under an overlap policy: going, or waiting to go."""
+ACTIVE_RUNS_SQL = "status IN ({})".format(", ".join(f"'{s.value}'" for s in ACTIVE_STATUSES))
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -260,6 +270,16 @@ class SchedulerJob(SchedulerBase):
     revision: Mapped[int] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    policy: Mapped[dict[str, Any] | None] = mapped_column(JSONValue, nullable=True)
+    """The job's policy (see :mod:`taskiq_beat.policy`): the fields set, ``None`` for none."""
+    # Schedules declared in code (see taskiq_beat.declared): who owns the row, the hash of
+    # the definition last applied (``None``: no longer declared, disabled), and the
+    # ``schedule_version`` of the process that applied it.
+    source: Mapped[JobSource] = mapped_column(
+        _enum(JobSource, "job_source"), default=JobSource.API, server_default="api", index=True
+    )
+    definition_hash: Mapped[str | None] = mapped_column(sa.String(64), default=None)
+    schedule_version: Mapped[int | None] = mapped_column(sa.Integer, default=None)
     # What the workers report, read from ``scheduler_job_stats`` with the row (see
     # SchedulerJobStats: a table of its own, so that workers counting never lock a job's
     # row while a scheduler claims it). Read-only here.
@@ -297,6 +317,10 @@ class SchedulerJob(SchedulerBase):
             "revision": self.revision,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
+            "policy": _json_ready(self.policy),
+            "source": self.source.value if self.source is not None else JobSource.API.value,
+            "definition_hash": self.definition_hash,
+            "schedule_version": self.schedule_version,
             "run_count": self.run_count,
             "success_count": self.success_count,
             "failure_count": self.failure_count,
@@ -349,6 +373,9 @@ class SchedulerRun(SchedulerBase):
     retries: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     """Taskiq retries of the fire (its retry middleware's ``_retries`` label)."""
     error_type: Mapped[str | None] = mapped_column(sa.String(ERROR_TYPE_MAX_LENGTH))
+    jitter_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    """The random delay the job's policy gave this fire (sent that much after
+    ``scheduled_for``)."""
     steps: Mapped[list[SchedulerChainStep]] = relationship(
         "SchedulerChainStep",
         order_by="SchedulerChainStep.id",
@@ -362,6 +389,15 @@ class SchedulerRun(SchedulerBase):
         sa.UniqueConstraint("job_id", "scheduled_for"),
         # History across jobs, newest first (list_runs, the CLI), and the retention's scan.
         sa.Index("ix_scheduler_run_scheduled_for", "scheduled_for"),
+        # The runs of a job still going (or waiting), which an overlap policy counts before
+        # it sends a fire. Partial: a run leaves it when it ends, so it stays as small as
+        # the work in flight, however long the history.
+        sa.Index(
+            "ix_scheduler_run_active",
+            "job_id",
+            postgresql_where=sa.text(ACTIVE_RUNS_SQL),
+            sqlite_where=sa.text(ACTIVE_RUNS_SQL),
+        ),
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -386,6 +422,7 @@ class SchedulerRun(SchedulerBase):
             "executions": self.executions,
             "retries": self.retries,
             "error_type": self.error_type,
+            "jitter_seconds": self.jitter_seconds,
             "steps": [step.to_dict() for step in self.steps],
         }
 

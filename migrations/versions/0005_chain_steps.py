@@ -1,7 +1,7 @@
 """Durable chains: a chain run's spec and progress, and one row per step attempt.
 
 Revision ID: 0005_chain_steps
-Revises: 0002
+Revises: 0004_declared_jobs
 Create Date: 2026-12-06 14:30:00+00:00
 
 Adds two tables; no existing row changes. (A chain run's ``aborted`` status needs no DDL:
@@ -19,7 +19,7 @@ from taskiq_beat.models import JSONValue, UTCDateTime
 
 # revision identifiers, used by Alembic.
 revision: str = "0005_chain_steps"
-down_revision: str | Sequence[str] | None = "0002"
+down_revision: str | Sequence[str] | None = "0004_declared_jobs"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

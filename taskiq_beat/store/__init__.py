@@ -10,6 +10,7 @@
   what the scheduler's housekeeping does with it (lost runs, retention);
 - :mod:`~taskiq_beat.store.chains`: durable chains, step attempt by step attempt (its own
   contract in its docstring);
+- :mod:`~taskiq_beat.store.declared`: applying the schedules declared in code;
 - :mod:`~taskiq_beat.store.dialects`: the hot batch statements, one module per SQL dialect.
 
 The exactly-once contract:
@@ -42,6 +43,7 @@ from taskiq_beat.store.chains import (
     StepOutcome,
 )
 from taskiq_beat.store.claims import ClaimOperations
+from taskiq_beat.store.declared import DeclaredOperations, DeclaredRow
 from taskiq_beat.store.jobs import JobOperations
 from taskiq_beat.store.lifecycle import Finish, LifecycleOperations, RunStart
 from taskiq_beat.store.runs import RunOperations
@@ -51,7 +53,9 @@ from taskiq_beat.store.values import (
     ClaimedFires,
     Claims,
     Fire,
+    FirePolicies,
     JobRecord,
+    PolicyOutcome,
     ScheduleState,
     SendOutcome,
 )
@@ -66,9 +70,12 @@ __all__ = [
     "ChangeListener",
     "ClaimedFires",
     "Claims",
+    "DeclaredRow",
     "Finish",
     "Fire",
+    "FirePolicies",
     "JobRecord",
+    "PolicyOutcome",
     "RunStart",
     "ScheduleState",
     "SchedulerStore",
@@ -80,7 +87,12 @@ __all__ = [
 
 
 class SchedulerStore(
-    JobOperations, RunOperations, ClaimOperations, LifecycleOperations, ChainOperations
+    JobOperations,
+    RunOperations,
+    ClaimOperations,
+    LifecycleOperations,
+    DeclaredOperations,
+    ChainOperations,
 ):
     """The scheduler's database operations. See the module docstring for the contract.
 

@@ -86,6 +86,7 @@ def _select_records() -> sa.Select[Any]:
         _text_of(_job.c.args),
         _text_of(_job.c.kwargs),
         _text_of(_job.c["metadata"]),
+        _text_of(_job.c.policy),
     )
 
 
@@ -110,6 +111,7 @@ def _records(rows: Iterable[Any], dialect: sa.Dialect) -> list[JobRecord]:
                 args,
                 kwargs,
                 metadata,
+                policy,
             )
             for (
                 job_id,
@@ -122,6 +124,7 @@ def _records(rows: Iterable[Any], dialect: sa.Dialect) -> list[JobRecord]:
                 args,
                 kwargs,
                 metadata,
+                policy,
             ) in rows
         ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import (
     TYPE_CHECKING,
+    cast,
 )
 
 import sqlalchemy as sa
@@ -13,6 +14,7 @@ from taskiq_beat.enums import RunStatus
 from taskiq_beat.models import (
     SchedulerJob,
     SchedulerRun,
+    SchedulerWorker,
 )
 from taskiq_beat.store._common import (
     _commit,
@@ -22,11 +24,14 @@ from taskiq_beat.store._common import (
     _make_room,
     _run,
 )
+from taskiq_beat.store.values import WorkerSummary
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = ["RunOperations"]
+
+_worker = cast("sa.Table", SchedulerWorker.__table__)
 
 
 class RunOperations:
@@ -63,6 +68,68 @@ class RunOperations:
         runs = list(result.scalars())
         await _commit(session)
         return runs
+
+    @staticmethod
+    async def add_backfill_runs(
+        session: AsyncSession,
+        job_id: str,
+        fires: dict[datetime, str],
+        *,
+        now: datetime,
+    ) -> int:
+        """Queue the fires ``fires`` (scheduled time -> task id) of ``job_id`` for the retries
+        path to send, each once: a fire that has a run already is left alone, except a
+        ``missed`` one, which is queued again. Commits; returns how many were queued."""
+        if not fires:
+            return 0
+        times = sorted(fires)
+        existing = dict(
+            (
+                await session.execute(
+                    sa.select(_run.c.scheduled_for, _run.c.status).where(
+                        _run.c.job_id == job_id,
+                        _run.c.scheduled_for >= times[0],
+                        _run.c.scheduled_for <= times[-1],
+                    )
+                )
+            ).all()
+        )
+        new = [when for when in times if when not in existing]
+        again = [when for when, status in existing.items() if status == RunStatus.MISSED]
+        queued = {
+            "status": RunStatus.CLAIMED,
+            "attempt": 0,
+            "claimed_by": None,
+            "next_attempt_at": now,
+            "updated_at": now,
+        }
+        if new:
+            insert = _insert_for(_dialect_name(session))(_run)
+            await session.execute(
+                insert.on_conflict_do_nothing(index_elements=[_run.c.job_id, _run.c.scheduled_for]),
+                [
+                    {
+                        **queued,
+                        "job_id": job_id,
+                        "scheduled_for": when,
+                        "task_id": fires[when],
+                        "created_at": now,
+                    }
+                    for when in new
+                ],
+            )
+        if again:
+            await session.execute(
+                sa.update(_run)
+                .where(
+                    _run.c.job_id == job_id,
+                    _run.c.scheduled_for.in_(again),
+                    _run.c.status == RunStatus.MISSED,
+                )
+                .values(**queued, finished_at=None, error=None)
+            )
+        await _commit(session)
+        return len(new) + len(again)
 
     @staticmethod
     async def get_run(session: AsyncSession, run_id: int) -> SchedulerRun | None:
@@ -119,3 +186,29 @@ class RunOperations:
         )
         await _commit(session)
         return run_id
+
+    @staticmethod
+    async def list_workers(session: AsyncSession, *, limit: int = 200) -> list[WorkerSummary]:
+        """Workers, those not stopped first, the most recently seen first, each with the
+        number of its runs ``running`` now (counted through the run table's worker index)."""
+        running = (
+            sa.select(sa.func.count())
+            .where(_run.c.worker_id == _worker.c.id, _run.c.status == RunStatus.RUNNING)
+            .scalar_subquery()
+        )
+        statement = (
+            sa.select(
+                _worker.c.id,
+                _worker.c.hostname,
+                _worker.c.pid,
+                _worker.c.started_at,
+                _worker.c.last_seen_at,
+                _worker.c.stopped_at,
+                running,
+            )
+            .order_by(_worker.c.stopped_at.is_not(None), _worker.c.last_seen_at.desc())
+            .limit(limit)
+        )
+        workers = [WorkerSummary(*row) for row in await session.execute(statement)]
+        await _commit(session)
+        return workers

@@ -32,14 +32,19 @@ from typing import (
 from taskiq_beat.enums import JobKind
 
 __all__ = [
+    "JOB_SORT_COLUMNS",
     "RELEASED",
     "SENT",
     "ClaimedFires",
     "Claims",
     "Fire",
+    "FirePolicies",
     "JobRecord",
+    "JobSummary",
+    "PolicyOutcome",
     "ScheduleState",
     "SendOutcome",
+    "WorkerSummary",
 ]
 
 
@@ -61,6 +66,38 @@ class JobRecord(NamedTuple):
     args: str
     kwargs: str
     metadata: str
+    policy: str | None = None
+    """The stored JSON text of the job's policy (``None`` or ``"null"``: none)."""
+
+
+@dataclasses.dataclass(eq=False)
+class FirePolicies:
+    """What the policies of a batch's jobs ask of its claim, beside sending (see
+    :mod:`taskiq_beat.policy`); only jobs with something to do are in it.
+
+    ``unsent``: jobs whose claimed fire is not sent but recorded ``missed``, with the reason;
+    ``missed``: stretches of missed fires before the fire sent, one row each
+    ``(job_id, first missed fire, its task id, reason)``; ``limits``: jobs with an overlap
+    policy, ``(most runs going at once, whether one more may wait)``; ``jitter``: jobs whose
+    fire is sent later, by this many seconds (the retries path sends it then).
+    """
+
+    unsent: dict[str, str] = dataclasses.field(default_factory=dict)
+    missed: list[tuple[str, datetime, str, str]] = dataclasses.field(default_factory=list)
+    limits: dict[str, tuple[int, bool]] = dataclasses.field(default_factory=dict)
+    jitter: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.unsent or self.missed or self.limits or self.jitter)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyOutcome:
+    """What the policies did with a claimed batch: the jobs whose fire is not sent now
+    (missed, skipped, waiting or delayed), and the earliest time a delayed fire is due."""
+
+    held_back: frozenset[str] = frozenset()
+    delayed_until: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -233,3 +270,58 @@ class SendOutcome(NamedTuple):
 
 SENT = SendOutcome()
 RELEASED = SendOutcome(released=True)
+
+
+JOB_SORT_COLUMNS = ("id", "name", "task_name", "next_run_at", "last_run_at")
+"""The columns a job listing (:meth:`~taskiq_beat.store.SchedulerStore.page_jobs`) sorts by;
+the job id breaks ties, so that every row has one place in the order."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobSummary:
+    """One row of a job listing: the job's columns a table shows, with its counters."""
+
+    id: str
+    name: str | None
+    task_name: str
+    kind: str
+    strategy: str
+    is_enabled: bool
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_error: str | None
+    run_count: int
+    success_count: int
+    failure_count: int
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    last_duration_seconds: float | None
+
+    @property
+    def success_rate(self) -> float | None:
+        """Succeeded runs over finished runs; ``None`` before the first finished run."""
+        return self.success_count / self.run_count if self.run_count else None
+
+    @property
+    def last_outcome(self) -> str | None:
+        """``"succeeded"`` or ``"failed"``: the later of the last success and failure."""
+        if self.last_success_at is None and self.last_failure_at is None:
+            return None
+        if self.last_failure_at is None:
+            return "succeeded"
+        if self.last_success_at is None or self.last_failure_at >= self.last_success_at:
+            return "failed"
+        return "succeeded"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerSummary:
+    """A worker of ``scheduler_worker`` with the number of runs it executes now."""
+
+    id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    last_seen_at: datetime
+    stopped_at: datetime | None
+    running: int
