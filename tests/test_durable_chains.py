@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -434,3 +435,26 @@ async def test_a_short_delay_is_sent_by_the_worker_that_recorded_it(
     rows = await step_rows(app)
     assert [(row.step, row.attempt) for row in rows] == [(0, 1), (1, 1), (1, 2)]
     assert all(row.dispatched_at is not None for row in rows)
+
+
+async def test_the_dashboard_shows_a_chain_runs_steps(
+    app: SchedulerApp, steps: Steps, clock: FakeClock
+) -> None:
+    httpx = pytest.importorskip("httpx")
+    dashboard_module = pytest.importorskip("taskiq_beat.dashboard")
+    with pytest.raises(ChainAbortedError):
+        await app.chain(
+            steps=[
+                ChainStep(task="durable.upload"),
+                ChainStep(task="durable.broken", max_attempts=2),
+            ],
+            wait_poll_interval_seconds=0.01,
+        ).run(timeout=WAIT)
+    dashboard = dashboard_module.create_dashboard(app, clock=clock)
+    transport = httpx.ASGITransport(app=dashboard)
+    async with httpx.AsyncClient(transport=transport, base_url="http://dashboard") as client:
+        page = await client.get("/runs")
+    assert page.status_code == 200
+    shown = re.findall(r'<li data-step="(\d+)"[^>]*>([^<]+)</li>', page.text)
+    assert shown == [("0", "0 succeeded"), ("1", "1 failed"), ("1", "1.2 failed")]
+    assert "badge-aborted" in page.text
