@@ -62,7 +62,7 @@ from taskiq_beat.dispatch import JOB_ID_LABEL, RUN_ID_LABEL
 from taskiq_beat.enums import RunStatus, StepStatus
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.models import ERROR_MAX_LENGTH, ERROR_TYPE_MAX_LENGTH, WORKER_ID_MAX_LENGTH
-from taskiq_beat.store import Finish, RunStart, SchedulerStore, StepOutcome
+from taskiq_beat.store import Advance, Finish, RunStart, SchedulerStore, StepOutcome
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -332,23 +332,43 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
             error=None if error is None else _error_text(error),
         )
         try:
-            await self.chains.step_finished(outcome)
+            advance = await self.chains.step_finished(outcome)
         except Exception as exc:
             self._database_down(exc, "keeping chain step outcomes until it is back")
             self._step_outcomes.append(outcome)
             self._wake.set()
         else:
             self.stats.finished_written += 1
+            self._chain_ended(advance)
+
+    def _chain_ended(self, advance: Advance | None) -> None:
+        """``RUN_SUCCEEDED`` / ``RUN_FAILED`` for a chain run this worker ended."""
+        if advance is None or advance.end is None:
+            return
+        succeeded = advance.end.status is RunStatus.SUCCEEDED
+        kind = EventKind.RUN_SUCCEEDED if succeeded else EventKind.RUN_FAILED
+        if self.events.wants(kind):
+            self.events.emit(
+                SchedulerEvent(
+                    kind,
+                    advance.job_id,
+                    task_id=advance.parent_task_id,
+                    run_id=advance.run_id,
+                    error=advance.end.error,
+                    detail=f"chain of {advance.end.steps} steps, run {advance.end.chain_attempts}",
+                )
+            )
 
     async def _flush_step_outcomes(self) -> bool:
         while self._step_outcomes:
             try:
-                await self.chains.step_finished(self._step_outcomes[0])
+                advance = await self.chains.step_finished(self._step_outcomes[0])
             except Exception as exc:
                 self._database_down(exc, "keeping chain step outcomes until it is back")
                 return False
             self._step_outcomes.popleft()
             self.stats.finished_written += 1
+            self._chain_ended(advance)
         return True
 
     # ------------------------------------------------------------------ guard

@@ -20,10 +20,12 @@ from taskiq import AsyncTaskiqTask
 from taskiq_beat import (
     ChainAbortedError,
     ChainStep,
+    EventKind,
     InvalidJobError,
     RunStatus,
     SchedulerApp,
     SchedulerConfig,
+    SchedulerEvent,
     SchedulerRun,
 )
 from taskiq_beat.chain import CHAIN_RUN_ID_LABEL
@@ -170,6 +172,8 @@ async def test_steps_run_in_order_and_pass_results(
 async def test_a_failing_step_is_retried_then_the_chain_is_aborted(
     app: SchedulerApp, steps: Steps
 ) -> None:
+    events: list[SchedulerEvent] = []
+    app.on_event(EventKind.RUN_FAILED, events.append)
     with pytest.raises(ChainAbortedError) as caught:
         await app.chain(
             steps=[
@@ -199,6 +203,9 @@ async def test_a_failing_step_is_retried_then_the_chain_is_aborted(
     async with app.session_factory() as session:
         job = await app.get_job(session, run.job_id)
     assert (job.run_count, job.failure_count) == (1, 1)
+    await wait_until(lambda: events, WAIT)
+    [event] = events
+    assert (event.job_id, event.run_id, event.error) == (run.job_id, run.id, run.error)
 
 
 async def test_restart_runs_the_chain_again_up_to_max_chain_attempts(

@@ -136,6 +136,7 @@ class Advance:
 
     run_id: int
     parent_task_id: str
+    job_id: str = ""
     send: StepMessage | None = None
     end: ChainEnd | None = None
     outcome: StepOutcome | None = None
@@ -507,7 +508,7 @@ async def _finish(
         message = StepMessage(
             step_id, row.run_id, row.job_id, row.scheduled_for, row.task_id, follows
         )
-        return Advance(row.run_id, row.task_id, send=message, outcome=outcome)
+        return Advance(row.run_id, row.task_id, row.job_id, send=message, outcome=outcome)
     duration = (
         (outcome.finished_at - row.started_at).total_seconds()
         if row.started_at is not None
@@ -527,4 +528,4 @@ async def _finish(
     )
     if getattr(ended, "rowcount", 0):
         await _count_on_jobs(session, [(row.job_id, follows.status, outcome.finished_at, duration)])
-    return Advance(row.run_id, row.task_id, end=follows, outcome=outcome)
+    return Advance(row.run_id, row.task_id, row.job_id, end=follows, outcome=outcome)
