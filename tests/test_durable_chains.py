@@ -28,7 +28,7 @@ from taskiq_beat import (
     SchedulerEvent,
     SchedulerRun,
 )
-from taskiq_beat.chain import CHAIN_RUN_ID_LABEL
+from taskiq_beat.chain import CHAIN_RUN_ID_LABEL, ChainSpec, Plan, ResolvedStep, plan_after
 from taskiq_beat.enums import StepStatus
 from taskiq_beat.models import SchedulerChainStep, SchedulerWorker
 from tests.processes import wait_until
@@ -465,3 +465,32 @@ async def test_the_dashboard_shows_a_chain_runs_steps(
     shown = re.findall(r'<li data-step="(\d+)"[^>]*>([^<]+)</li>', page.text)
     assert shown == [("0", "0 succeeded"), ("1", "1 failed"), ("1", "1.2 failed")]
     assert "badge-aborted" in page.text
+
+
+def _spec(**options: Any) -> ChainSpec:
+    step = {"args": [], "kwargs": {}, "retry_delay_seconds": 1.5, "timeout_seconds": None}
+    return ChainSpec(
+        steps=[
+            ResolvedStep(task_name="a", max_attempts=1, post_delay_ms=250, **step),
+            ResolvedStep(task_name="b", max_attempts=2, post_delay_ms=0, **step),
+        ],
+        **options,
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "at", "succeeded", "expected"),
+    [
+        ({}, (1, 0, 1), True, Plan(1, 1, 1, 0.25)),
+        ({}, (1, 1, 1), True, Plan(1, succeeded=True)),
+        ({}, (1, 1, 1), False, Plan(1, 1, 2, 1.5)),
+        ({}, (1, 1, 2), False, Plan(1)),
+        ({"on_failure": "restart", "max_chain_attempts": 2}, (1, 1, 2), False, Plan(2, 0, 1)),
+        ({"on_failure": "restart", "max_chain_attempts": 2}, (2, 1, 2), False, Plan(2)),
+    ],
+    ids=["next", "last", "retry", "stop", "restart", "restarts_used"],
+)
+def test_the_chain_policy(
+    options: dict[str, Any], at: tuple[int, int, int], succeeded: bool, expected: Plan
+) -> None:
+    assert plan_after(_spec(**options), *at, succeeded=succeeded) == expected
