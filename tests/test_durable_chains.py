@@ -27,6 +27,7 @@ from taskiq_beat import (
     SchedulerConfig,
     SchedulerEvent,
     SchedulerRun,
+    cli,
 )
 from taskiq_beat.chain import CHAIN_RUN_ID_LABEL, ChainSpec, Plan, ResolvedStep, plan_after
 from taskiq_beat.enums import StepStatus
@@ -494,3 +495,17 @@ def test_the_chain_policy(
     options: dict[str, Any], at: tuple[int, int, int], succeeded: bool, expected: Plan
 ) -> None:
     assert plan_after(_spec(**options), *at, succeeded=succeeded) == expected
+
+
+async def test_the_runs_command_shows_a_chain_runs_steps(
+    app: SchedulerApp, steps: Steps, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outcome = await app.chain(
+        steps=[ChainStep(task="durable.upload"), ChainStep(task="durable.collect", args=[1, 2])],
+        wait_poll_interval_seconds=0.01,
+    ).run(timeout=WAIT)
+    code = await asyncio.to_thread(cli.main, ["runs", outcome.run.job_id, "--db", database_url])
+    assert code == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert "STEPS" in header
+    assert "0:succeeded 1:succeeded" in row
