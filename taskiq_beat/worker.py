@@ -212,6 +212,8 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         answer = await self._start(RunStart(run_id, execution.job_id, retries))
         if answer is _UNAVAILABLE:
             self.stats.unchecked += 1
+            if message.task_name == CHAIN_TASK_NAME:  # recorded when the database answers
+                CHAIN_STARTER.set(functools.partial(self._start_chain, execution))
         elif answer is None:
             self.stats.unchecked += 1
             self._unknown_run(message, f"no run {run_id} of job {job_id!r}")

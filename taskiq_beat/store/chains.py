@@ -4,8 +4,9 @@ The contract (see :mod:`taskiq_beat.chain_runner` for who calls what):
 
 - :meth:`ChainOperations.start_chain` records a chain (its spec, beside its run) and its first
   step attempt in one transaction, once per run: a second start of the same run records
-  nothing. The run's ``worker_id`` is cleared: no worker holds the chain between its steps,
-  so a worker's death never marks the chain's run ``lost``.
+  nothing. The run is ``running`` from then on, and its ``worker_id`` is cleared: no worker
+  holds the chain between its steps, so a worker's death never marks the chain's run
+  ``lost``.
 - Every step attempt is a ``scheduler_chain_step`` row written *before* its message is sent
   (an outbox): ``due_at`` is when to send it, ``dispatched_at`` when it was sent. A sender
   that may race another one (the worker's delayed send, the scheduler's watchdog) first
@@ -173,8 +174,19 @@ class ChainOperations(StoreCore):
             )
             if not getattr(inserted, "rowcount", 0):
                 return None
+            # Running from now on, whoever started it (a start made while the database was
+            # unreachable left it as it was), and held by no worker.
             await session.execute(
-                sa.update(_run).where(_run.c.id == run_id).values(worker_id=None, updated_at=now)
+                sa.update(_run)
+                .where(_run.c.id == run_id, _run.c.finished_at.is_(None))
+                .values(
+                    status=RunStatus.RUNNING,
+                    started_at=sa.func.coalesce(_run.c.started_at, now),
+                    executions=sa.func.coalesce(sa.func.nullif(_run.c.executions, 0), 1),
+                    next_attempt_at=None,
+                    worker_id=None,
+                    updated_at=now,
+                )
             )
             step_id = await _insert_step(session, run_id, first, now)
         return StepMessage(step_id, run_id, run.job_id, run.scheduled_for, run.task_id, first)
