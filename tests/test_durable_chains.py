@@ -509,3 +509,17 @@ async def test_the_runs_command_shows_a_chain_runs_steps(
     header, row = capsys.readouterr().out.splitlines()[:2]
     assert "STEPS" in header
     assert "0:succeeded 1:succeeded" in row
+
+
+async def test_the_worker_cancels_a_step_at_its_timeout_and_records_it_timed_out(
+    app: SchedulerApp, steps: Steps
+) -> None:
+    outcome = await app.chain(
+        steps=[ChainStep(task="durable.blocks_once", timeout_seconds=0.05, max_attempts=2)],
+        wait_poll_interval_seconds=0.01,
+    ).run(timeout=WAIT)  # no watchdog pass: Taskiq's timeout label ended the first attempt
+    first, retry = outcome.steps
+    assert (first.status, first.error_type) == (StepStatus.TIMED_OUT, "TimeoutError")
+    assert first.task_id != retry.task_id
+    assert (retry.attempt, retry.status) == (2, StepStatus.SUCCEEDED)
+    assert outcome.result == "call 2"
