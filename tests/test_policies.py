@@ -20,7 +20,6 @@ from taskiq.message import BrokerMessage
 from taskiq_beat import (
     ChainStep,
     CrontabTrigger,
-    IntervalTrigger,
     InvalidJobError,
     JobNotFoundError,
     PeriodicSchedule,
@@ -32,6 +31,7 @@ from taskiq_beat import (
     fire_task_id,
 )
 from taskiq_beat.policy import MAX_BACKFILL, jitter_of
+from tests.test_engine import every, reload, runs_of
 from tests.utils import FakeClock, RecordingBroker
 
 
@@ -69,34 +69,6 @@ def lifecycle_app(
         config=SchedulerConfig(sync_interval_seconds=1.0, record_lifecycle=True),
         clock=clock,
     )
-
-
-def every(seconds: float) -> PeriodicSchedule:
-    return PeriodicSchedule(interval=IntervalTrigger(seconds=seconds))
-
-
-async def runs_of(session: AsyncSession, job_id: str) -> list[SchedulerRun]:
-    result = await session.execute(
-        sa.select(SchedulerRun)
-        .where(SchedulerRun.job_id == job_id)
-        .order_by(SchedulerRun.scheduled_for)
-        .execution_options(populate_existing=True)
-    )
-    runs = list(result.scalars())
-    await session.commit()
-    return runs
-
-
-async def reload(session: AsyncSession, job_id: str) -> SchedulerJob:
-    job = (
-        await session.execute(
-            sa.select(SchedulerJob)
-            .where(SchedulerJob.id == job_id)
-            .execution_options(populate_existing=True)
-        )
-    ).scalar_one()
-    await session.commit()
-    return job
 
 
 async def set_status(session: AsyncSession, run: SchedulerRun, status: RunStatus) -> None:
