@@ -444,7 +444,10 @@ async def test_mounted_under_a_prefix(app: SchedulerApp) -> None:
 async def test_an_unreachable_database_gets_a_designed_page(
     tmp_path: Any, broker: RecordingBroker
 ) -> None:
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'db.sqlite3'}")
+    # A server that refuses connections (nothing listens on port 1): it fails at once and
+    # leaves no thread behind (an SQLite file that cannot open leaves aiosqlite's thread
+    # finishing after the test's event loop closed).
+    engine = create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none")
     app = SchedulerApp(broker=broker, session_factory=async_sessionmaker(engine))
     try:
         async with _client(create_dashboard(app)) as client:
