@@ -2,7 +2,12 @@
 
 Include ``SchedulerBase.metadata`` in your Alembic ``target_metadata`` (or run this package's
 own migrations) to create them. Every datetime column holds timezone-aware UTC values on
-every backend; SQLite stores them as UTC text and they are read back aware.
+every backend; SQLite stores them as UTC text, MySQL and MariaDB as ``DATETIME(6)`` in UTC,
+and they are read back aware.
+
+On MySQL and MariaDB the tables are InnoDB in ``utf8mb4`` with the binary collation
+(``MYSQL_TABLE_OPTIONS``): ids compare as on the other databases, case and accents
+included, and a ``VARCHAR(255)`` key (1,020 bytes) stays within InnoDB's 3,072-byte limit.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -24,6 +30,8 @@ __all__ = [
     "ERROR_MAX_LENGTH",
     "ERROR_TYPE_MAX_LENGTH",
     "JOB_ID_MAX_LENGTH",
+    "MYSQL_DIALECTS",
+    "MYSQL_TABLE_OPTIONS",
     "NAME_MAX_LENGTH",
     "TASK_NAME_MAX_LENGTH",
     "WORKER_ID_MAX_LENGTH",
@@ -36,7 +44,9 @@ __all__ = [
     "UTCDateTime",
     "Unreadable",
     "decode_json",
+    "double_float",
     "encode_json",
+    "is_mysql",
     "sqlite_datetime",
 ]
 
@@ -47,6 +57,30 @@ WORKER_ID_MAX_LENGTH = 64
 JOB_ID_MAX_LENGTH = 255
 NAME_MAX_LENGTH = 255
 TASK_NAME_MAX_LENGTH = 255
+
+MYSQL_DIALECTS = ("mysql", "mariadb")
+"""SQLAlchemy's names of the MySQL family (``mysql+asyncmy://`` to MariaDB is ``mysql``)."""
+
+MYSQL_TABLE_OPTIONS: dict[str, str] = {
+    f"{prefix}_{option}": value
+    for prefix in MYSQL_DIALECTS
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+}
+"""Table options of every scheduler table on MySQL and MariaDB (``mysql_...`` and, for
+``mariadb://`` URLs, ``mariadb_...``; ignored elsewhere): InnoDB for row locks and
+``SKIP LOCKED``, all of Unicode, and ids compared byte for byte."""
+
+
+def is_mysql(dialect_name: str) -> bool:
+    """Whether ``dialect_name`` is MySQL or MariaDB."""
+    return dialect_name in MYSQL_DIALECTS
+
+
+def double_float() -> sa.types.TypeEngine[float]:
+    """A float column: ``DOUBLE`` on MySQL and MariaDB (their ``FLOAT`` has 24 bits), the
+    plain ``Float`` (a double already) elsewhere."""
+    return sa.Float().with_variant(mysql.DOUBLE(), *MYSQL_DIALECTS)
+
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -70,10 +104,19 @@ def sqlite_datetime(value: datetime) -> str:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """A ``TIMESTAMP WITH TIME ZONE`` that only accepts and only returns aware UTC datetimes."""
+    """A ``TIMESTAMP WITH TIME ZONE`` that only accepts and only returns aware UTC datetimes.
+
+    MySQL and MariaDB have no such type: there it is ``DATETIME(6)`` holding UTC (to the
+    microsecond, as elsewhere; never ``TIMESTAMP``, which the session's time zone shifts).
+    """
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if is_mysql(dialect.name):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -81,8 +124,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError(f"naive datetime {value!r} cannot be stored; use an aware one")
         value = value.astimezone(timezone.utc)
-        if dialect.name == "sqlite":
-            # SQLite keeps text; store naive UTC so that text order is time order.
+        if dialect.name == "sqlite" or is_mysql(dialect.name):
+            # SQLite keeps text, MySQL a DATETIME: naive UTC (text order is time order).
             return value.replace(tzinfo=None)
         return value
 
@@ -201,6 +244,7 @@ class SchedulerJobStats(SchedulerBase):
     """
 
     __tablename__ = "scheduler_job_stats"
+    __table_args__ = MYSQL_TABLE_OPTIONS
 
     job_id: Mapped[str] = mapped_column(
         sa.String(JOB_ID_MAX_LENGTH),
@@ -212,7 +256,7 @@ class SchedulerJobStats(SchedulerBase):
     failure_count: Mapped[int] = mapped_column(sa.Integer)
     last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_duration_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    last_duration_seconds: Mapped[float | None] = mapped_column(double_float())
 
 
 def _stat(name: str, default: Any = None) -> Any:
@@ -270,6 +314,7 @@ class SchedulerJob(SchedulerBase):
     __table_args__ = (
         # The engine's only scan: enabled jobs due before a horizon.
         sa.Index("ix_scheduler_job_due", "is_enabled", "next_run_at"),
+        MYSQL_TABLE_OPTIONS,
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -337,7 +382,7 @@ class SchedulerRun(SchedulerBase):
     # Written by the worker that executes the fire (see taskiq_beat.worker).
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    duration_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    duration_seconds: Mapped[float | None] = mapped_column(double_float())
     worker_id: Mapped[str | None] = mapped_column(sa.String(WORKER_ID_MAX_LENGTH), index=True)
     executions: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     """How many times a worker started this fire: 1, or 2 after a lost run ran again."""
@@ -349,6 +394,7 @@ class SchedulerRun(SchedulerBase):
         sa.UniqueConstraint("job_id", "scheduled_for"),
         # History across jobs, newest first (list_runs, the CLI), and the retention's scan.
         sa.Index("ix_scheduler_run_scheduled_for", "scheduled_for"),
+        MYSQL_TABLE_OPTIONS,
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -391,6 +437,7 @@ class SchedulerWorker(SchedulerBase):
     """
 
     __tablename__ = "scheduler_worker"
+    __table_args__ = MYSQL_TABLE_OPTIONS
 
     id: Mapped[str] = mapped_column(sa.String(WORKER_ID_MAX_LENGTH), primary_key=True)
     hostname: Mapped[str] = mapped_column(sa.String(255))

@@ -19,6 +19,7 @@ from taskiq_beat.store._common import (
     _dialect_name,
     _job,
     _records,
+    _returns_rows,
     _run,
     _select_payloads,
     _select_records,
@@ -127,7 +128,8 @@ class ClaimOperations(StoreCore):
                 .order_by(_run.c.next_attempt_at)
                 .limit(limit)
             )
-            if _dialect_name(session) == "postgresql":
+            dialect_name = _dialect_name(session)
+            if dialect_name != "sqlite":
                 due = due.with_for_update(skip_locked=True)
             ids = list((await session.execute(due)).scalars())
             if not ids:
@@ -146,9 +148,13 @@ class ClaimOperations(StoreCore):
                     next_attempt_at=lease_until,
                     updated_at=now,
                 )
-                .returning(_run.c.id, _run.c.job_id, _run.c.scheduled_for, _run.c.task_id)
             )
-            runs = list(await session.execute(claimed))
+            fired = (_run.c.id, _run.c.job_id, _run.c.scheduled_for, _run.c.task_id)
+            if _returns_rows(dialect_name):
+                runs = list(await session.execute(claimed.returning(*fired)))
+            else:  # locked by the read above: changed as read
+                await session.execute(claimed)
+                runs = list(await session.execute(sa.select(*fired).where(_run.c.id.in_(ids))))
             jobs = {
                 row[0]: row[1:]
                 for row in await session.execute(

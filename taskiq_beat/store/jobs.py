@@ -23,9 +23,9 @@ from taskiq_beat.store._common import (
     _column_names,
     _commit,
     _dialect_name,
-    _insert_for,
     _job,
     _make_room,
+    _upsert,
 )
 from taskiq_beat.store.values import ScheduleState
 
@@ -161,10 +161,10 @@ class JobOperations:
     async def write_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
         """Insert or overwrite whole jobs (by id; values by attribute name) and commit."""
         rows = [_column_names(row) for row in rows]
-        insert = _insert_for(_dialect_name(session))(_job)
-        statement = insert.on_conflict_do_update(
-            index_elements=[_job.c.id],
-            set_={c.name: insert.excluded[c.name] for c in _job.c if c.name != "id"},
+        statement = _upsert(
+            _dialect_name(session),
+            _job,
+            lambda new: {c.name: new[c.name] for c in _job.c if c.name != "id"},
         )
         for start in range(0, len(rows), _CHUNK):
             await session.execute(statement, list(rows[start : start + _CHUNK]))
