@@ -61,7 +61,7 @@ def _naive_utc(value: datetime) -> datetime:
 
 
 _IDS = _table("ids", ("v_id", "BIGINT"))
-_BY_ID = f" JOIN {_IDS} AS v ON {_RUN}.id = v.v_id"
+_BY_ID = f"{_IDS} AS v STRAIGHT_JOIN {_RUN} ON {_RUN}.id = v.v_id"
 
 
 class _MysqlBatchSql(_BatchSql):
@@ -69,14 +69,18 @@ class _MysqlBatchSql(_BatchSql):
     # 1. ``lock``: the batch's job rows, FOR UPDATE SKIP LOCKED. A row another transaction
     #    holds (another scheduler claiming it, an edit under way) is skipped at once, never
     #    waited for, as on PostgreSQL. The compare-and-set is decided on what it returns.
-    # 2. ``existing``: the fires among those won that have their run row already (a locking
-    #    read: the newest committed rows; nobody can add one meanwhile, for inserting a run
-    #    takes a shared lock on its job's row, which this transaction holds).
+    # 2. ``existing``: the fires among those won that have their run row already. This
+    #    transaction's first plain read, so its snapshot is taken with the job rows locked:
+    #    a run inserted for one of them is committed already (and seen), or waits for this
+    #    transaction (inserting a run takes a shared lock on its job's row, for the foreign
+    #    key), or held that lock when the job was skipped.
     # 3. ``insert`` the others' runs, read their ids back (``inserted``), ``advance`` the jobs.
+    # Every join starts from the JSON_TABLE (STRAIGHT_JOIN) and reaches the table by its key:
+    # the optimizer would otherwise scan a small table whole, locking every row it reads.
     lock = sa.text(
         f"SELECT {_JOB}.id, {_JOB}.next_run_at, {_JOB}.revision, {_JOB}.is_enabled"
         f" FROM {_table('job_ids', ('v_id', _TEXT_ID))} AS v"
-        f" JOIN {_JOB} ON {_JOB}.id = v.v_id FOR UPDATE SKIP LOCKED"
+        f" STRAIGHT_JOIN {_JOB} ON {_JOB}.id = v.v_id FOR UPDATE SKIP LOCKED"
     )
     _claims = _table(
         "claims",
@@ -86,32 +90,31 @@ class _MysqlBatchSql(_BatchSql):
         ("c_task_id", "VARCHAR(64)"),
     )
     existing = sa.text(
-        f"SELECT {_RUN}.job_id FROM {_claims} AS c JOIN {_RUN}"
+        f"SELECT {_RUN}.job_id FROM {_claims} AS c STRAIGHT_JOIN {_RUN}"
         f" ON {_RUN}.job_id = c.c_job AND {_RUN}.scheduled_for = c.c_scheduled_for"
-        " LOCK IN SHARE MODE"
     )
     insert = sa.text(
         f"{_RUN_INSERT} SELECT c.c_job, c.c_scheduled_for, :status, c.c_task_id, 1,"
         f" :owner, :lease_until, :now, :now FROM {_claims} AS c"
     ).bindparams(*_times("lease_until", "now"))
     inserted = sa.text(
-        f"SELECT {_RUN}.job_id, {_RUN}.id FROM {_claims} AS c JOIN {_RUN}"
+        f"SELECT {_RUN}.job_id, {_RUN}.id FROM {_claims} AS c STRAIGHT_JOIN {_RUN}"
         f" ON {_RUN}.job_id = c.c_job AND {_RUN}.scheduled_for = c.c_scheduled_for"
     )
     advance = sa.text(
-        f"UPDATE {_JOB} JOIN {_claims} AS c ON {_JOB}.id = c.c_job"
+        f"UPDATE {_claims} AS c STRAIGHT_JOIN {_JOB} ON {_JOB}.id = c.c_job"
         f" SET {_JOB}.next_run_at = c.c_new_next, {_JOB}.last_run_at = c.c_scheduled_for"
     )
 
     close = sa.text(
-        f"UPDATE {_RUN}{_BY_ID} SET status = :status, next_attempt_at = NULL,"
+        f"UPDATE {_BY_ID} SET status = :status, next_attempt_at = NULL,"
         f" dispatched_at = :now, updated_at = :now, error = NULL WHERE true{STILL_CLAIMED}"
     ).bindparams(*_times("now"))
     release = sa.text(
-        f"UPDATE {_RUN}{_BY_ID} SET next_attempt_at = :now, claimed_by = NULL,"
+        f"UPDATE {_BY_ID} SET next_attempt_at = :now, claimed_by = NULL,"
         f" updated_at = :now WHERE true{STILL_CLAIMED}"
     ).bindparams(*_times("now"))
-    delete = sa.text(f"DELETE {_RUN} FROM {_RUN}{_BY_ID}")
+    delete = sa.text(f"DELETE {_RUN} FROM {_BY_ID}")
 
     async def claim(
         self,
@@ -183,11 +186,11 @@ class _MysqlBatchSql(_BatchSql):
 
     _starts = _table("rows", ("v_id", "BIGINT"), ("v_job", _TEXT_ID))
     startable = sa.text(
-        f"SELECT {_RUN}.id, {_RUN}.executions FROM {_starts} AS v JOIN {_RUN}"
+        f"SELECT {_RUN}.id, {_RUN}.executions FROM {_starts} AS v STRAIGHT_JOIN {_RUN}"
         f" ON {_RUN}.id = v.v_id AND {_RUN}.job_id = v.v_job WHERE {STARTABLE}"
         f" ORDER BY {_RUN}.id FOR UPDATE"
     )
-    starts = sa.text(f"UPDATE {_RUN}{_BY_ID} SET {STARTED}").bindparams(*_times("now"))
+    starts = sa.text(f"UPDATE {_BY_ID} SET {STARTED}").bindparams(*_times("now"))
     restartable = sa.text(f"SELECT id, executions FROM {_RUN} WHERE {RESTARTABLE} FOR UPDATE")
     restart = sa.text(f"UPDATE {_RUN} SET {RESTARTED} WHERE id = :id").bindparams(*_times("now"))
 
@@ -239,7 +242,7 @@ class _MysqlBatchSql(_BatchSql):
             ("v_bad_at", _TIME),
             ("v_duration", "DOUBLE"),
         )
-        + f" AS v JOIN {_JOB} ON {_JOB}.id = v.v_job ORDER BY v.v_job"
+        + f" AS v STRAIGHT_JOIN {_JOB} ON {_JOB}.id = v.v_job ORDER BY v.v_job"
         f" ON DUPLICATE KEY UPDATE {counted(lambda column: f'VALUES({column})')}"
     )
 
@@ -262,14 +265,15 @@ class _MysqlBatchSql(_BatchSql):
         ("v_error", "LONGTEXT"),
     )
     _outcome_rows = (
-        f" JOIN {_outcomes} AS v ON {_RUN}.id = v.v_id AND {_RUN}.executions = v.v_executions"
+        f"{_outcomes} AS v STRAIGHT_JOIN {_RUN}"
+        f" ON {_RUN}.id = v.v_id AND {_RUN}.executions = v.v_executions"
         f" AND {_RUN}.retries = v.v_retries AND {_RUN}.status = '{RunStatus.RUNNING.value}'"
     )
     writable = sa.text(
-        f"SELECT {_RUN}.id, {_RUN}.job_id FROM {_RUN}{_outcome_rows} ORDER BY {_RUN}.id FOR UPDATE"
+        f"SELECT {_RUN}.id, {_RUN}.job_id FROM {_outcome_rows} ORDER BY {_RUN}.id FOR UPDATE"
     )
     outcomes = sa.text(
-        f"UPDATE {_RUN}{_outcome_rows} SET status = v.v_status,"
+        f"UPDATE {_outcome_rows} SET status = v.v_status,"
         " finished_at = v.v_finished_at, updated_at = v.v_finished_at,"
         " duration_seconds = v.v_duration, error_type = v.v_error_type, error = v.v_error"
     )
