@@ -79,7 +79,7 @@ def is_mysql(dialect_name: str) -> bool:
 def double_float() -> sa.types.TypeEngine[float]:
     """A float column: ``DOUBLE`` on MySQL and MariaDB (their ``FLOAT`` has 24 bits), the
     plain ``Float`` (a double already) elsewhere."""
-    return sa.Float().with_variant(mysql.DOUBLE(), *MYSQL_DIALECTS)
+    return sa.Float().with_variant(mysql.DOUBLE(asdecimal=False), *MYSQL_DIALECTS)
 
 
 NAMING_CONVENTION = {

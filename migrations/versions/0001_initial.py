@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from taskiq_beat.models import UTCDateTime
+from taskiq_beat.models import MYSQL_TABLE_OPTIONS, UTCDateTime, double_float
 
 # revision identifiers, used by Alembic.
 revision: str = "0001"
@@ -58,6 +58,7 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_scheduler_job")),
+        **MYSQL_TABLE_OPTIONS,
     )
     # Named explicitly in the model (not by the convention): the engine's due-jobs scan.
     op.create_index("ix_scheduler_job_due", "scheduler_job", ["is_enabled", "next_run_at"])
@@ -93,6 +94,7 @@ def upgrade() -> None:
         sa.UniqueConstraint(
             "job_id", "scheduled_for", name=op.f("uq_scheduler_run_job_id_scheduled_for")
         ),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_index(op.f("ix_scheduler_run_next_attempt_at"), "scheduler_run", ["next_attempt_at"])
 
