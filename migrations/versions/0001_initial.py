@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from taskiq_beat.models import MYSQL_TABLE_OPTIONS, UTCDateTime, double_float
+from taskiq_beat.models import MYSQL_TABLE_OPTIONS, UTCDateTime
 
 # revision identifiers, used by Alembic.
 revision: str = "0001"

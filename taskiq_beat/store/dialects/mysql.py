@@ -61,7 +61,8 @@ def _naive_utc(value: datetime) -> datetime:
 
 
 _IDS = _table("ids", ("v_id", "BIGINT"))
-_BY_ID = f"{_IDS} AS v STRAIGHT_JOIN {_RUN} ON {_RUN}.id = v.v_id"
+_BY_FIRE = f"FORCE INDEX (uq_{_RUN}_job_id_scheduled_for)"
+_BY_ID = f"{_IDS} AS v STRAIGHT_JOIN {_RUN} FORCE INDEX (PRIMARY) ON {_RUN}.id = v.v_id"
 
 
 class _MysqlBatchSql(_BatchSql):
@@ -75,12 +76,13 @@ class _MysqlBatchSql(_BatchSql):
     #    transaction (inserting a run takes a shared lock on its job's row, for the foreign
     #    key), or held that lock when the job was skipped.
     # 3. ``insert`` the others' runs, read their ids back (``inserted``), ``advance`` the jobs.
-    # Every join starts from the JSON_TABLE (STRAIGHT_JOIN) and reaches the table by its key:
-    # the optimizer would otherwise scan a small table whole, locking every row it reads.
+    # Every join starts from the JSON_TABLE (STRAIGHT_JOIN) and reaches the table by a key
+    # (FORCE INDEX): the optimizer would otherwise scan a small table whole, locking every row
+    # it reads, and wait on those another transaction holds.
     lock = sa.text(
         f"SELECT {_JOB}.id, {_JOB}.next_run_at, {_JOB}.revision, {_JOB}.is_enabled"
         f" FROM {_table('job_ids', ('v_id', _TEXT_ID))} AS v"
-        f" STRAIGHT_JOIN {_JOB} ON {_JOB}.id = v.v_id FOR UPDATE SKIP LOCKED"
+        f" STRAIGHT_JOIN {_JOB} FORCE INDEX (PRIMARY) ON {_JOB}.id = v.v_id FOR UPDATE SKIP LOCKED"
     )
     _claims = _table(
         "claims",
@@ -90,7 +92,7 @@ class _MysqlBatchSql(_BatchSql):
         ("c_task_id", "VARCHAR(64)"),
     )
     existing = sa.text(
-        f"SELECT {_RUN}.job_id FROM {_claims} AS c STRAIGHT_JOIN {_RUN}"
+        f"SELECT {_RUN}.job_id FROM {_claims} AS c STRAIGHT_JOIN {_RUN} {_BY_FIRE}"
         f" ON {_RUN}.job_id = c.c_job AND {_RUN}.scheduled_for = c.c_scheduled_for"
     )
     insert = sa.text(
@@ -98,11 +100,11 @@ class _MysqlBatchSql(_BatchSql):
         f" :owner, :lease_until, :now, :now FROM {_claims} AS c"
     ).bindparams(*_times("lease_until", "now"))
     inserted = sa.text(
-        f"SELECT {_RUN}.job_id, {_RUN}.id FROM {_claims} AS c STRAIGHT_JOIN {_RUN}"
+        f"SELECT {_RUN}.job_id, {_RUN}.id FROM {_claims} AS c STRAIGHT_JOIN {_RUN} {_BY_FIRE}"
         f" ON {_RUN}.job_id = c.c_job AND {_RUN}.scheduled_for = c.c_scheduled_for"
     )
     advance = sa.text(
-        f"UPDATE {_claims} AS c STRAIGHT_JOIN {_JOB} ON {_JOB}.id = c.c_job"
+        f"UPDATE {_claims} AS c STRAIGHT_JOIN {_JOB} FORCE INDEX (PRIMARY) ON {_JOB}.id = c.c_job"
         f" SET {_JOB}.next_run_at = c.c_new_next, {_JOB}.last_run_at = c.c_scheduled_for"
     )
 
@@ -242,7 +244,7 @@ class _MysqlBatchSql(_BatchSql):
             ("v_bad_at", _TIME),
             ("v_duration", "DOUBLE"),
         )
-        + f" AS v STRAIGHT_JOIN {_JOB} ON {_JOB}.id = v.v_job ORDER BY v.v_job"
+        + f" AS v STRAIGHT_JOIN {_JOB} FORCE INDEX (PRIMARY) ON {_JOB}.id = v.v_job ORDER BY v.v_job"
         f" ON DUPLICATE KEY UPDATE {counted(lambda column: f'VALUES({column})')}"
     )
 
@@ -265,7 +267,7 @@ class _MysqlBatchSql(_BatchSql):
         ("v_error", "LONGTEXT"),
     )
     _outcome_rows = (
-        f"{_outcomes} AS v STRAIGHT_JOIN {_RUN}"
+        f"{_outcomes} AS v STRAIGHT_JOIN {_RUN} FORCE INDEX (PRIMARY)"
         f" ON {_RUN}.id = v.v_id AND {_RUN}.executions = v.v_executions"
         f" AND {_RUN}.retries = v.v_retries AND {_RUN}.status = '{RunStatus.RUNNING.value}'"
     )
