@@ -47,6 +47,7 @@ __all__ = [
     "double_float",
     "encode_json",
     "is_mysql",
+    "long_text",
     "sqlite_datetime",
 ]
 
@@ -80,6 +81,12 @@ def double_float() -> sa.types.TypeEngine[float]:
     """A float column: ``DOUBLE`` on MySQL and MariaDB (their ``FLOAT`` has 24 bits), the
     plain ``Float`` (a double already) elsewhere."""
     return sa.Float().with_variant(mysql.DOUBLE(asdecimal=False), *MYSQL_DIALECTS)
+
+
+def long_text() -> sa.types.TypeEngine[str]:
+    """A text column of any length: ``LONGTEXT`` on MySQL and MariaDB (their ``TEXT`` holds
+    64 KiB), ``Text`` elsewhere."""
+    return sa.Text().with_variant(mysql.LONGTEXT(), *MYSQL_DIALECTS)
 
 
 NAMING_CONVENTION = {
@@ -284,7 +291,7 @@ class SchedulerJob(SchedulerBase):
 
     id: Mapped[str] = mapped_column(sa.String(JOB_ID_MAX_LENGTH), primary_key=True)
     name: Mapped[str | None] = mapped_column(sa.String(NAME_MAX_LENGTH))
-    description: Mapped[str | None] = mapped_column(sa.Text)
+    description: Mapped[str | None] = mapped_column(long_text())
     task_name: Mapped[str] = mapped_column(sa.String(TASK_NAME_MAX_LENGTH), index=True)
     kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
     strategy: Mapped[JobStrategy] = mapped_column(_enum(JobStrategy, "job_strategy"))
@@ -295,7 +302,7 @@ class SchedulerJob(SchedulerBase):
     is_enabled: Mapped[bool] = mapped_column(sa.Boolean)
     next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    last_error: Mapped[str | None] = mapped_column(long_text())
     revision: Mapped[int] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
@@ -373,7 +380,7 @@ class SchedulerRun(SchedulerBase):
     status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"))
     task_id: Mapped[str] = mapped_column(sa.String(64))
     attempt: Mapped[int] = mapped_column(sa.Integer)
-    error: Mapped[str | None] = mapped_column(sa.Text)
+    error: Mapped[str | None] = mapped_column(long_text())
     claimed_by: Mapped[str | None] = mapped_column(sa.String(64))
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from taskiq_beat.models import MYSQL_TABLE_OPTIONS, UTCDateTime
+from taskiq_beat.models import MYSQL_TABLE_OPTIONS, UTCDateTime, long_text
 
 # revision identifiers, used by Alembic.
 revision: str = "0001"
@@ -38,7 +38,7 @@ def upgrade() -> None:
         "scheduler_job",
         sa.Column("id", sa.String(length=255), nullable=False),
         sa.Column("name", sa.String(length=255), nullable=True),
-        sa.Column("description", sa.Text(), nullable=True),
+        sa.Column("description", long_text(), nullable=True),
         sa.Column("task_name", sa.String(length=255), nullable=False),
         sa.Column("kind", _enum("job_kind", "single", "chain"), nullable=False),
         sa.Column(
@@ -53,7 +53,7 @@ def upgrade() -> None:
         sa.Column("is_enabled", sa.Boolean(), nullable=False),
         sa.Column("next_run_at", UTCDateTime(), nullable=True),
         sa.Column("last_run_at", UTCDateTime(), nullable=True),
-        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("last_error", long_text(), nullable=True),
         sa.Column("revision", sa.Integer(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
@@ -78,7 +78,7 @@ def upgrade() -> None:
         sa.Column("status", _enum("run_status", "claimed", "dispatched", "failed"), nullable=False),
         sa.Column("task_id", sa.String(length=64), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
-        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("error", long_text(), nullable=True),
         sa.Column("claimed_by", sa.String(length=64), nullable=True),
         sa.Column("next_attempt_at", UTCDateTime(), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),

@@ -244,7 +244,8 @@ class _MysqlBatchSql(_BatchSql):
             ("v_bad_at", _TIME),
             ("v_duration", "DOUBLE"),
         )
-        + f" AS v STRAIGHT_JOIN {_JOB} FORCE INDEX (PRIMARY) ON {_JOB}.id = v.v_job ORDER BY v.v_job"
+        + f" AS v STRAIGHT_JOIN {_JOB} FORCE INDEX (PRIMARY) ON {_JOB}.id = v.v_job"
+        " ORDER BY v.v_job"
         f" ON DUPLICATE KEY UPDATE {counted(lambda column: f'VALUES({column})')}"
     )
 
