@@ -21,6 +21,7 @@ from taskiq_beat.exceptions import (
 )
 from taskiq_beat.health import SchedulerHealthSnapshot
 from taskiq_beat.models import SchedulerBase, SchedulerJob, SchedulerRun, SchedulerWorker
+from taskiq_beat.policy import JobPolicy
 from taskiq_beat.triggers import (
     CrontabTrigger,
     ImmediateDispatch,
@@ -51,6 +52,7 @@ __all__ = [
     "JobExistsError",
     "JobKind",
     "JobNotFoundError",
+    "JobPolicy",
     "JobStrategy",
     "OneOffSchedule",
     "PeriodicSchedule",

@@ -38,6 +38,7 @@ from taskiq_beat.models import (
     SchedulerRun,
     encode_json,
 )
+from taskiq_beat.policy import MAX_BACKFILL, fires_between
 from taskiq_beat.store import Fire, SchedulerStore
 from taskiq_beat.triggers import (
     ImmediateDispatch,
@@ -234,6 +235,7 @@ class SchedulerApp:
         is_enabled: bool,
     ) -> SchedulerJob:
         trigger = self._localize(validate_trigger(trigger or ImmediateDispatch()))
+        self._check_policy(spec)
         job_id = _check_job_id(job_id) if job_id is not None else str(uuid.uuid4())
         now = self._clock.now()
         job = self._new_job(spec, trigger, job_id, name, description, is_enabled, now)
@@ -280,6 +282,7 @@ class SchedulerApp:
             )
         job_id = _check_job_id(job_id)
         _check_name(name)
+        self._check_policy(spec)
         for attempt in range(2):
             now = self._clock.now()
             job = await self._store.get_job(session, job_id, for_update=True)
@@ -301,6 +304,7 @@ class SchedulerApp:
             job.name, job.description = name, description
             job.task_name, job.kind, job.strategy = spec.task_name, spec.kind, trigger.strategy
             job.args, job.kwargs, job.job_metadata = spec.args, spec.kwargs, spec.metadata
+            job.policy = None if spec.policy is None else spec.policy.to_json()
             job.trigger, job.is_enabled = stored, is_enabled
             if reschedule:
                 job.next_run_at = trigger.first_run_at(now)
@@ -335,6 +339,7 @@ class SchedulerApp:
             if not isinstance(definition, JobDefinition):
                 raise InvalidJobError("definitions", definition, "expected JobDefinition values")
             job_id = _check_job_id(definition.job_id)
+            self._check_policy(definition.spec)
             if job_id in rows:
                 raise InvalidJobError("job_id", job_id, "given twice in one upsert_many()")
             if definition.trigger not in stored_forms:
@@ -386,6 +391,7 @@ class SchedulerApp:
                 args=row["args"],
                 kwargs=row["kwargs"],
                 metadata=row["job_metadata"],
+                policy=row["policy"],
             )
         return len(rows)
 
@@ -508,6 +514,53 @@ class SchedulerApp:
         assert run is not None
         return run
 
+    async def backfill(
+        self, session: AsyncSession, job_id: str, *, start: datetime, end: datetime
+    ) -> int:
+        """Send each fire of the job's schedule from ``start`` to ``end`` (a past range, both
+        included) once: fires that have a run are left alone (a ``missed`` one is sent
+        after all), so calling it twice sends nothing more. The fires keep their identity
+        (scheduled time, task id) and go out through the scheduler's retries path, a batch
+        per pass beside the fires due on time. Returns how many were queued.
+
+        :raises JobNotFoundError: if there is no such job.
+        :raises InvalidJobError: on a bad range (nothing is queued).
+        """
+        for field, value in (("start", start), ("end", end)):
+            if not isinstance(value, datetime_type) or value.utcoffset() is None:
+                raise InvalidJobError(field, value, "expected a timezone-aware datetime")
+        now = self._clock.now()
+        if end < start:
+            raise InvalidJobError("end", end, f"is before start={start.isoformat()}")
+        if end > now:
+            raise InvalidJobError(
+                "end", end, "a backfill covers the past: it must not be later than now"
+            )
+        job = await self._store.find_job(session, job_id)
+        if job is None:
+            raise JobNotFoundError(job_id)
+        trigger = trigger_from_json(job.trigger, job_id=job.id)
+        anchor = job.next_run_at or job.last_run_at
+        fires = fires_between(trigger, start, end, MAX_BACKFILL, anchor=anchor)
+        if fires is None:
+            raise InvalidJobError(
+                "end", end, f"the range holds more than {MAX_BACKFILL} fires; backfill it in parts"
+            )
+        queued = await self._store.add_backfill_runs(
+            session, job_id, {when: fire_task_id(job_id, when) for when in fires}, now=now
+        )
+        logger.info(
+            "backfill of job %s from %s to %s: %d of its %d fires queued",
+            job_id,
+            start.isoformat(),
+            end.isoformat(),
+            queued,
+            len(fires),
+        )
+        if queued:
+            self._engine.retry_at(now)
+        return queued
+
     async def delete(self, session: AsyncSession, job_id: str) -> None:
         """Delete the job and its run history.
 
@@ -519,6 +572,19 @@ class SchedulerApp:
         logger.info("deleted job %s", job_id)
 
     # ------------------------------------------------------------------ internals
+
+    def _check_policy(self, spec: JobSpec) -> None:
+        """An overlap policy decides from the runs' lifecycle, which only workers report."""
+        policy = spec.policy
+        if policy is None or policy.running_limit is None:
+            return
+        if not (self.config.record_runs and self.config.record_lifecycle):
+            raise InvalidJobError(
+                "overlap",
+                policy.overlap,
+                "needs SchedulerConfig(record_runs=True, record_lifecycle=True): without the"
+                " workers reporting when runs end, every run would count as still going",
+            )
 
     def _localize(self, trigger: Trigger) -> Trigger:
         """Give a crontab without a timezone the configured default timezone."""
@@ -628,6 +694,7 @@ class SchedulerApp:
             args=job.args,
             kwargs=job.kwargs,
             metadata=job.job_metadata,
+            policy=job.policy,
         )
 
 
@@ -658,6 +725,7 @@ def _new_job_values(
         "args": spec.args,
         "kwargs": spec.kwargs,
         "job_metadata": spec.metadata,
+        "policy": None if spec.policy is None else spec.policy.to_json(),
         "is_enabled": is_enabled,
         "next_run_at": trigger.first_run_at(now),
         "last_run_at": None,

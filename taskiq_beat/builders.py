@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from taskiq_beat.chain import CHAIN_TASK_NAME, ChainSpec, ChainStep, OnFailure, ResolvedStep
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import InvalidJobError, UnknownTaskError
 from taskiq_beat.models import TASK_NAME_MAX_LENGTH
+from taskiq_beat.policy import CATCH_UP_LIMIT, CatchUp, JobPolicy, Overlap, check_policy
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -36,6 +38,8 @@ class JobSpec:
     args: list[Any] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    policy: JobPolicy | None = None
+    """The job's policy; ``None`` for the defaults."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,40 @@ class JobWriter(Protocol):
     ) -> SchedulerJob: ...
 
 
+_B = TypeVar("_B", bound="_Builder")
+
+
 class _Builder:
     def __init__(self, writer: JobWriter, spec: JobSpec) -> None:
         self._writer = writer
         self.spec = spec
+
+    def policy(
+        self: _B,
+        *,
+        misfire_grace_seconds: float | timedelta | None = None,
+        catch_up: CatchUp = "latest",
+        catch_up_limit: int = CATCH_UP_LIMIT,
+        overlap: Overlap = "allow",
+        max_running: int | None = None,
+        jitter_seconds: float | timedelta = 0.0,
+    ) -> _B:
+        """The same job with this policy (see :mod:`taskiq_beat.policy`); fields left out
+        keep their defaults. Stored by ``.schedule()`` / ``.upsert()`` with the job; an upsert
+        that changes only the policy keeps the job's next run.
+
+        :raises InvalidJobError: naming the field and the value that are wrong.
+        """
+        checked = check_policy(
+            misfire_grace_seconds=misfire_grace_seconds,
+            catch_up=catch_up,
+            catch_up_limit=catch_up_limit,
+            overlap=overlap,
+            max_running=max_running,
+            jitter_seconds=jitter_seconds,
+        )
+        policy = None if checked.is_default else checked
+        return type(self)(self._writer, replace(self.spec, policy=policy))
 
     async def schedule(
         self,

@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("job_id")
         command.set_defaults(handler=_handler(function))
 
+    backfill = job_commands.add_parser(
+        "backfill",
+        parents=[target, output],
+        help="send each fire of a past range once (a running scheduler sends them)",
+    )
+    backfill.add_argument("job_id")
+    backfill.add_argument("--start", required=True, help="ISO 8601 time with its UTC offset")
+    backfill.add_argument("--end", required=True, help="ISO 8601 time with its UTC offset")
+    backfill.set_defaults(handler=_handler(_backfill_job))
+
     runs = commands.add_parser("runs", parents=[target, output], help="show run history")
     runs.add_argument("job_id", nargs="?", help="only runs of this job")
     runs.add_argument(
@@ -269,6 +279,23 @@ async def _run_job_now(app: SchedulerApp, session: AsyncSession, args: argparse.
     finally:
         await app.broker.shutdown()
     return run.to_dict()
+
+
+def _aware_time(field: str, text: str) -> datetime:
+    """An ISO 8601 time with its UTC offset (``Z`` or ``+02:00``)."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidJobError(field, text, "not an ISO 8601 time") from None
+    if value.utcoffset() is None:
+        raise InvalidJobError(field, text, "has no UTC offset (add Z or +HH:MM)")
+    return value
+
+
+async def _backfill_job(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    start, end = _aware_time("start", args.start), _aware_time("end", args.end)
+    queued = await app.backfill(session, args.job_id, start=start, end=end)
+    return {"job_id": args.job_id, "queued": queued}
 
 
 async def _delete_job(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:

@@ -26,9 +26,17 @@ from taskiq_beat.enums import JobKind
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.models import encode_json
+from taskiq_beat.policy import FirePlan, JobPolicy, jitter_of, plan_fire, policy_from_text
 from taskiq_beat.stats import SUMMARY_EVERY, EngineStats
-from taskiq_beat.store import RELEASED, ChangeListener, Claims, JobRecord, SendOutcome
-from taskiq_beat.triggers import Trigger, next_due_fire, trigger_from_text
+from taskiq_beat.store import (
+    RELEASED,
+    ChangeListener,
+    Claims,
+    FirePolicies,
+    JobRecord,
+    SendOutcome,
+)
+from taskiq_beat.triggers import Trigger, trigger_from_text
 
 if TYPE_CHECKING:
     from taskiq_beat.clock import Clock
@@ -89,6 +97,8 @@ class JobSnapshot(NamedTuple):
     args: str
     kwargs: str
     metadata: str
+    policy: JobPolicy | None = None
+    """The job's policy; ``None`` for the defaults (most jobs: their fires take no detour)."""
 
     def holds(self, record: JobRecord) -> bool:
         """Whether ``record`` (a row read later) is this revision of the job, with the same
@@ -314,11 +324,13 @@ class SchedulerEngine:
         args: Any,
         kwargs: Any,
         metadata: Any,
+        policy: Any = None,
     ) -> None:
         """Tell the engine a job was created, changed or paused in this process
-        (with the values just committed)."""
+        (with the values just committed; ``policy`` in its stored form)."""
         self._drop(job_id)
         if is_enabled and next_run_at is not None and self._within_horizon(next_run_at):
+            parsed = JobPolicy.from_json(policy, job_id=job_id)
             snapshot = JobSnapshot(
                 job_id,
                 kind,
@@ -328,6 +340,7 @@ class SchedulerEngine:
                 encode_json(args),
                 encode_json(kwargs),
                 encode_json(metadata),
+                None if parsed.is_default else parsed,
             )
             self._put(snapshot, next_run_at)
             self._wakeup.set()
@@ -645,45 +658,60 @@ class SchedulerEngine:
         add = claims.add
         following: list[datetime | None] = []
         times: dict[datetime, str] = {}  # ISO text of each fire time, once per batch
-        # The fire of each trigger and time, once per batch: jobs that share a schedule
-        # (triggers are shared objects, see trigger_from_text) are due at the same times.
-        due_fires: dict[tuple[int, datetime], tuple[datetime, datetime | None]] = {}
-        grace = self._grace
+        # The plan of each trigger, policy and time, once per batch: jobs that share a
+        # schedule (triggers are shared objects, see trigger_from_text) are due at the same
+        # times, and most have no policy.
+        plans: dict[tuple[int, int, datetime], FirePlan] = {}
+        policies = FirePolicies()
         for snapshot, expected in zip(batch, held_for, strict=True):
-            key = (id(snapshot.trigger), expected)
-            due = due_fires.get(key)
-            if due is None:
-                due = due_fires[key] = next_due_fire(snapshot.trigger, expected, now, grace)
-            scheduled_for, after = due
-            if scheduled_for != expected and self._events.wants(EventKind.FIRE_MISSED):
-                self._events.emit(
-                    SchedulerEvent(
-                        EventKind.FIRE_MISSED,
-                        snapshot.id,
-                        scheduled_for=scheduled_for,
-                        detail=f"fires from {expected.isoformat()} until this one were missed",
-                    )
-                )
-            following.append(after)
+            policy = snapshot.policy
+            key = (id(snapshot.trigger), id(policy), expected)
+            plan = plans.get(key)
+            if plan is None:
+                plan = plans[key] = self._plan(snapshot.trigger, policy, expected, now)
+            send = plan.send
+            scheduled_for = expected if send is None else send
+            following.append(plan.after)
             iso = times.get(scheduled_for)
             if iso is None:
                 iso = times[scheduled_for] = scheduled_for.isoformat()
+            if plan.missed_from is not None:
+                self._missed(snapshot, plan, policies)
+            if policy is not None:
+                limit = policy.running_limit
+                if limit is not None:
+                    policies.limits[snapshot.id] = (limit, policy.overlap == "buffer_one")
+                if policy.jitter_seconds and send is not None:
+                    policies.jitter[snapshot.id] = jitter_of(
+                        snapshot.id, scheduled_for, policy.jitter_seconds
+                    )
             add(
                 snapshot.id,  # job_id
                 expected,  # expected_next_run_at
                 snapshot.revision,  # expected_revision
                 scheduled_for,
-                after,  # new_next_run_at
+                plan.after,  # new_next_run_at
                 task_id_of(snapshot.id, iso),
                 snapshot.task_name,
                 snapshot.args,
                 snapshot.kwargs,
                 snapshot.metadata,
             )
+        held_back = 0
         try:
-            fires, lost = await self._store.claim(
-                claims, now=now, lease_until=now + self._lease, owner=self.owner
-            )
+            if policies:
+                fires, lost, outcome = await self._store.claim_with_policies(
+                    claims, policies, now=now, lease_until=now + self._lease, owner=self.owner
+                )
+                held_back = len(outcome.held_back)
+                if outcome.delayed_until is not None:
+                    self.retry_at(outcome.delayed_until)
+                if held_back:
+                    logger.debug("%d fires held back by their jobs' policies", held_back)
+            else:
+                fires, lost = await self._store.claim(
+                    claims, now=now, lease_until=now + self._lease, owner=self.owner
+                )
         except BaseException:
             # Nothing was claimed: keep the batch due, unless the job changed meanwhile.
             for snapshot, expected in zip(batch, held_for, strict=True):
@@ -705,7 +733,7 @@ class SchedulerEngine:
                 and not changed_meanwhile
             ):
                 self._put(snapshot, after)
-        missed = len(batch) - len(fires)
+        missed = len(batch) - len(fires) - held_back
         if missed:
             # Another scheduler works on the same jobs: no larger batches. On PostgreSQL a
             # claim re-checks each row another scheduler changed since the claim began, at
@@ -725,6 +753,52 @@ class SchedulerEngine:
             # what the others took meanwhile (see _forget_gone) instead of claiming it here.
             self._next_sync_at = now
         return fires
+
+    def _plan(
+        self, trigger: Trigger, policy: JobPolicy | None, expected: datetime, now: datetime
+    ) -> FirePlan:
+        """What to send at ``now`` of a job due since ``expected`` (see ``plan_fire``)."""
+        if policy is None:
+            return plan_fire(trigger, expected, now, self._grace)
+        grace = (
+            self._grace
+            if policy.misfire_grace_seconds is None
+            else timedelta(seconds=policy.misfire_grace_seconds)
+        )
+        return plan_fire(trigger, expected, now, grace, policy.catch_up, policy.catch_up_limit)
+
+    def _missed(self, snapshot: JobSnapshot, plan: FirePlan, policies: FirePolicies) -> None:
+        """Note the fires a plan skips: a ``missed`` run for the stretch (the claimed run
+        itself where nothing is sent), and a ``FIRE_MISSED`` event."""
+        first = plan.missed_from
+        assert first is not None
+        if plan.missed_until is None or plan.missed_until == first:
+            stretch = f"the fire of {first.isoformat()}"
+            if plan.missed_until is None:
+                end = plan.send if plan.send is not None else plan.after
+                stretch = f"fires from {first.isoformat()}" + (
+                    f" until before {end.isoformat()}" if end is not None else ""
+                )
+        else:
+            stretch = f"fires from {first.isoformat()} to {plan.missed_until.isoformat()}"
+        policy = snapshot.policy
+        mode = "latest" if policy is None else policy.catch_up
+        reason = f"{stretch} missed: later than the misfire grace (catch_up={mode!r})"
+        if plan.send is None:
+            policies.unsent[snapshot.id] = reason
+        elif self._config.record_runs:
+            policies.missed.append(
+                (snapshot.id, first, task_id_of(snapshot.id, first.isoformat()), reason)
+            )
+        if self._events.wants(EventKind.FIRE_MISSED):
+            self._events.emit(
+                SchedulerEvent(
+                    EventKind.FIRE_MISSED,
+                    snapshot.id,
+                    scheduled_for=plan.send if plan.send is not None else first,
+                    detail=reason,
+                )
+            )
 
     async def _send(self, fires: Sequence[Fire]) -> int:
         if not fires:
@@ -869,9 +943,15 @@ class SchedulerEngine:
             limit=self._config.dispatch_batch_size,
         )
         if fires:
-            logger.info("resending %d fires that were not sent yet", len(fires))
-            if len(fires) == self._config.dispatch_batch_size:
-                self._next_retry_at = now
+            # Delayed (jittered), buffered and backfilled fires, and failed sends (which
+            # were logged as they failed).
+            logger.debug("sending %d fires due for a (further) attempt", len(fires))
+        if len(fires) == self._config.dispatch_batch_size:
+            self._next_retry_at = now
+        else:
+            later = await self._store.next_attempt_after(now)
+            if later is not None:
+                self.retry_at(later)
         return await self._send(fires)
 
     def _disable_later(self, errors: dict[str, str]) -> None:
@@ -931,4 +1011,5 @@ def _snapshot(record: JobRecord) -> JobSnapshot | None:
         record.args,
         record.kwargs,
         record.metadata,
+        policy_from_text(record.policy, job_id=record.id),
     )

@@ -38,6 +38,11 @@ class RunStatus(str, enum.Enum):
     ``RUNNING`` (``started_at``, ``worker_id``), then ``SUCCEEDED`` or ``FAILED`` (with
     ``finished_at``, ``duration_seconds``, ``error_type`` and ``error``). ``LOST``: the worker
     running it stopped renewing its heartbeat; a redelivered message may run it once more.
+
+    A job's policy (see :mod:`taskiq_beat.policy`) writes the last three, each a fire that was
+    not sent: ``MISSED`` (a stretch of fires missed for longer than the grace, from
+    ``scheduled_for``; ``error`` says how far), ``SKIPPED`` (other runs of the job were still
+    going), ``WAITING`` (buffered until a run of the job ends; then ``CLAIMED`` and sent).
     """
 
     CLAIMED = "claimed"
@@ -46,3 +51,6 @@ class RunStatus(str, enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     LOST = "lost"
+    MISSED = "missed"
+    SKIPPED = "skipped"
+    WAITING = "waiting"

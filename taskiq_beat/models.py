@@ -27,6 +27,7 @@ from sqlalchemy.types import TypeDecorator
 from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
 
 __all__ = [
+    "ACTIVE_STATUSES",
     "ERROR_MAX_LENGTH",
     "ERROR_TYPE_MAX_LENGTH",
     "JOB_ID_MAX_LENGTH",
@@ -88,6 +89,15 @@ def long_text() -> sa.types.TypeEngine[str]:
     64 KiB), ``Text`` elsewhere."""
     return sa.Text().with_variant(mysql.LONGTEXT(), *MYSQL_DIALECTS)
 
+
+ACTIVE_STATUSES = (
+    RunStatus.CLAIMED,
+    RunStatus.DISPATCHED,
+    RunStatus.RUNNING,
+    RunStatus.WAITING,
+)
+"""Runs that hold a place under an overlap policy: going, or waiting to go."""
+ACTIVE_RUNS_SQL = "status IN ({})".format(", ".join(f"'{s.value}'" for s in ACTIVE_STATUSES))
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -306,6 +316,8 @@ class SchedulerJob(SchedulerBase):
     revision: Mapped[int] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    policy: Mapped[dict[str, Any] | None] = mapped_column(JSONValue, nullable=True)
+    """The job's policy (see :mod:`taskiq_beat.policy`): the fields set, ``None`` for none."""
     # What the workers report, read from ``scheduler_job_stats`` with the row (see
     # SchedulerJobStats: a table of its own, so that workers counting never lock a job's
     # row while a scheduler claims it). Read-only here.
@@ -344,6 +356,7 @@ class SchedulerJob(SchedulerBase):
             "revision": self.revision,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
+            "policy": _json_ready(self.policy),
             "run_count": self.run_count,
             "success_count": self.success_count,
             "failure_count": self.failure_count,
@@ -396,11 +409,23 @@ class SchedulerRun(SchedulerBase):
     retries: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     """Taskiq retries of the fire (its retry middleware's ``_retries`` label)."""
     error_type: Mapped[str | None] = mapped_column(sa.String(ERROR_TYPE_MAX_LENGTH))
+    jitter_seconds: Mapped[float | None] = mapped_column(double_float())
+    """The random delay the job's policy gave this fire (sent that much after
+    ``scheduled_for``)."""
 
     __table_args__ = (
         sa.UniqueConstraint("job_id", "scheduled_for"),
         # History across jobs, newest first (list_runs, the CLI), and the retention's scan.
         sa.Index("ix_scheduler_run_scheduled_for", "scheduled_for"),
+        # The runs of a job still going (or waiting), which an overlap policy counts before
+        # it sends a fire. Partial: a run leaves it when it ends, so it stays as small as
+        # the work in flight, however long the history.
+        sa.Index(
+            "ix_scheduler_run_active",
+            "job_id",
+            postgresql_where=sa.text(ACTIVE_RUNS_SQL),
+            sqlite_where=sa.text(ACTIVE_RUNS_SQL),
+        ),
         MYSQL_TABLE_OPTIONS,
     )
 
@@ -426,6 +451,7 @@ class SchedulerRun(SchedulerBase):
             "executions": self.executions,
             "retries": self.retries,
             "error_type": self.error_type,
+            "jitter_seconds": self.jitter_seconds,
         }
 
     def __repr__(self) -> str:

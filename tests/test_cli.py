@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -317,3 +318,55 @@ async def test_runs_show_duration_worker_and_error(
     assert (listed["duration_seconds"], listed["error_type"]) == (0.25, "ValueError")
     shown = json_of(await beat("jobs", "show", "sys.tick", "--json", "--app", target, cwd=cwd))
     assert shown["run_count"] == 0  # counters are the workers' (none ran here)
+
+
+async def test_backfill_queues_a_past_range_once(
+    project: tuple[Path, str], database_url: str
+) -> None:
+    """``jobs backfill`` queues each fire of the range that has no run (a running scheduler
+    sends them); a second call queues none. Bad times are refused by argparse (exit 2)."""
+    cwd, target = project
+    shown = json_of(await beat("jobs", "show", "sys.tick", "--json", "--app", target, cwd=cwd))
+    assert shown["policy"] is None
+    next_run = datetime.fromisoformat(shown["next_run_at"])
+    start = (next_run - timedelta(hours=3)).isoformat()
+    end = (next_run - timedelta(hours=1)).isoformat()
+    args = ("jobs", "backfill", "sys.tick", "--start", start, "--end", end, "--json")
+    first = json_of(await beat(*args, "--db", database_url, cwd=cwd))
+    assert first == {"job_id": "sys.tick", "queued": 3}  # hourly: -3 h, -2 h, -1 h
+    again = json_of(await beat(*args, "--db", database_url, cwd=cwd))
+    assert again == {"job_id": "sys.tick", "queued": 0}
+    runs = json_of(await beat("runs", "sys.tick", "--json", "--db", database_url, cwd=cwd))
+    assert sorted(r["scheduled_for"] for r in runs) == [
+        (next_run - timedelta(hours=h)).isoformat() for h in (3, 2, 1)
+    ]
+    assert {r["status"] for r in runs} == {"claimed"}  # queued for the scheduler to send
+
+    naive = await beat(
+        "jobs",
+        "backfill",
+        "sys.tick",
+        "--start",
+        "2026-01-01T00:00:00",
+        "--end",
+        end,
+        "--db",
+        database_url,
+        cwd=cwd,
+    )
+    assert naive.returncode == 2
+    assert "no UTC offset" in naive.stderr
+    future = await beat(
+        "jobs",
+        "backfill",
+        "sys.tick",
+        "--start",
+        start,
+        "--end",
+        "2999-01-01T00:00:00Z",
+        "--db",
+        database_url,
+        cwd=cwd,
+    )
+    assert future.returncode == 2
+    assert "end=" in future.stderr

@@ -38,6 +38,7 @@ from taskiq_beat import (
     fire_task_id,
 )
 from taskiq_beat import engine as engine_module
+from taskiq_beat.policy import FirePlan
 from taskiq_beat.store import Claims, SchedulerStore
 from taskiq_beat.store.dialects import postgresql as store_module
 from taskiq_beat.store.dialects.postgresql import _PostgresBatchSql
@@ -120,8 +121,15 @@ async def test_missed_fires_coalesce_into_the_latest_one(
     clock.advance(52)  # ten fires were due while the scheduler was away
     await app.engine.sync()
     assert await app.engine.tick() == 1
-    [run] = await runs_of(session, job.id)
+    missed, run = await runs_of(session, job.id)
     assert run.scheduled_for == start + timedelta(seconds=50)
+    assert run.status is not RunStatus.MISSED  # sent
+    # History shows the gap: one row for the stretch of fires not sent.
+    assert missed.scheduled_for == start + timedelta(seconds=5)
+    assert missed.status is RunStatus.MISSED
+    assert missed.finished_at == clock.now()
+    assert missed.error is not None
+    assert f"until before {run.scheduled_for.isoformat()}" in missed.error
     assert (await reload(session, job.id)).next_run_at == start + timedelta(seconds=55)
     assert len(broker.sent) == 1
 
@@ -136,7 +144,12 @@ async def test_fires_within_the_misfire_grace_are_each_sent_in_order(
     await app.engine.sync()
     assert await app.engine.tick() == 6
     expected = [start + timedelta(seconds=s) for s in (25, 30, 35, 40, 45, 50)]
-    assert [r.scheduled_for for r in await runs_of(session, job.id)] == expected
+    missed, *runs = await runs_of(session, job.id)
+    assert [r.scheduled_for for r in runs] == expected
+    assert (missed.scheduled_for, missed.status) == (
+        start + timedelta(seconds=5),
+        RunStatus.MISSED,
+    )
     assert [m.task_id for m in broker.sent] == [fire_task_id(job.id, t) for t in expected]
     assert (await reload(session, job.id)).next_run_at == start + timedelta(seconds=55)
 
@@ -1137,13 +1150,13 @@ async def test_jobs_sharing_a_schedule_have_their_next_fire_worked_out_once_per_
     jobs = await jobs_every_10s(app, session, 40)
     await app.engine.sync()
     computed: list[datetime] = []
-    real = engine_module.next_due_fire
+    real = engine_module.plan_fire
 
-    def counting(*args: Any) -> tuple[datetime, datetime | None]:
+    def counting(*args: Any) -> FirePlan:
         computed.append(args[1])
         return real(*args)
 
-    monkeypatch.setattr(engine_module, "next_due_fire", counting)
+    monkeypatch.setattr(engine_module, "plan_fire", counting)
     due = clock.advance(10)
     assert await app.engine.tick() == 40
 

@@ -751,3 +751,31 @@ async def test_example_app_runs_under_uvicorn(tmp_path: Path) -> None:
     assert returncode == 0, server.text
     assert "Application shutdown complete" in server.text
     assert database.exists()
+
+
+async def test_backfill_queues_a_range_once_and_refuses_bad_input(
+    client: httpx.AsyncClient, app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    await add_job(app, session, "minutely")
+    now = clock.now()
+    body = {
+        "start": (now - timedelta(minutes=3)).isoformat(),
+        "end": (now - timedelta(minutes=1)).isoformat(),
+    }
+    response = await client.post("/jobs/minutely/backfill", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"job_id": "minutely", "queued": 3}
+    again = await client.post("/jobs/minutely/backfill", json=body)
+    assert again.json() == {"job_id": "minutely", "queued": 0}
+
+    future = await client.post(
+        "/jobs/minutely/backfill",
+        json={**body, "end": (now + timedelta(minutes=1)).isoformat()},
+    )
+    assert future.status_code == 422
+    assert "end=" in future.json()["detail"]
+    missing = await client.post("/jobs/nope/backfill", json=body)
+    assert missing.status_code == 404
+    assert (await client.get("/jobs/minutely/backfill")).status_code == 405  # never by GET
+    runs = await client.get("/runs", params={"job_id": "minutely"})
+    assert len(runs.json()) == 3

@@ -115,6 +115,8 @@ class JobOut(BaseModel):
     revision: int
     created_at: datetime
     updated_at: datetime
+    policy: dict[str, Any] | None
+    """The job's policy: the fields that differ from the defaults (see taskiq_beat.policy)."""
     run_count: int
     """Runs finished on a worker (succeeded, failed or lost)."""
     success_count: int
@@ -154,10 +156,28 @@ class RunOut(BaseModel):
     retries: int
     error_type: str | None
     """The type of the exception a failed run raised (module and name)."""
+    jitter_seconds: float | None
+    """The random delay the job's policy gave this fire."""
 
     @classmethod
     def from_run(cls, run: SchedulerRun) -> RunOut:
         return cls.model_validate(run.to_dict())
+
+
+class BackfillIn(BaseModel):
+    """A past range of a job's schedule to send (both ends included, timezone-aware)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    start: datetime
+    end: datetime
+
+
+class BackfillOut(BaseModel):
+    """How many fires of the range were queued (those without a run yet)."""
+
+    job_id: str
+    queued: int
 
 
 class ErrorOut(BaseModel):
@@ -286,6 +306,22 @@ def create_scheduler_router(
             async with sessions() as session:
                 run = await scheduler_app.run_now(session, job_id)
         return RunOut.from_run(run)
+
+    @router.post(
+        "/jobs/{job_id}/backfill",
+        response_model=BackfillOut,
+        responses={**_NOT_FOUND, 422: _REFUSED[422]},
+        summary="Backfill a past range",
+    )
+    async def backfill_job(job_id: JobIdPath, body: BackfillIn) -> BackfillOut:
+        """Send each fire of the job's schedule in the range once; calling it again sends
+        nothing more. A running scheduler sends them beside the fires due on time."""
+        with _http_errors():
+            async with sessions() as session:
+                queued = await scheduler_app.backfill(
+                    session, job_id, start=body.start, end=body.end
+                )
+        return BackfillOut(job_id=job_id, queued=queued)
 
     @router.delete(
         "/jobs/{job_id}",

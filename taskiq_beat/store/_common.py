@@ -70,6 +70,17 @@ def _upsert(
     )
 
 
+def _insert_unless_there(dialect_name: str, table: sa.Table, index_elements: list[Any]) -> Any:
+    """``INSERT`` into ``table`` that leaves out a row whose unique key ``index_elements``
+    is taken (``ON CONFLICT DO NOTHING``; on MySQL an ``ON DUPLICATE KEY UPDATE`` that
+    changes nothing, never ``INSERT IGNORE``, which would drop other errors too)."""
+    insert = _insert_for(dialect_name)(table)
+    if is_mysql(dialect_name):
+        key = next(iter(table.primary_key.columns))
+        return insert.on_duplicate_key_update({key.name: key})
+    return insert.on_conflict_do_nothing(index_elements=index_elements)
+
+
 def _returns_rows(dialect_name: str) -> bool:
     """Whether ``UPDATE ... RETURNING`` works (not on MySQL; MariaDB only from 11.x)."""
     return not is_mysql(dialect_name)
@@ -116,6 +127,7 @@ def _select_records() -> sa.Select[Any]:
         _text_of(_job.c.args),
         _text_of(_job.c.kwargs),
         _text_of(_job.c["metadata"]),
+        _text_of(_job.c.policy),
     )
 
 
@@ -140,6 +152,7 @@ def _records(rows: Iterable[Any], dialect: sa.Dialect) -> list[JobRecord]:
                 args,
                 kwargs,
                 metadata,
+                policy,
             )
             for (
                 job_id,
@@ -152,6 +165,7 @@ def _records(rows: Iterable[Any], dialect: sa.Dialect) -> list[JobRecord]:
                 args,
                 kwargs,
                 metadata,
+                policy,
             ) in rows
         ]
 

@@ -12,6 +12,7 @@ from typing import (
 import sqlalchemy as sa
 
 from taskiq_beat.enums import RunStatus
+from taskiq_beat.models import is_mysql
 from taskiq_beat.store._base import StoreCore, _time_limited
 from taskiq_beat.store._common import (
     ChangeListener,
@@ -25,11 +26,14 @@ from taskiq_beat.store._common import (
     _select_records,
 )
 from taskiq_beat.store.dialects import batch_sql as _batch_sql
+from taskiq_beat.store.policies import apply_policies, limits_of, release_waiting
 from taskiq_beat.store.values import (
     ClaimedFires,
     Claims,
     Fire,
+    FirePolicies,
     JobRecord,
+    PolicyOutcome,
     SendOutcome,
 )
 
@@ -117,13 +121,39 @@ class ClaimOperations(StoreCore):
         return ClaimedFires.of(claims, inserted), lost
 
     @_time_limited
+    async def claim_with_policies(
+        self,
+        claims: Claims,
+        policies: FirePolicies,
+        *,
+        now: datetime,
+        lease_until: datetime,
+        owner: str,
+    ) -> tuple[ClaimedFires, set[str], PolicyOutcome]:
+        """:meth:`claim`, then what the jobs' policies do with the fires claimed, in the
+        same transaction (see :mod:`taskiq_beat.store.policies`). The fires returned are
+        those to send now; the outcome says which were held back, and until when the
+        earliest delayed one waits."""
+        if not claims:
+            return ClaimedFires(), set(), PolicyOutcome()
+        async with self._transaction() as executor:
+            won, inserted, skipped = await _batch_sql(executor).claim(
+                executor, claims, owner=owner, lease_until=lease_until, now=now
+            )
+            outcome = await apply_policies(executor, policies, inserted, now=now)
+        lost = {job_id for job_id in claims.job_ids if job_id not in won and job_id not in skipped}
+        if outcome.held_back:
+            inserted = {k: v for k, v in inserted.items() if k not in outcome.held_back}
+        return ClaimedFires.of(claims, inserted), lost, outcome
+
+    @_time_limited
     async def claim_retries(
         self, *, now: datetime, lease_until: datetime, owner: str, limit: int
     ) -> list[Fire]:
         """Claim fires that still have to be sent and whose lease or retry time has passed."""
         async with self._transaction() as session:
             due = (
-                sa.select(_run.c.id)
+                sa.select(_run.c.id, _run.c.job_id, _run.c.status)
                 .where(_run.c.next_attempt_at.is_not(None), _run.c.next_attempt_at <= now)
                 .order_by(_run.c.next_attempt_at)
                 .limit(limit)
@@ -131,7 +161,26 @@ class ClaimOperations(StoreCore):
             dialect_name = _dialect_name(session)
             if dialect_name != "sqlite":
                 due = due.with_for_update(skip_locked=True)
-            ids = list((await session.execute(due)).scalars())
+            if is_mysql(dialect_name):  # by the index: a scan would lock every run it reads
+                due = due.with_hint(
+                    _run, "FORCE INDEX (ix_scheduler_run_next_attempt_at)", dialect_name
+                )
+            ids: list[int] = []
+            waiting: list[tuple[int, str]] = []
+            for run_id, job_id, status in await session.execute(due):
+                if status == RunStatus.WAITING:
+                    waiting.append((run_id, job_id))
+                else:
+                    ids.append(run_id)
+            if waiting:
+                # Buffered fires (overlap "buffer_one"): sent once their job has room.
+                stored = await session.execute(
+                    sa.select(_job.c.id, _job.c.policy).where(
+                        _job.c.id.in_({job_id for _, job_id in waiting})
+                    )
+                )
+                limits = limits_of({job_id: policy for job_id, policy in stored})
+                ids.extend(await release_waiting(session, waiting, limits, now=now))
             if not ids:
                 return []
             claimed = (
@@ -166,6 +215,17 @@ class ClaimOperations(StoreCore):
             for run_id, job_id, scheduled_for, task_id in runs
             if job_id in jobs
         ]
+
+    @_time_limited
+    async def next_attempt_after(self, now: datetime) -> datetime | None:
+        """The earliest time after ``now`` at which a run is due for (another) send: a
+        delayed (jittered) fire, a waiting one, a failed send or a lease running out. One
+        lookup in the index of ``next_attempt_at``."""
+        async with self._reading() as executor:
+            value: datetime | None = await executor.scalar(
+                sa.select(sa.func.min(_run.c.next_attempt_at)).where(_run.c.next_attempt_at > now)
+            )
+        return value
 
     @_time_limited
     async def record(

@@ -22,6 +22,7 @@ from taskiq_beat.store._common import (
     _commit,
     _dialect_name,
     _insert_for,
+    _insert_unless_there,
     _job,
     _make_room,
     _run,
@@ -69,6 +70,70 @@ class RunOperations:
         runs = list(result.scalars())
         await _commit(session)
         return runs
+
+    @staticmethod
+    async def add_backfill_runs(
+        session: AsyncSession,
+        job_id: str,
+        fires: dict[datetime, str],
+        *,
+        now: datetime,
+    ) -> int:
+        """Queue the fires ``fires`` (scheduled time -> task id) of ``job_id`` for the retries
+        path to send, each once: a fire that has a run already is left alone, except a
+        ``missed`` one, which is queued again. Commits; returns how many were queued."""
+        if not fires:
+            return 0
+        times = sorted(fires)
+        existing = dict(
+            (
+                await session.execute(
+                    sa.select(_run.c.scheduled_for, _run.c.status).where(
+                        _run.c.job_id == job_id,
+                        _run.c.scheduled_for >= times[0],
+                        _run.c.scheduled_for <= times[-1],
+                    )
+                )
+            ).all()
+        )
+        new = [when for when in times if when not in existing]
+        again = [when for when, status in existing.items() if status == RunStatus.MISSED]
+        queued = {
+            "status": RunStatus.CLAIMED,
+            "attempt": 0,
+            "claimed_by": None,
+            "next_attempt_at": now,
+            "updated_at": now,
+        }
+        if new:
+            insert = _insert_unless_there(
+                _dialect_name(session), _run, [_run.c.job_id, _run.c.scheduled_for]
+            )
+            await session.execute(
+                insert,
+                [
+                    {
+                        **queued,
+                        "job_id": job_id,
+                        "scheduled_for": when,
+                        "task_id": fires[when],
+                        "created_at": now,
+                    }
+                    for when in new
+                ],
+            )
+        if again:
+            await session.execute(
+                sa.update(_run)
+                .where(
+                    _run.c.job_id == job_id,
+                    _run.c.scheduled_for.in_(again),
+                    _run.c.status == RunStatus.MISSED,
+                )
+                .values(**queued, finished_at=None, error=None)
+            )
+        await _commit(session)
+        return len(new) + len(again)
 
     @staticmethod
     async def get_run(session: AsyncSession, run_id: int) -> SchedulerRun | None:

@@ -37,7 +37,9 @@ __all__ = [
     "ClaimedFires",
     "Claims",
     "Fire",
+    "FirePolicies",
     "JobRecord",
+    "PolicyOutcome",
     "ScheduleState",
     "SendOutcome",
 ]
@@ -61,6 +63,38 @@ class JobRecord(NamedTuple):
     args: str
     kwargs: str
     metadata: str
+    policy: str | None = None
+    """The stored JSON text of the job's policy (``None`` or ``"null"``: none)."""
+
+
+@dataclasses.dataclass(eq=False)
+class FirePolicies:
+    """What the policies of a batch's jobs ask of its claim, beside sending (see
+    :mod:`taskiq_beat.policy`); only jobs with something to do are in it.
+
+    ``unsent``: jobs whose claimed fire is not sent but recorded ``missed``, with the reason;
+    ``missed``: stretches of missed fires before the fire sent, one row each
+    ``(job_id, first missed fire, its task id, reason)``; ``limits``: jobs with an overlap
+    policy, ``(most runs going at once, whether one more may wait)``; ``jitter``: jobs whose
+    fire is sent later, by this many seconds (the retries path sends it then).
+    """
+
+    unsent: dict[str, str] = dataclasses.field(default_factory=dict)
+    missed: list[tuple[str, datetime, str, str]] = dataclasses.field(default_factory=list)
+    limits: dict[str, tuple[int, bool]] = dataclasses.field(default_factory=dict)
+    jitter: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.unsent or self.missed or self.limits or self.jitter)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyOutcome:
+    """What the policies did with a claimed batch: the jobs whose fire is not sent now
+    (missed, skipped, waiting or delayed), and the earliest time a delayed fire is due."""
+
+    held_back: frozenset[str] = frozenset()
+    delayed_until: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
