@@ -122,6 +122,19 @@ def run_migrations_offline() -> None:
 
 def do_run_migrations(connection: Connection) -> None:
     """Run the migrations on a synchronous connection."""
+    from taskiq_beat.migrate import is_v14_database
+
+    outside = not connection.in_transaction()
+    made_by_v14 = is_v14_database(connection)
+    if outside and connection.in_transaction():
+        connection.rollback()  # end the read that began one: Alembic commits only its own
+    if made_by_v14:
+        # Its tables carry our names: the first migration would fail on them, half done.
+        raise RuntimeError(
+            "this database was made by taskiq-beat 1.4: convert it with `taskiq-beat db "
+            "upgrade` (or taskiq_beat.migrate.upgrade_database), which then applies these "
+            "migrations"
+        )
     context.configure(connection=connection, **_configure_options(connection.dialect.name))
     with context.begin_transaction():
         context.run_migrations()

@@ -5,9 +5,10 @@ from taskiq_beat.builders import ChainJobBuilder, JobDefinition, SingleJobBuilde
 from taskiq_beat.chain import CHAIN_TASK_NAME, ChainStep, register_chain_orchestrator
 from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
+from taskiq_beat.declared import DeclarationPlan
 from taskiq_beat.discovery import TaskDiscovery, discover_task_modules
 from taskiq_beat.dispatch import JOB_ID_LABEL, RUN_ID_LABEL, SCHEDULED_FOR_LABEL, fire_task_id
-from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
+from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus
 from taskiq_beat.events import EventKind, SchedulerEvent
 from taskiq_beat.exceptions import (
     ChainAbortedError,
@@ -43,6 +44,7 @@ __all__ = [
     "Clock",
     "CorruptJobError",
     "CrontabTrigger",
+    "DeclarationPlan",
     "EventKind",
     "ImmediateDispatch",
     "IntervalTrigger",
@@ -53,6 +55,7 @@ __all__ = [
     "JobKind",
     "JobNotFoundError",
     "JobPolicy",
+    "JobSource",
     "JobStrategy",
     "OneOffSchedule",
     "PeriodicSchedule",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime as datetime_type
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
@@ -24,9 +25,10 @@ from taskiq_beat.builders import (
 from taskiq_beat.chain import ChainStep, OnFailure, register_chain_orchestrator
 from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
+from taskiq_beat.declared import DeclarationPlan, Declarations, coerce_trigger, definition_hash
 from taskiq_beat.dispatch import Dispatcher, fire_task_id
 from taskiq_beat.engine import SchedulerEngine
-from taskiq_beat.enums import RunStatus
+from taskiq_beat.enums import JobSource, RunStatus
 from taskiq_beat.events import EventHooks, EventKind, EventListener
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
 from taskiq_beat.health import SchedulerHealthSnapshot, read_health
@@ -39,9 +41,11 @@ from taskiq_beat.models import (
     encode_json,
 )
 from taskiq_beat.policy import MAX_BACKFILL, fires_between
-from taskiq_beat.store import Fire, SchedulerStore
+from taskiq_beat.store import Fire, SchedulerStore, ScheduleState
 from taskiq_beat.triggers import (
+    CrontabTrigger,
     ImmediateDispatch,
+    IntervalTrigger,
     PeriodicSchedule,
     Trigger,
     trigger_from_json,
@@ -61,6 +65,8 @@ __all__ = ["SchedulerApp"]
 
 logger = logging.getLogger(__name__)
 
+_Task = TypeVar("_Task")
+
 
 class SchedulerApp:
     """A database-backed scheduler for one Taskiq broker.
@@ -77,7 +83,19 @@ class SchedulerApp:
         session_factory: async_sessionmaker[AsyncSession],
         config: SchedulerConfig | None = None,
         clock: Clock | None = None,
+        schedule_version: int = 0,
     ) -> None:
+        if (
+            isinstance(schedule_version, bool)
+            or not isinstance(schedule_version, int)
+            or schedule_version < 0
+        ):
+            raise InvalidJobError("schedule_version", schedule_version, "expected an integer >= 0")
+        self.schedule_version = schedule_version
+        """The version of the schedules declared in code on this app (see
+        :mod:`taskiq_beat.declared`): raise it when they change; an apply never overwrites
+        declarations of a higher version."""
+        self.declarations = Declarations()
         self.broker = broker
         self.session_factory = session_factory
         self.config = config or SchedulerConfig()
@@ -161,7 +179,10 @@ class SchedulerApp:
         return self._engine.running
 
     async def start(self) -> None:
-        """Load the due jobs and start the scheduling loop in the background."""
+        """Apply the schedules declared in code (if any were), load the due jobs and start
+        the scheduling loop in the background."""
+        if self.declarations.used:
+            await self.apply_declarations()
         await self._engine.start()
         self._housekeeper.start()
         logger.info("scheduler started (instance %s)", self._engine.owner)
@@ -220,6 +241,169 @@ class SchedulerApp:
             metadata=metadata,
         )
         return ChainJobBuilder(self, spec)
+
+    # ------------------------------------------------------------------ declared in code
+
+    def periodic(
+        self,
+        trigger: Trigger | CrontabTrigger | IntervalTrigger | timedelta | str,
+        *,
+        job_id: str | None = None,
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        description: str | None = None,
+        is_enabled: bool = True,
+    ) -> Callable[[_Task], _Task]:
+        """Declare a job that sends the decorated Taskiq task on ``trigger`` (a trigger, a
+        ``timedelta`` or a cron string such as ``"*/5 * * * *"``); ``job_id`` defaults to
+        the task's name. Applied when the scheduler starts (see :mod:`taskiq_beat.declared`).
+
+        :raises InvalidJobError: at once, for a bad trigger, payload, id or task.
+        """
+        checked = coerce_trigger(trigger)
+
+        def declare(task: _Task) -> _Task:
+            task_name = getattr(task, "task_name", None)
+            if not isinstance(task_name, str):
+                raise InvalidJobError(
+                    "task",
+                    task,
+                    "expected a Taskiq task: put @scheduler_app.periodic(...) above @broker.task",
+                )
+            builder = self.single(task, args, kwargs, metadata)
+            self.declarations.add(
+                [
+                    builder.definition(
+                        trigger=checked,
+                        job_id=task_name if job_id is None else job_id,
+                        name=name,
+                        description=description,
+                        is_enabled=is_enabled,
+                    )
+                ]
+            )
+            return task
+
+        return declare
+
+    def define(self, *definitions: JobDefinition) -> None:
+        """Declare jobs made with ``builder.definition(...)`` (single jobs and chains alike).
+
+        ``define()`` with no argument declares that this app's schedules live in code even
+        if there are none left: the scheduler then disables every job declared earlier.
+
+        :raises InvalidJobError: at once, for a bad definition or an id declared twice.
+        """
+        self.declarations.add(definitions)
+
+    async def apply_declarations(
+        self, session: AsyncSession | None = None, *, dry_run: bool = False
+    ) -> DeclarationPlan:
+        """Bring the jobs declared in code into the database, in one transaction; with
+        ``dry_run`` only say what would change. ``session`` defaults to a new one.
+
+        Jobs made through the API are never touched. Nothing is written when the database
+        holds declarations of a higher ``schedule_version`` than this app's.
+
+        :raises InvalidJobError: on a declaration that cannot be stored (nothing is).
+        """
+        if session is None:
+            async with self.session_factory() as own:
+                return await self.apply_declarations(own, dry_run=dry_run)
+        now = self._clock.now()
+        version = self.schedule_version
+        rows, triggers = self._definition_rows(self.declarations, now)
+        hashes = {job_id: definition_hash(row) for job_id, row in rows.items()}
+        try:
+            await self._store.lock_declarations(session)
+            stored = await self._store.load_declared(session)
+            unchanged = {
+                job_id
+                for job_id, row in stored.items()
+                if job_id in hashes and row.definition_hash == hashes[job_id]
+            }
+            # The rows to write (or refuse): what is not declared as it is stored already.
+            current = await self._store.load_schedule_state(
+                session, [job_id for job_id in rows if job_id not in unchanged]
+            )
+            versions = [row.schedule_version for row in stored.values()]
+            stored_version = max((v for v in versions if v is not None), default=None)
+            plan = DeclarationPlan(
+                schedule_version=version,
+                stored_version=stored_version,
+                added=sorted(
+                    job_id for job_id in rows if job_id not in current and job_id not in unchanged
+                ),
+                changed=sorted(
+                    job_id
+                    for job_id in rows
+                    if job_id in stored and stored[job_id].definition_hash != hashes[job_id]
+                ),
+                # An app that declared nothing (not even ``define()``) retires nothing: it
+                # may be a process that imports the app without the modules declaring jobs.
+                removed=sorted(
+                    job_id
+                    for job_id, row in stored.items()
+                    if job_id not in rows
+                    and row.definition_hash is not None
+                    and self.declarations.used
+                ),
+                unchanged=sorted(unchanged),
+                conflicts=sorted(
+                    job_id for job_id in rows if job_id in current and job_id not in stored
+                ),
+                skipped=stored_version is not None and stored_version > version,
+            )
+            if dry_run or not plan.has_changes:
+                await self._store.rollback(session)
+                self._log_plan(plan)
+                return plan
+            written = {job_id: rows[job_id] for job_id in (*plan.added, *plan.changed)}
+            _keep_schedules(written, current)
+            for job_id, row in written.items():
+                row["source"] = JobSource.CODE
+                row["definition_hash"] = hashes[job_id]
+                row["schedule_version"] = version
+            await self._store.write_declared(session, list(written.values()), version)
+            await self._store.retire_declared(session, plan.removed, version, now)
+            await self._store.commit_declared(session)
+        except BaseException:
+            await self._store.rollback(session)
+            raise
+        plan = dataclasses.replace(plan, applied=True)
+        self._log_plan(plan)
+        self._notify_rows(written, triggers)
+        for job_id in plan.removed:
+            self._engine.job_deleted(job_id)
+        return plan
+
+    def _log_plan(self, plan: DeclarationPlan) -> None:
+        if plan.conflicts:
+            logger.warning(
+                "declared jobs %s belong to jobs made through the API: left as they are",
+                ", ".join(plan.conflicts),
+            )
+        if plan.skipped:
+            logger.warning(
+                "declared schedules not applied: the database holds schedule_version %s, "
+                "newer than this app's %s",
+                plan.stored_version,
+                plan.schedule_version,
+            )
+        elif plan.applied:
+            logger.info(
+                "applied declared schedules (version %s): %d added, %d changed, "
+                "%d disabled (no longer declared), %d unchanged",
+                plan.schedule_version,
+                len(plan.added),
+                len(plan.changed),
+                len(plan.removed),
+                len(plan.unchanged),
+            )
+        else:
+            logger.debug("declared schedules: %s", plan.to_dict())
 
     # ------------------------------------------------------------------ JobWriter
 
@@ -332,6 +516,23 @@ class SchedulerApp:
         :raises InvalidJobError: on bad input (nothing is stored), including an id given twice.
         """
         now = self._clock.now()
+        rows, triggers = self._definition_rows(definitions, now)
+        if not rows:
+            return 0
+        current = await self._store.load_schedule_state(session, list(rows))
+        _keep_schedules(rows, current)
+        await self._store.write_jobs(session, list(rows.values()))  # attribute names
+        logger.info("upserted %d jobs (%d new)", len(rows), len(rows) - len(current))
+        self._notify_rows(rows, triggers)
+        return len(rows)
+
+    def _definition_rows(
+        self, definitions: Iterable[JobDefinition], now: datetime
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Trigger]]:
+        """The new-job values of ``definitions`` by id, and their (localized) triggers.
+
+        :raises InvalidJobError: on bad input, including an id given twice.
+        """
         rows: dict[str, dict[str, Any]] = {}
         triggers: dict[str, Trigger] = {}
         stored_forms: dict[Trigger, tuple[Trigger, dict[str, Any]]] = {}
@@ -361,24 +562,9 @@ class SchedulerApp:
                 now,
             )
             triggers[job_id] = trigger
-        if not rows:
-            return 0
-        current = await self._store.load_schedule_state(session, list(rows))
-        for job_id, row in rows.items():
-            state = current.get(job_id)
-            if state is None:
-                continue
-            row["revision"] = state.revision + 1
-            row["created_at"] = state.created_at
-            if not _reschedules(
-                (state.trigger, state.task_name, state.kind, state.is_enabled),
-                (row["trigger"], row["task_name"], row["kind"], row["is_enabled"]),
-            ):
-                row["next_run_at"] = state.next_run_at
-                row["last_error"] = state.last_error
-            row["last_run_at"] = state.last_run_at
-        await self._store.write_jobs(session, list(rows.values()))  # attribute names
-        logger.info("upserted %d jobs (%d new)", len(rows), len(rows) - len(current))
+        return rows, triggers
+
+    def _notify_rows(self, rows: dict[str, dict[str, Any]], triggers: dict[str, Trigger]) -> None:
         for job_id, row in rows.items():
             self._engine.job_changed(
                 job_id,
@@ -393,7 +579,6 @@ class SchedulerApp:
                 metadata=row["job_metadata"],
                 policy=row["policy"],
             )
-        return len(rows)
 
     # ------------------------------------------------------------------ management
 
@@ -734,6 +919,25 @@ def _new_job_values(
         "created_at": now,
         "updated_at": now,
     }
+
+
+def _keep_schedules(rows: dict[str, dict[str, Any]], current: dict[str, ScheduleState]) -> None:
+    """Turn new-job values into updates of the jobs that exist (``current``): their
+    creation time, next revision and last run kept, and their ``next_run_at`` and
+    ``last_error`` too unless the trigger, the task (or kind) or the enabled state changed."""
+    for job_id, row in rows.items():
+        state = current.get(job_id)
+        if state is None:
+            continue
+        row["revision"] = state.revision + 1
+        row["created_at"] = state.created_at
+        if not _reschedules(
+            (state.trigger, state.task_name, state.kind, state.is_enabled),
+            (row["trigger"], row["task_name"], row["kind"], row["is_enabled"]),
+        ):
+            row["next_run_at"] = state.next_run_at
+            row["last_error"] = state.last_error
+        row["last_run_at"] = state.last_run_at
 
 
 def _reschedules(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:

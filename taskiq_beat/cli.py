@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--end", required=True, help="ISO 8601 time with its UTC offset")
     backfill.set_defaults(handler=_handler(_backfill_job))
 
+    _add_declaration_commands(job_commands, target, output)
+
     runs = commands.add_parser("runs", parents=[target, output], help="show run history")
     runs.add_argument("job_id", nargs="?", help="only runs of this job")
     runs.add_argument(
@@ -133,8 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
         "upgrade", parents=[target], help="apply taskiq-beat's Alembic migrations"
     )
     upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the upgrade would do (a taskiq-beat 1.4 database: its conversion)",
+    )
     upgrade.set_defaults(handler=_upgrade)
     return parser
+
+
+def _add_declaration_commands(
+    job_commands: Any, target: argparse.ArgumentParser, output: argparse.ArgumentParser
+) -> None:
+    """``jobs diff`` and ``jobs apply``: the schedules declared in the app's code."""
+    for name, help_text, function in (
+        ("diff", "what applying the jobs declared in the app's code would change", _diff_jobs),
+        ("apply", "apply the jobs declared in the app's code, without running", _apply_jobs),
+    ):
+        command = job_commands.add_parser(name, parents=[target, output], help=help_text)
+        command.set_defaults(handler=_handler(function))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,6 +329,47 @@ async def _list_runs(app: SchedulerApp, session: AsyncSession, args: argparse.Na
     return _RunTable([run.to_dict() for run in runs])
 
 
+class _PlanReport(dict[str, Any]):
+    """What applying the declared jobs changes (``DeclarationPlan.to_dict()``)."""
+
+
+async def _diff_jobs(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    return await _declarations(app, session, args, dry_run=True)
+
+
+async def _apply_jobs(app: SchedulerApp, session: AsyncSession, args: argparse.Namespace) -> Any:
+    return await _declarations(app, session, args, dry_run=False)
+
+
+async def _declarations(
+    app: SchedulerApp, session: AsyncSession, args: argparse.Namespace, *, dry_run: bool
+) -> Any:
+    if not args.app:
+        raise UsageError(f"jobs {args.action} reads the app's declarations: give --app MODULE:APP")
+    plan = await app.apply_declarations(session, dry_run=dry_run)
+    return _PlanReport(plan.to_dict())
+
+
+def _plan_lines(plan: dict[str, Any]) -> list[str]:
+    stored = plan["stored_version"]
+    lines = [
+        f"schedule_version {plan['schedule_version']} "
+        f"(database: {'none' if stored is None else stored})"
+    ]
+    if plan["skipped"]:
+        lines.append("not applied: the database holds declarations of a newer schedule_version")
+    lines += [f"+ {job_id}  (added)" for job_id in plan["added"]]
+    lines += [f"~ {job_id}  (changed)" for job_id in plan["changed"]]
+    lines += [f"- {job_id}  (no longer declared: disabled)" for job_id in plan["removed"]]
+    lines += [
+        f"! {job_id}  (a job made through the API: left alone)" for job_id in plan["conflicts"]
+    ]
+    changes = len(plan["added"]) + len(plan["changed"]) + len(plan["removed"])
+    verb = "applied" if plan["applied"] else "to apply"
+    lines.append(f"{changes} changes {verb}, {len(plan['unchanged'])} unchanged")
+    return lines
+
+
 class _HealthReport(dict[str, Any]):
     """A health snapshot: the command exits 1 when it says the schedule is behind."""
 
@@ -353,9 +413,19 @@ def _upgrade(args: argparse.Namespace) -> int:
         url = args.db or os.environ.get(DATABASE_URL_ENV)
         if not url:
             raise UsageError(f"give --app MODULE:APP or --db URL (or set ${DATABASE_URL_ENV})")
-    upgrade_database(url, args.revision)
+    if args.dry_run:
+        from taskiq_beat.migrate import describe_upgrade
+
+        for line in describe_upgrade(url, args.revision):
+            sys.stdout.write(f"would {line}\n" if not line.startswith(_FACTS) else f"{line}\n")
+        return EXIT_OK
+    for line in upgrade_database(url, args.revision):
+        sys.stdout.write(f"{line}\n")
     sys.stdout.write(f"database upgraded to {args.revision}\n")
     return EXIT_OK
+
+
+_FACTS = ("taskiq-beat 1.4 database found", "current revision", "nothing to apply")
 
 
 # ---------------------------------------------------------------------------------- output
@@ -368,6 +438,7 @@ class _JobTable(list[dict[str, Any]]):
         ("TASK", "task_name"),
         ("STRATEGY", "strategy"),
         ("ENABLED", "is_enabled"),
+        ("SOURCE", "source"),
         ("NEXT RUN (UTC)", "next_run_at"),
         ("LAST RUN (UTC)", "last_run_at"),
         ("RUNS", "run_count"),
@@ -392,6 +463,8 @@ class _RunTable(list[dict[str, Any]]):
 def _print(result: Any, *, as_json: bool, out: TextIO) -> None:
     if as_json:
         out.write(json.dumps(result, indent=2, default=str) + "\n")
+    elif isinstance(result, _PlanReport):
+        out.write("\n".join(_plan_lines(result)) + "\n")
     elif isinstance(result, (_JobTable, _RunTable)):
         out.write(_table(result.columns, result) + "\n")
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["JobKind", "JobStrategy", "RunStatus"]
+__all__ = ["JobKind", "JobSource", "JobStrategy", "RunStatus"]
 
 
 class JobKind(str, enum.Enum):
@@ -14,6 +14,16 @@ class JobKind(str, enum.Enum):
     """One Taskiq task."""
     CHAIN = "chain"
     """The chain orchestrator, which runs the job's steps in order on a worker."""
+
+
+class JobSource(str, enum.Enum):
+    """Who owns a job: the API (management calls, builders) or the schedules declared in code."""
+
+    API = "api"
+    """Created or changed through the API; declarations in code never touch it."""
+    CODE = "code"
+    """Declared in code (``@scheduler_app.periodic``, ``scheduler_app.define``) and applied
+    when a scheduler starts (or by ``taskiq-beat jobs apply``)."""
 
 
 class JobStrategy(str, enum.Enum):

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
+from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -318,6 +318,14 @@ class SchedulerJob(SchedulerBase):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     policy: Mapped[dict[str, Any] | None] = mapped_column(JSONValue, nullable=True)
     """The job's policy (see :mod:`taskiq_beat.policy`): the fields set, ``None`` for none."""
+    # Schedules declared in code (see taskiq_beat.declared): who owns the row, the hash of
+    # the definition last applied (``None``: no longer declared, disabled), and the
+    # ``schedule_version`` of the process that applied it.
+    source: Mapped[JobSource] = mapped_column(
+        _enum(JobSource, "job_source"), default=JobSource.API, server_default="api", index=True
+    )
+    definition_hash: Mapped[str | None] = mapped_column(sa.String(64), default=None)
+    schedule_version: Mapped[int | None] = mapped_column(sa.Integer, default=None)
     # What the workers report, read from ``scheduler_job_stats`` with the row (see
     # SchedulerJobStats: a table of its own, so that workers counting never lock a job's
     # row while a scheduler claims it). Read-only here.
@@ -357,6 +365,9 @@ class SchedulerJob(SchedulerBase):
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "policy": _json_ready(self.policy),
+            "source": self.source.value if self.source is not None else JobSource.API.value,
+            "definition_hash": self.definition_hash,
+            "schedule_version": self.schedule_version,
             "run_count": self.run_count,
             "success_count": self.success_count,
             "failure_count": self.failure_count,

@@ -616,6 +616,7 @@ async def test_openapi_schema_describes_jobs_and_runs(
         "/jobs/{job_id}/pause",
         "/jobs/{job_id}/resume",
         "/jobs/{job_id}/run-now",
+        "/jobs/{job_id}/backfill",
         "/jobs/{job_id}/runs",
         "/runs",
         "/health",

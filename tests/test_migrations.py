@@ -32,7 +32,7 @@ from tests.utils import temporary_mysql_database, temporary_postgres_database
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 VERSION_TABLE = "taskiq_beat_alembic_version"
 SCHEDULER_TABLES = {"scheduler_job", "scheduler_job_stats", "scheduler_run", "scheduler_worker"}
-HEAD = "0003"
+HEAD = "0004_declared_jobs"
 
 
 def _config(url: str | None = None, *, output: io.StringIO | None = None) -> Config:
@@ -249,8 +249,12 @@ async def test_0002_upgrades_a_0001_database_in_place(engine: AsyncEngine) -> No
 
     async with engine.connect() as connection:
         assert await connection.run_sync(_schema_diff) == []
-        job = (await connection.execute(sa.text("SELECT name, revision FROM scheduler_job"))).one()
-        assert tuple(job) == ("kept", 3)
+        job = (
+            await connection.execute(
+                sa.text("SELECT name, revision, source, definition_hash FROM scheduler_job")
+            )
+        ).one()
+        assert tuple(job) == ("kept", 3, "api", None)  # 0004: a job made through the API
         run = (
             await connection.execute(
                 sa.text(

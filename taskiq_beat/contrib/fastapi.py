@@ -68,7 +68,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict
 
 from taskiq_beat.app import SchedulerApp
-from taskiq_beat.enums import JobKind, JobStrategy, RunStatus
+from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
 from taskiq_beat.health import SchedulerHealthSnapshot
 from taskiq_beat.models import SchedulerJob, SchedulerRun
@@ -117,6 +117,10 @@ class JobOut(BaseModel):
     updated_at: datetime
     policy: dict[str, Any] | None
     """The job's policy: the fields that differ from the defaults (see taskiq_beat.policy)."""
+    source: JobSource
+    """``code`` for a job declared in code, ``api`` for one made through the API."""
+    definition_hash: str | None
+    schedule_version: int | None
     run_count: int
     """Runs finished on a worker (succeeded, failed or lost)."""
     success_count: int

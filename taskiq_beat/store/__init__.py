@@ -8,6 +8,7 @@
   (:class:`JobRecord`, :class:`Claims`, :class:`Fire`);
 - :mod:`~taskiq_beat.store.lifecycle`: what the workers write of the runs they execute, and
   what the scheduler's housekeeping does with it (lost runs, retention);
+- :mod:`~taskiq_beat.store.declared`: applying the schedules declared in code;
 - :mod:`~taskiq_beat.store.dialects`: the hot batch statements, one module per SQL dialect.
 
 The exactly-once contract:
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 from taskiq_beat.store._common import CHANGES_CHANNEL, ChangeListener
 from taskiq_beat.store.claims import ClaimOperations
+from taskiq_beat.store.declared import DeclaredOperations, DeclaredRow
 from taskiq_beat.store.jobs import JobOperations
 from taskiq_beat.store.lifecycle import Finish, LifecycleOperations, RunStart
 from taskiq_beat.store.runs import RunOperations
@@ -54,6 +56,7 @@ __all__ = [
     "ChangeListener",
     "ClaimedFires",
     "Claims",
+    "DeclaredRow",
     "Finish",
     "Fire",
     "FirePolicies",
@@ -66,7 +69,9 @@ __all__ = [
 ]
 
 
-class SchedulerStore(JobOperations, RunOperations, ClaimOperations, LifecycleOperations):
+class SchedulerStore(
+    JobOperations, RunOperations, ClaimOperations, LifecycleOperations, DeclaredOperations
+):
     """The scheduler's database operations. See the module docstring for the contract.
 
     ``timeout`` bounds each engine operation (seconds; ``None``: unbounded).

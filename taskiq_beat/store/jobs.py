@@ -32,7 +32,10 @@ from taskiq_beat.store.values import ScheduleState
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
-__all__ = ["JobOperations"]
+__all__ = ["DECLARATION_COLUMNS", "JobOperations"]
+
+DECLARATION_COLUMNS = ("source", "definition_hash", "schedule_version")
+"""The columns that only applying the schedules declared in code writes."""
 
 
 class JobOperations:
@@ -164,7 +167,10 @@ class JobOperations:
         statement = _upsert(
             _dialect_name(session),
             _job,
-            lambda new: {c.name: new[c.name] for c in _job.c if c.name != "id"},
+            # Who owns a job (declared in code or not) is not changed by an API upsert.
+            lambda new: {
+                c.name: new[c.name] for c in _job.c if c.name not in ("id", *DECLARATION_COLUMNS)
+            },
         )
         for start in range(0, len(rows), _CHUNK):
             await session.execute(statement, list(rows[start : start + _CHUNK]))

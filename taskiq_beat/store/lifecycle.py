@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 
-from taskiq_beat.enums import JobStrategy, RunStatus
+from taskiq_beat.enums import JobSource, JobStrategy, RunStatus
 from taskiq_beat.models import SchedulerJobStats, SchedulerWorker
 from taskiq_beat.store._base import StoreCore, _time_limited
 from taskiq_beat.store._common import _dialect_name, _job, _returns_rows, _run, _upsert
@@ -222,7 +222,8 @@ class LifecycleOperations(StoreCore):
     @_time_limited
     async def purge_history(self, *, before: datetime, limit: int) -> tuple[int, int]:
         """Delete up to ``limit`` finished runs scheduled before ``before``, and up to
-        ``limit`` one-off jobs that fired for the last time before it (with their runs).
+        ``limit`` one-off jobs that fired for the last time before it (with their runs;
+        not those declared in code).
         Returns ``(runs, jobs)`` deleted; call again while either is ``limit``."""
         async with self._transaction() as session:
             old_runs = (
@@ -243,6 +244,9 @@ class LifecycleOperations(StoreCore):
                     _job.c.strategy.in_([JobStrategy.ONE_OFF, JobStrategy.IMMEDIATE]),
                     _job.c.next_run_at.is_(None),
                     _job.c.last_run_at < before,
+                    # A one-off declared in code stays: deleted, the next start would
+                    # declare it anew and it would fire again.
+                    _job.c.source == JobSource.API,
                 )
                 .limit(limit)
             )
