@@ -85,6 +85,9 @@ class JobOperations:
 
     @staticmethod
     async def rollback(session: AsyncSession) -> None:
+        from taskiq_beat.store.declared import release_declarations
+
+        await release_declarations(session)
         await session.rollback()
 
     @staticmethod
