@@ -6,6 +6,9 @@ It schedules
 - an interval job (every 2 s, created with ``.upsert`` under the id ``demo.heartbeat``),
 - a cron job with a seconds field (``second="*/5"``: at :00, :05, :10, ... of every minute),
 - a 3-step chain (extract -> transform -> load) every 6 s, starting 1 s in,
+- a flaky job every 3 s that fails every other run (its error is recorded),
+- a slow report every second that takes 2.5 s, with the per-job policy
+  ``overlap="skip"``: fires while the last report is still running are recorded ``skipped``,
 
 runs the scheduler for 14.5 s (``--seconds N`` to change that), stops it and prints the run
 history that the scheduler wrote to the database.
@@ -40,6 +43,7 @@ from taskiq_beat import (
     CrontabTrigger,
     IntervalTrigger,
     PeriodicSchedule,
+    RunStatus,
     SchedulerApp,
     SchedulerBase,
     SchedulerConfig,
@@ -81,6 +85,13 @@ async def flaky() -> None:
         raise ConnectionError("upstream did not answer (the demo fails every other run)")
     await asyncio.sleep(0.1)
     _say(f"flaky run #{counts['flaky']}: succeeded")
+
+
+@broker.task(task_name="demo.report")
+async def report() -> None:
+    counts["report"] += 1
+    _say(f"report #{counts['report']}: started, takes 2.5 s (fires meanwhile are skipped)")
+    await asyncio.sleep(2.5)
 
 
 @broker.task(task_name="demo.cron_tick")
@@ -147,6 +158,16 @@ async def schedule_jobs(app: SchedulerApp, session_factory: async_sessionmaker[A
             job_id="demo.flaky",
             name="flaky every 3 s",
         )
+        await (
+            app.single(report)
+            .policy(overlap="skip")
+            .upsert(
+                session,
+                trigger=PeriodicSchedule(interval=IntervalTrigger(seconds=1)),
+                job_id="demo.report",
+                name="slow report every 1 s, overlap=skip",
+            )
+        )
         for job in await app.list_jobs(session):
             _say(f"job {job.id!r} ({job.strategy.value}) first fire at {_clock(job.next_run_at)}")
 
@@ -210,6 +231,7 @@ async def print_history(app: SchedulerApp, session_factory: async_sessionmaker[A
     print()
     print("Runs per job (counters the workers keep on each job):")
     per_job = Counter(run.job_id for run in runs)
+    skipped = Counter(run.job_id for run in runs if run.status is RunStatus.SKIPPED)
     for job_id in sorted(jobs):
         job = jobs[job_id]
         last = (
@@ -220,6 +242,7 @@ async def print_history(app: SchedulerApp, session_factory: async_sessionmaker[A
         print(
             f"  {job_id:<16} {per_job[job_id]:>3} fires, {job.success_count:>3} succeeded,"
             f" {job.failure_count:>3} failed, last run took {last}"
+            + (f" ({skipped[job_id]} skipped by its policy)" if skipped[job_id] else "")
         )
     print(flush=True)
     return len(runs)

@@ -1,10 +1,24 @@
 """taskiq-beat: a database-backed scheduler for Taskiq."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from taskiq_beat.app import SchedulerApp
-from taskiq_beat.builders import ChainJobBuilder, JobDefinition, SingleJobBuilder
-from taskiq_beat.chain import CHAIN_TASK_NAME, ChainStep, register_chain_orchestrator
+from taskiq_beat.builders import (
+    ChainJobBuilder,
+    ChainScheduleBuilder,
+    JobDefinition,
+    SingleJobBuilder,
+    SingleScheduleBuilder,
+)
+from taskiq_beat.chain import (
+    CHAIN_ORCHESTRATOR_TASK_NAME,
+    CHAIN_TASK_NAME,
+    ChainStep,
+    TaskChain,
+    register_chain_orchestrator,
+)
 from taskiq_beat.clock import Clock, SystemClock
-from taskiq_beat.config import SchedulerConfig
+from taskiq_beat.config import DEFAULT_TIMEZONE, SchedulerConfig
 from taskiq_beat.declared import DeclarationPlan
 from taskiq_beat.discovery import TaskDiscovery, discover_task_modules
 from taskiq_beat.dispatch import JOB_ID_LABEL, RUN_ID_LABEL, SCHEDULED_FOR_LABEL, fire_task_id
@@ -12,7 +26,9 @@ from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus
 from taskiq_beat.events import EventKind, SchedulerEvent
 from taskiq_beat.exceptions import (
     ChainAbortedError,
+    ChainStepFailedError,
     CorruptJobError,
+    InvalidConfigError,
     InvalidJobError,
     InvalidTriggerError,
     JobExistsError,
@@ -23,31 +39,50 @@ from taskiq_beat.exceptions import (
 from taskiq_beat.health import SchedulerHealthSnapshot
 from taskiq_beat.models import SchedulerBase, SchedulerJob, SchedulerRun, SchedulerWorker
 from taskiq_beat.policy import JobPolicy
+from taskiq_beat.scheduler_runner import ImportPathResolver, SchedulerRunner, SchedulerRunnerCli
+from taskiq_beat.shortcuts import calendar, cron, daily, every, hourly, weekly
 from taskiq_beat.triggers import (
+    CalendarTrigger,
     CrontabTrigger,
     ImmediateDispatch,
     IntervalTrigger,
     OneOffSchedule,
     PeriodicSchedule,
     Trigger,
+    TriggerInput,
+    format_interval,
+    parse_interval,
 )
 from taskiq_beat.worker import RunLifecycleMiddleware
 
+try:
+    __version__ = version("taskiq-beat")
+    """The installed version of taskiq-beat (from the package metadata)."""
+except PackageNotFoundError:  # pragma: no cover - imported from a source tree never installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "CHAIN_ORCHESTRATOR_TASK_NAME",
     "CHAIN_TASK_NAME",
+    "DEFAULT_TIMEZONE",
     "JOB_ID_LABEL",
     "RUN_ID_LABEL",
     "SCHEDULED_FOR_LABEL",
+    "CalendarTrigger",
     "ChainAbortedError",
     "ChainJobBuilder",
+    "ChainScheduleBuilder",
     "ChainStep",
+    "ChainStepFailedError",
     "Clock",
     "CorruptJobError",
     "CrontabTrigger",
     "DeclarationPlan",
     "EventKind",
     "ImmediateDispatch",
+    "ImportPathResolver",
     "IntervalTrigger",
+    "InvalidConfigError",
     "InvalidJobError",
     "InvalidTriggerError",
     "JobDefinition",
@@ -68,14 +103,28 @@ __all__ = [
     "SchedulerHealthSnapshot",
     "SchedulerJob",
     "SchedulerRun",
+    "SchedulerRunner",
+    "SchedulerRunnerCli",
     "SchedulerWorker",
     "SingleJobBuilder",
+    "SingleScheduleBuilder",
     "SystemClock",
+    "TaskChain",
     "TaskDiscovery",
     "TaskiqBeatError",
     "Trigger",
+    "TriggerInput",
     "UnknownTaskError",
+    "__version__",
+    "calendar",
+    "cron",
+    "daily",
     "discover_task_modules",
+    "every",
     "fire_task_id",
+    "format_interval",
+    "hourly",
+    "parse_interval",
     "register_chain_orchestrator",
+    "weekly",
 ]

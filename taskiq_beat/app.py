@@ -42,12 +42,14 @@ from taskiq_beat.models import (
 )
 from taskiq_beat.policy import MAX_BACKFILL, fires_between
 from taskiq_beat.store import Fire, SchedulerStore, ScheduleState
+from taskiq_beat.store.values import JOB_SORT_COLUMNS, JobSummary, WorkerSummary
 from taskiq_beat.triggers import (
     CrontabTrigger,
     ImmediateDispatch,
     IntervalTrigger,
     PeriodicSchedule,
     Trigger,
+    TriggerInput,
     trigger_from_json,
     trigger_to_json,
     validate_trigger,
@@ -411,14 +413,16 @@ class SchedulerApp:
         self,
         spec: JobSpec,
         session: AsyncSession,
-        trigger: Trigger | None,
+        trigger: TriggerInput | None,
         *,
         job_id: str | None,
         name: str | None,
         description: str | None,
         is_enabled: bool,
     ) -> SchedulerJob:
-        trigger = self._localize(validate_trigger(trigger or ImmediateDispatch()))
+        trigger = self._localize(
+            validate_trigger(ImmediateDispatch() if trigger is None else trigger)
+        )
         self._check_policy(spec)
         job_id = _check_job_id(job_id) if job_id is not None else str(uuid.uuid4())
         now = self._clock.now()
@@ -453,7 +457,7 @@ class SchedulerApp:
         spec: JobSpec,
         session: AsyncSession,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None,
         description: str | None,
@@ -535,7 +539,7 @@ class SchedulerApp:
         """
         rows: dict[str, dict[str, Any]] = {}
         triggers: dict[str, Trigger] = {}
-        stored_forms: dict[Trigger, tuple[Trigger, dict[str, Any]]] = {}
+        stored_forms: dict[TriggerInput, tuple[Trigger, dict[str, Any]]] = {}
         for definition in definitions:
             if not isinstance(definition, JobDefinition):
                 raise InvalidJobError("definitions", definition, "expected JobDefinition values")
@@ -609,6 +613,54 @@ class SchedulerApp:
         return await self._store.list_jobs(
             session, is_enabled=is_enabled, task_name=task_name, limit=limit, offset=offset
         )
+
+    async def page_jobs(
+        self,
+        session: AsyncSession,
+        *,
+        search: str | None = None,
+        is_enabled: bool | None = None,
+        task_name: str | None = None,
+        sort: str = "id",
+        descending: bool = False,
+        after: tuple[Any, str] | None = None,
+        before: tuple[Any, str] | None = None,
+        limit: int = 50,
+    ) -> list[JobSummary]:
+        """One page of a job listing (what the dashboard shows), paged by key: ``after`` /
+        ``before`` is the ``(sort value, id)`` of the row the page follows / precedes.
+
+        ``sort`` is one of ``id``, ``name``, ``task_name``, ``next_run_at``, ``last_run_at``
+        (empty values last); ``search`` matches id or name anywhere, ignoring case.
+
+        :raises InvalidJobError: for an unknown sort, a limit outside 1-1000, or both cursors.
+        """
+        if sort not in JOB_SORT_COLUMNS:
+            raise InvalidJobError("sort", sort, f"expected one of {', '.join(JOB_SORT_COLUMNS)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidJobError("limit", limit, "expected an integer from 1 to 1000")
+        if after is not None and before is not None:
+            raise InvalidJobError("before", before, "give after or before, not both")
+        return await self._store.page_jobs(
+            session,
+            search=search,
+            is_enabled=is_enabled,
+            task_name=task_name,
+            sort=sort,
+            descending=descending,
+            after=after,
+            before=before,
+            limit=limit,
+        )
+
+    async def task_names(self, session: AsyncSession) -> list[str]:
+        """The distinct task names of the jobs, sorted (at most 500)."""
+        return await self._store.task_names(session)
+
+    async def list_workers(self, session: AsyncSession, *, limit: int = 200) -> list[WorkerSummary]:
+        """The workers that reported runs: those not stopped first, each with the number of
+        runs it is executing now."""
+        return await self._store.list_workers(session, limit=limit)
 
     async def list_runs(
         self,
@@ -772,11 +824,16 @@ class SchedulerApp:
             )
 
     def _localize(self, trigger: Trigger) -> Trigger:
-        """Give a crontab without a timezone the configured default timezone."""
-        crontab = trigger.crontab if isinstance(trigger, PeriodicSchedule) else None
+        """Give a crontab (or a calendar's rules) without a timezone the configured default."""
+        if not isinstance(trigger, PeriodicSchedule):
+            return trigger
+        crontab, calendar = trigger.crontab, trigger.calendar
         if crontab is not None and crontab.timezone is None:
             crontab = crontab.with_timezone(self.config.default_timezone)
             return trigger.model_copy(update={"crontab": crontab})
+        if calendar is not None and any(rule.timezone is None for rule in calendar.rules):
+            calendar = calendar.with_timezone(self.config.default_timezone)
+            return trigger.model_copy(update={"calendar": calendar})
         return trigger
 
     def _new_job(

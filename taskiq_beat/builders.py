@@ -24,9 +24,16 @@ if TYPE_CHECKING:
     from taskiq import AsyncBroker
 
     from taskiq_beat.models import SchedulerJob
-    from taskiq_beat.triggers import Trigger
+    from taskiq_beat.triggers import TriggerInput
 
-__all__ = ["ChainJobBuilder", "JobDefinition", "JobSpec", "SingleJobBuilder"]
+__all__ = [
+    "ChainJobBuilder",
+    "ChainScheduleBuilder",
+    "JobDefinition",
+    "JobSpec",
+    "SingleJobBuilder",
+    "SingleScheduleBuilder",
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ class JobDefinition:
     kept for later. Made by ``builder.definition(...)``."""
 
     spec: JobSpec
-    trigger: Trigger
+    trigger: TriggerInput
     job_id: str
     name: str | None = None
     description: str | None = None
@@ -62,7 +69,7 @@ class JobWriter(Protocol):
         self,
         spec: JobSpec,
         session: AsyncSession,
-        trigger: Trigger | None,
+        trigger: TriggerInput | None,
         *,
         job_id: str | None,
         name: str | None,
@@ -75,7 +82,7 @@ class JobWriter(Protocol):
         spec: JobSpec,
         session: AsyncSession,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None,
         description: str | None,
@@ -121,7 +128,7 @@ class _Builder:
     async def schedule(
         self,
         session: AsyncSession,
-        trigger: Trigger | None = None,
+        trigger: TriggerInput | None = None,
         *,
         job_id: str | None = None,
         name: str | None = None,
@@ -129,6 +136,8 @@ class _Builder:
         is_enabled: bool = True,
     ) -> SchedulerJob:
         """Store a new job and return its row. Without a trigger the task is sent at once.
+
+        ``trigger`` also takes a cron string (``"0 9 * * mon-fri"``) or a ``timedelta``.
 
         :raises InvalidJobError: on bad input (nothing is stored), including an existing
             ``job_id`` (use :meth:`upsert` to update a job).
@@ -147,7 +156,7 @@ class _Builder:
         self,
         session: AsyncSession,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None = None,
         description: str | None = None,
@@ -173,7 +182,7 @@ class _Builder:
     def definition(
         self,
         *,
-        trigger: Trigger,
+        trigger: TriggerInput,
         job_id: str,
         name: str | None = None,
         description: str | None = None,
@@ -189,6 +198,12 @@ class SingleJobBuilder(_Builder):
 
 class ChainJobBuilder(_Builder):
     """Builds a job that runs steps in order through the chain orchestrator."""
+
+
+SingleScheduleBuilder = SingleJobBuilder
+"""taskiq-beat 1.4's name of :class:`SingleJobBuilder` (what ``single()`` returns)."""
+ChainScheduleBuilder = ChainJobBuilder
+"""taskiq-beat 1.4's name of :class:`ChainJobBuilder` (what ``chain()`` returns)."""
 
 
 def task_name_of(broker: AsyncBroker, task: Any, field_name: str = "task") -> str:

@@ -25,12 +25,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHAIN_JOB_ID_LABEL",
+    "CHAIN_ORCHESTRATOR_TASK_NAME",
     "CHAIN_SCHEDULED_FOR_LABEL",
     "CHAIN_STEP_LABEL",
     "CHAIN_TASK_ID_LABEL",
     "CHAIN_TASK_NAME",
     "ChainSpec",
     "ChainStep",
+    "TaskChain",
     "chain_orchestrator",
     "register_chain_orchestrator",
 ]
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 CHAIN_TASK_NAME = "taskiq_beat.chain_orchestrator"
 """The name under which the orchestrator task is registered on the broker."""
+CHAIN_ORCHESTRATOR_TASK_NAME = CHAIN_TASK_NAME
+"""taskiq-beat 1.4's name of :data:`CHAIN_TASK_NAME`."""
 
 OnFailure = Literal["stop", "restart"]
 
@@ -115,6 +119,11 @@ class ChainSpec(BaseModel):
     on_failure: OnFailure = "stop"
     max_chain_attempts: int = Field(default=1, ge=1)
     wait_poll_interval_seconds: float = Field(default=0.5, gt=0)
+
+
+TaskChain = ChainSpec
+"""taskiq-beat 1.4's name of the whole chain as the orchestrator receives it: here
+:class:`ChainSpec` (every step's defaults resolved). Build chains with ``chain(steps=...)``."""
 
 
 async def chain_orchestrator(

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.set_defaults(handler=_handler(_health))
 
+    add_dashboard_command(commands, target)
+
     database = commands.add_parser("db", help="database schema")
     db_commands = database.add_subparsers(dest="action", required=True, metavar="ACTION")
     upgrade = db_commands.add_parser(
@@ -426,6 +428,120 @@ def _upgrade(args: argparse.Namespace) -> int:
 
 
 _FACTS = ("taskiq-beat 1.4 database found", "current revision", "nothing to apply")
+
+
+# ---------------------------------------------------------------------------------- dashboard
+
+DASHBOARD_TOKEN_ENV = "TASKIQ_BEAT_DASHBOARD_TOKEN"
+DASHBOARD_BASIC_AUTH_ENV = "TASKIQ_BEAT_DASHBOARD_BASIC_AUTH"
+
+
+def add_dashboard_command(commands: Any, target: argparse.ArgumentParser) -> None:
+    """``taskiq-beat dashboard``: the web dashboard on its own (needs the dashboard extra)."""
+    dashboard = commands.add_parser(
+        "dashboard",
+        parents=[target],
+        help="serve the web dashboard (pip install 'taskiq-beat[dashboard]')",
+        description="Serve the web dashboard. With --db it shows and manages jobs but cannot "
+        "run them now (that needs the broker of --app).",
+    )
+    dashboard.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    login = dashboard.add_mutually_exclusive_group()
+    login.add_argument(
+        "--token",
+        default=None,
+        help=f"access token asked by a login form or sent as Bearer (or ${DASHBOARD_TOKEN_ENV})",
+    )
+    login.add_argument(
+        "--basic-auth",
+        default=None,
+        metavar="USER:PASSWORD",
+        help=f"HTTP basic auth (or ${DASHBOARD_BASIC_AUTH_ENV})",
+    )
+    dashboard.add_argument(
+        "--read-only", action="store_true", help="show everything, change nothing"
+    )
+    dashboard.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve without a login on an address other than loopback (not recommended)",
+    )
+    dashboard.add_argument(
+        "--poll", type=float, default=5.0, metavar="SECONDS", help="live refresh (default: 5)"
+    )
+    dashboard.set_defaults(handler=_dashboard)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import contextlib
+    import ipaddress
+    import logging
+    from collections.abc import AsyncIterator
+
+    try:
+        import uvicorn
+
+        from taskiq_beat.dashboard import create_dashboard
+    except ImportError as exc:
+        raise UsageError(
+            f"the dashboard needs its extra: pip install 'taskiq-beat[dashboard]' ({exc})"
+        ) from None
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be 1-65535, got {args.port}")
+    if args.poll < 0:
+        raise UsageError(f"--poll must not be negative, got {args.poll}")
+    token = args.token or (None if args.basic_auth else os.environ.get(DASHBOARD_TOKEN_ENV))
+    basic = args.basic_auth or (None if token else os.environ.get(DASHBOARD_BASIC_AUTH_ENV))
+    credentials: tuple[str, str] | None = None
+    if basic:
+        user, _, password = basic.partition(":")
+        if not user or not password:
+            raise UsageError("--basic-auth must be USER:PASSWORD")
+        credentials = (user, password)
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not (token or credentials or loopback or args.no_auth):
+        raise UsageError(
+            f"--host {args.host} is reachable from other machines: give --token or "
+            "--basic-auth (or --no-auth to serve it open)"
+        )
+    app = _open_app(args)
+    sends = bool(args.app)
+    dashboard = create_dashboard(
+        app,
+        token=token or None,
+        basic_auth=credentials,
+        read_only=args.read_only,
+        can_run_now=sends,
+        poll_seconds=args.poll,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        if sends:
+            await app.broker.startup()
+        try:
+            yield
+        finally:
+            if sends:
+                await app.broker.shutdown()
+            bind = app.session_factory.kw.get("bind")
+            if bind is not None:
+                await bind.dispose()
+
+    dashboard.router.lifespan_context = lifespan
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.stderr.write(
+        f"taskiq-beat dashboard on http://{args.host}:{args.port}/"
+        f"{' (read-only)' if args.read_only else ''}\n"
+    )
+    uvicorn.run(dashboard, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------- output

@@ -1,12 +1,23 @@
-"""Scheduler settings, validated when constructed."""
+"""Scheduler settings, validated when constructed; also readable from the environment
+(``SchedulerConfig.from_env()``, every field as ``TASKIQ_BEAT_<FIELD>``)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import functools
+from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from taskiq_beat.exceptions import InvalidConfigError
 from taskiq_beat.triggers import resolve_timezone
 
-__all__ = ["SchedulerConfig"]
+__all__ = ["DEFAULT_TIMEZONE", "ENV_PREFIX", "SchedulerConfig"]
+
+DEFAULT_TIMEZONE = "UTC"
+"""Timezone of a ``CrontabTrigger`` that names none, unless ``default_timezone`` says another."""
+
+ENV_PREFIX = "TASKIQ_BEAT_"
+"""Prefix of the environment variables read by ``SchedulerConfig.from_env()``."""
 
 
 class SchedulerConfig(BaseModel):
@@ -33,7 +44,7 @@ class SchedulerConfig(BaseModel):
     coalesces every overdue fire."""
     record_runs: bool = True
     """Keep a ``scheduler_run`` row per fire after it was sent (claims are written regardless)."""
-    default_timezone: str = "UTC"
+    default_timezone: str = DEFAULT_TIMEZONE
     """Timezone of a ``CrontabTrigger`` that names none."""
     lookahead_seconds: float | None = Field(default=None, gt=0)
     """How far ahead each sync loads jobs; defaults to twice ``sync_interval_seconds``."""
@@ -93,7 +104,67 @@ class SchedulerConfig(BaseModel):
             )
         return self
 
+    @classmethod
+    def from_env(cls, **overrides: Any) -> SchedulerConfig:
+        """A config whose fields come from ``overrides``, else from the environment variables
+        ``TASKIQ_BEAT_<FIELD>`` (``TASKIQ_BEAT_SYNC_INTERVAL_SECONDS=2.5``; names are not
+        case-sensitive), else from the defaults. Read with pydantic-settings (the ``env``
+        extra): numbers as written, booleans as ``true``/``false``/``1``/``0``, ``none`` for
+        ``None``; an empty variable counts as unset.
+
+        Validation is the constructor's, on the merged values.
+
+        :raises InvalidConfigError: naming the variable (or the keyword) and its value.
+        :raises ImportError: if pydantic-settings is not installed.
+        """
+        values = {**_read_environment(), **overrides}
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = str(error["loc"][0]) if error["loc"] else ""
+            reason = str(error["msg"]).removeprefix("Value error, ")
+            if field and field not in overrides and field in values:
+                raise InvalidConfigError(
+                    f"{ENV_PREFIX}{field.upper()}", values[field], reason
+                ) from None
+            raise InvalidConfigError(
+                field or "SchedulerConfig", error.get("input"), reason
+            ) from None
+
     @property
     def lookahead(self) -> float:
         """The look-ahead window of a sync, in seconds."""
         return self.lookahead_seconds or 2 * self.sync_interval_seconds
+
+
+def _read_environment() -> dict[str, Any]:
+    """The fields of ``SchedulerConfig`` set in the environment, as pydantic-settings reads
+    them, not yet validated."""
+    source_class, settings_class = _settings_classes()
+    return dict(source_class(settings_class)())
+
+
+@functools.cache
+def _settings_classes() -> tuple[Any, Any]:
+    try:
+        from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+    except ImportError as exc:  # pragma: no cover - the env extra is part of the test extra
+        raise ImportError(
+            "SchedulerConfig.from_env() needs pydantic-settings: pip install 'taskiq-beat[env]'"
+        ) from exc
+
+    class _EnvironmentFields(SchedulerConfig, BaseSettings):
+        """``SchedulerConfig``'s fields as pydantic-settings sees them; only read, never
+        instantiated."""
+
+        model_config = SettingsConfigDict(
+            env_prefix=ENV_PREFIX,
+            env_ignore_empty=True,
+            env_parse_none_str="none",
+            case_sensitive=False,
+            frozen=True,
+            extra="forbid",
+        )
+
+    return EnvSettingsSource, _EnvironmentFields

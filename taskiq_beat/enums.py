@@ -33,6 +33,8 @@ class JobStrategy(str, enum.Enum):
     ONE_OFF = "one_off"
     INTERVAL = "interval"
     CRONTAB = "crontab"
+    CALENDAR = "calendar"
+    """A union of cron rules (``PeriodicSchedule(calendar=...)``)."""
 
 
 class RunStatus(str, enum.Enum):

@@ -9,6 +9,7 @@ The hierarchy::
     │   ├── UnknownTaskError                  a task name the broker does not know
     │   └── JobExistsError                    the job id (or that fire) is taken already
     ├── CorruptJobError (ValueError)          a stored row the scheduler cannot read back
+    ├── InvalidConfigError (ValueError)       a bad setting in the environment or keywords
     └── ChainAbortedError (RuntimeError)      a chain gave up after its retry budget
 
 Every message names the offending field or id and its value.
@@ -20,7 +21,9 @@ from typing import Any
 
 __all__ = [
     "ChainAbortedError",
+    "ChainStepFailedError",
     "CorruptJobError",
+    "InvalidConfigError",
     "InvalidJobError",
     "InvalidTriggerError",
     "JobExistsError",
@@ -92,3 +95,23 @@ class CorruptJobError(TaskiqBeatError, ValueError):
 
 class ChainAbortedError(TaskiqBeatError, RuntimeError):
     """A chain stopped because a step failed after all its attempts."""
+
+
+class InvalidConfigError(TaskiqBeatError, ValueError):
+    """``SchedulerConfig.from_env()`` got a value it cannot use.
+
+    ``field`` names the environment variable (``TASKIQ_BEAT_SYNC_INTERVAL_SECONDS``) or the
+    keyword it came from, and ``value`` holds what was given.
+    """
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        super().__init__(f"invalid {field}={describe_value(value)}: {reason}")
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+
+ChainStepFailedError = ChainAbortedError
+"""taskiq-beat 1.4's error for a chain step that used all its attempts. Here a failed step
+ends (or restarts) its chain and the orchestrator raises :class:`ChainAbortedError`, whose
+message names the step; ``except ChainStepFailedError`` catches it."""

@@ -22,7 +22,15 @@ from typing import Any
 
 from taskiq_beat.app import SchedulerApp
 
-__all__ = ["SchedulerRunner", "add_run_arguments", "import_object", "main", "run_command"]
+__all__ = [
+    "ImportPathResolver",
+    "SchedulerRunner",
+    "SchedulerRunnerCli",
+    "add_run_arguments",
+    "import_object",
+    "main",
+    "run_command",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,15 @@ def import_object(path: str) -> Any:
         except AttributeError:
             raise ValueError(f"{module_name!r} has no attribute {attribute!r}") from None
     return target
+
+
+class ImportPathResolver:
+    """taskiq-beat 1.4's importer of ``module:attribute`` paths; :func:`import_object`."""
+
+    @staticmethod
+    def load(path: str) -> Any:
+        """Import the object at ``path`` (see :func:`import_object`)."""
+        return import_object(path)
 
 
 def load_scheduler_app(path: str) -> SchedulerApp:
@@ -81,6 +98,28 @@ class SchedulerRunner:
         self.scheduler_app = scheduler_app
         self.startup_hooks = tuple(startup_hooks)
         self.manage_broker = manage_broker
+
+    async def start(self) -> None:
+        """Start the broker (when managed), run the startup hooks, start the scheduler."""
+        app = self.scheduler_app
+        if self.manage_broker:
+            app.broker.is_scheduler_process = True
+            await app.broker.startup()
+        for hook in self.startup_hooks:
+            await call_hook(hook, app)
+        await app.start()
+
+    async def stop(self) -> None:
+        """Stop the scheduler, then the broker (when managed)."""
+        try:
+            await self.scheduler_app.stop()
+        finally:
+            if self.manage_broker:
+                await self.scheduler_app.broker.shutdown()
+
+    async def run_forever(self) -> None:
+        """Run until SIGINT or SIGTERM (taskiq-beat 1.4's name of :meth:`run`)."""
+        await self.run()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set, or until SIGINT/SIGTERM when no event is given."""
@@ -167,13 +206,39 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class SchedulerRunnerCli:
+    """taskiq-beat 1.4's command-line entry of the scheduler process (``taskiq-beat-scheduler``),
+    over the same arguments as ``taskiq-beat run``."""
+
+    @staticmethod
+    def build_parser() -> argparse.ArgumentParser:
+        """The parser of ``taskiq-beat-scheduler``."""
+        parser = argparse.ArgumentParser(
+            prog="taskiq-beat-scheduler", description="Run a taskiq-beat scheduler process."
+        )
+        add_run_arguments(parser)
+        return parser
+
+    @classmethod
+    def build_runner(cls, argv: Sequence[str] | None = None) -> SchedulerRunner:
+        """Parse ``argv`` and import the app and its hooks (``--metrics-port`` is served by
+        :meth:`main` only)."""
+        args = cls.build_parser().parse_args(argv)
+        return SchedulerRunner(
+            load_scheduler_app(args.scheduler_app),
+            startup_hooks=[import_object(path) for path in args.startup],
+            manage_broker=not args.skip_broker_lifespan,
+        )
+
+    @classmethod
+    def main(cls, argv: Sequence[str] | None = None) -> int:
+        """Run the scheduler process described by ``argv``."""
+        return run_command(cls.build_parser().parse_args(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``taskiq-beat-scheduler`` and ``python -m taskiq_beat.scheduler_runner``."""
-    parser = argparse.ArgumentParser(
-        prog="taskiq-beat-scheduler", description="Run a taskiq-beat scheduler process."
-    )
-    add_run_arguments(parser)
-    return run_command(parser.parse_args(argv))
+    return SchedulerRunnerCli.main(argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ Every trigger has a pure ``get_next_run_at(after)`` returning the first fire str
 ``after`` as an aware UTC datetime (or ``None`` when it never fires again), and round-trips
 through a versioned JSON form (:func:`trigger_to_json` / :func:`trigger_from_json`).
 
+A ``PeriodicSchedule`` is driven by one of three rules: an ``IntervalTrigger`` (a fixed
+period), a ``CrontabTrigger`` (one cron expression) or a ``CalendarTrigger`` (a union of cron
+expressions, each instant fired once). Where a trigger is expected, a cron string stands for a
+``CrontabTrigger`` and an interval string (``"1h30m"``) or a ``timedelta`` for an
+``IntervalTrigger``; both are stored as the trigger they stand for.
+
 Cron in a named timezone follows wall-clock time across daylight saving changes:
 
 - a wall-clock time that does not exist (spring forward) fires once, at the first instant
@@ -18,6 +24,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -39,14 +47,18 @@ from taskiq_beat.models import decode_json
 
 __all__ = [
     "TRIGGER_FORMAT_VERSION",
+    "CalendarTrigger",
     "CrontabTrigger",
     "ImmediateDispatch",
     "IntervalTrigger",
     "OneOffSchedule",
     "PeriodicSchedule",
     "Trigger",
+    "TriggerInput",
+    "format_interval",
     "latest_due_fire",
     "next_due_fire",
+    "parse_interval",
     "resolve_timezone",
     "trigger_from_json",
     "trigger_from_text",
@@ -173,8 +185,138 @@ class IntervalTrigger(_Frozen):
             seconds=self.seconds,
         )
 
+    @classmethod
+    def parse(cls, value: Any, field: str = "interval") -> IntervalTrigger:
+        """Build an interval from a string such as ``"5m"``, ``"1h30m"`` or ``"90s"`` (the
+        units as written are what is stored), a ``timedelta``, or a number of seconds.
+
+        :raises InvalidTriggerError: naming ``field`` and the value, for anything else or a
+            period that is not longer than zero.
+        """
+        if isinstance(value, IntervalTrigger):
+            return value
+        if isinstance(value, str):
+            return cls(**_interval_parts(value, field))
+        if isinstance(value, timedelta):
+            return cls(**_timedelta_parts(value, field))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or value <= 0:
+                raise InvalidTriggerError(field, value, "the interval must be longer than zero")
+            return cls(seconds=value)
+        raise InvalidTriggerError(
+            field, value, "expected an interval string such as '5m' or '1h30m', or a timedelta"
+        )
+
+
+# An interval string: integers with the units w, d, h, m, s (seconds may have a fraction of up
+# to six digits), largest unit first, each at most once, e.g. "1h30m", "90s", "1w 2d".
+_INTERVAL_UNITS = (
+    ("w", "weeks"),
+    ("d", "days"),
+    ("h", "hours"),
+    ("m", "minutes"),
+    ("s", "seconds"),
+)
+_INTERVAL_RE = re.compile(
+    r"\s*(?:(?P<w>\d+)\s*w)?\s*(?:(?P<d>\d+)\s*d)?\s*(?:(?P<h>\d+)\s*h)?"
+    r"\s*(?:(?P<m>\d+)\s*m)?\s*(?:(?P<s>\d+(?:\.\d{1,6})?)\s*s)?\s*",
+    re.IGNORECASE,
+)
+_INTERVAL_HELP = (
+    "expected an interval such as '5m', '1h30m', '90s' or '1w 2d': whole numbers with the "
+    "units w, d, h, m, s (largest first, each once)"
+)
+_MAX_INTERVAL = timedelta(days=100 * 366)
+
+
+def _interval_parts(text: str, field: str) -> dict[str, float]:
+    """The unit counts of an interval string, checked: ``{"hours": 1, "minutes": 30}``."""
+    match = _INTERVAL_RE.fullmatch(text)
+    if match is None or not any(match.groupdict().values()):
+        raise InvalidTriggerError(field, text, _INTERVAL_HELP)
+    parts: dict[str, float] = {}
+    for unit, name in _INTERVAL_UNITS:
+        count = match.group(unit)
+        if count is not None:
+            parts[name] = float(count) if "." in count else int(count)
+    total = _timedelta_of(parts, field, text)
+    if total <= timedelta(0):
+        raise InvalidTriggerError(field, text, "the interval must be longer than zero")
+    return parts
+
+
+def _timedelta_of(parts: dict[str, float], field: str, value: Any) -> timedelta:
+    try:
+        total = timedelta(**parts)
+    except OverflowError:
+        total = _MAX_INTERVAL * 2
+    if total > _MAX_INTERVAL:
+        raise InvalidTriggerError(field, value, "the interval must be at most 100 years")
+    return total
+
+
+def _timedelta_parts(value: timedelta, field: str) -> dict[str, float]:
+    """A positive ``timedelta`` as days, hours, minutes and seconds (zero units left out)."""
+    if value <= timedelta(0):
+        raise InvalidTriggerError(field, value, "the interval must be longer than zero")
+    _timedelta_of({"days": value.days, "seconds": value.seconds}, field, value)
+    hours, rest = divmod(value.seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts: dict[str, float] = {}
+    for name, count in (("days", value.days), ("hours", hours), ("minutes", minutes)):
+        if count:
+            parts[name] = count
+    if value.microseconds:
+        parts["seconds"] = seconds + value.microseconds / 1_000_000
+    elif seconds:
+        parts["seconds"] = seconds
+    return parts
+
+
+def parse_interval(text: str, field: str = "interval") -> timedelta:
+    """The period of an interval string (``"1h30m"`` is 90 minutes).
+
+    :raises InvalidTriggerError: naming ``field`` and ``text`` if it is not an interval string
+        (``"5 minutes ago"``) or not longer than zero.
+    """
+    if not isinstance(text, str):
+        raise InvalidTriggerError(field, text, _INTERVAL_HELP)
+    return timedelta(**_interval_parts(text, field))
+
+
+def format_interval(period: timedelta) -> str:
+    """The shortest interval string of a positive ``period``: ``format_interval(timedelta(
+    minutes=90)) == "1h30m"``; :func:`parse_interval` reads it back to the same period."""
+    if period <= timedelta(0):
+        raise InvalidTriggerError("period", period, "the interval must be longer than zero")
+    weeks, days = divmod(period.days, 7)
+    hours, rest = divmod(period.seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = "".join(
+        f"{count}{unit}"
+        for count, unit in ((weeks, "w"), (days, "d"), (hours, "h"), (minutes, "m"))
+        if count
+    )
+    if period.microseconds:
+        fraction = f"{period.microseconds:06d}".rstrip("0")
+        text += f"{seconds}.{fraction}s"
+    elif seconds:
+        text += f"{seconds}s"
+    return text
+
 
 _CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week", "second")
+
+
+_CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
 
 
 class CrontabTrigger(_Frozen):
@@ -245,6 +387,48 @@ class CrontabTrigger(_Frozen):
     def expression(self) -> str:
         """The croniter expression (seconds last)."""
         return " ".join(getattr(self, name) for name in _CRON_FIELDS)
+
+    @property
+    def cron(self) -> str:
+        """The cron string of this trigger, as :meth:`from_expression` reads it: five fields
+        when ``second`` is ``"0"``, else six with the seconds first."""
+        fields = " ".join(getattr(self, name) for name in _CRON_FIELDS[:5])
+        return fields if self.second == "0" else f"{self.second} {fields}"
+
+    @classmethod
+    def from_expression(
+        cls, expression: str, timezone: str | None = None, *, field: str = "crontab"
+    ) -> CrontabTrigger:
+        """Build a trigger from a cron string: five fields (``"0 9 * * mon-fri"``: minute,
+        hour, day of month, month, day of week; fires at second 0), six fields with the
+        seconds first (``"*/10 * * * * *"``), or one of ``@yearly``, ``@annually``,
+        ``@monthly``, ``@weekly``, ``@daily``, ``@midnight``, ``@hourly``.
+
+        :raises InvalidTriggerError: naming ``field`` and the whole expression, with the cron
+            field at fault in the reason.
+        """
+        if not isinstance(expression, str):
+            raise InvalidTriggerError(field, expression, "expected a cron string")
+        text = _CRON_ALIASES.get(expression.strip().lower(), expression)
+        parts = text.split()
+        if len(parts) == 5:
+            parts.insert(0, "0")
+        if len(parts) != 6:
+            raise InvalidTriggerError(
+                field,
+                expression,
+                "expected 5 cron fields (minute hour day-of-month month day-of-week), 6 with "
+                "the seconds first, or an alias such as '@daily'",
+            )
+        names = ("second", *_CRON_FIELDS[:5])
+        try:
+            return cls(**dict(zip(names, parts, strict=True)), timezone=timezone)
+        except InvalidJobError as exc:
+            where = exc.field.rpartition(".")[2]
+            reason = exc.reason if where == "timezone" else f"{where} {exc.value!r}: {exc.reason}"
+            value = timezone if where == "timezone" else expression
+            name = "timezone" if where == "timezone" else field
+            raise InvalidTriggerError(name, value, reason) from None
 
     @property
     def _zone(self) -> tzinfo:
@@ -339,13 +523,126 @@ def _transition_between(zone: tzinfo, low: datetime, high: datetime) -> datetime
     return datetime.fromtimestamp(hi, _UTC)
 
 
+MAX_CALENDAR_RULES = 64
+"""Most cron rules one ``CalendarTrigger`` holds (each fire evaluates every rule)."""
+
+
+class CalendarTrigger(_Frozen):
+    """A union of cron rules: fires at every instant at which any of ``rules`` fires, once
+    where several rules meet. Each rule is a ``CrontabTrigger`` or a cron string, with a
+    timezone of its own (a rule without one takes ``SchedulerConfig.default_timezone`` when
+    scheduled, like a ``CrontabTrigger``)."""
+
+    rules: tuple[CrontabTrigger, ...]
+
+    # Per rule, the last answer: (after, its next fire). The next fire of a rule stays the
+    # same for any later ``after`` before it, so after a fire only the rules that fired are
+    # evaluated again (a cron in a named zone costs about half a millisecond).
+    # Kept with the rules they answer for: a copy with other rules must not reuse them.
+    _answers: tuple[tuple[CrontabTrigger, ...], list[tuple[datetime, datetime] | None]] | None = (
+        PrivateAttr(default=None)
+    )
+
+    def __init__(self, *, rules: Sequence[str | CrontabTrigger]) -> None:
+        super().__init__(rules=rules)
+
+    def __eq__(self, other: object) -> bool:
+        # Equal by value: the remembered answers are not part of it (see CrontabTrigger).
+        if isinstance(other, CalendarTrigger):
+            return type(self) is type(other) and self.rules == other.rules
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.rules))
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _check_rules(cls, value: Any) -> Any:
+        if isinstance(value, (str, CrontabTrigger)) or not isinstance(value, Sequence):
+            raise InvalidJobError("rules", value, "expected a list of cron strings or triggers")
+        if not 1 <= len(value) <= MAX_CALENDAR_RULES:
+            raise InvalidJobError(
+                "rules", value, f"expected 1 to {MAX_CALENDAR_RULES} rules, got {len(value)}"
+            )
+        return tuple(
+            CrontabTrigger.from_expression(rule, field=f"rules[{index}]")
+            if isinstance(rule, str)
+            else rule
+            for index, rule in enumerate(value)
+        )
+
+    def with_timezone(self, name: str) -> CalendarTrigger:
+        """Return this union with ``timezone`` set to ``name`` on every rule that has none."""
+        return CalendarTrigger(
+            rules=tuple(rule if rule.timezone else rule.with_timezone(name) for rule in self.rules)
+        )
+
+    def get_next_run_at(self, after: datetime) -> datetime:
+        """The earliest of the rules' next fires: one instant, however many rules meet there."""
+        after = to_utc(after, "after")
+        if self._answers is None or self._answers[0] is not self.rules:
+            self._answers = (self.rules, [None] * len(self.rules))
+        answers = self._answers[1]
+        earliest: datetime | None = None
+        for index, rule in enumerate(self.rules):
+            known = answers[index]
+            if known is not None and known[0] <= after < known[1]:
+                following = known[1]
+            else:
+                following = rule.get_next_run_at(after)
+                answers[index] = (after, following)
+            if earliest is None or following < earliest:
+                earliest = following
+        assert earliest is not None
+        return earliest
+
+
+def _coerce_interval(value: Any) -> Any:
+    if isinstance(value, (str, timedelta)):
+        return IntervalTrigger.parse(value)
+    return value
+
+
+def _coerce_crontab(value: Any) -> Any:
+    return CrontabTrigger.from_expression(value) if isinstance(value, str) else value
+
+
+def _coerce_calendar(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        try:
+            return CalendarTrigger(rules=value)
+        except InvalidJobError as exc:
+            where = exc.field.removeprefix("CalendarTrigger.")
+            raise InvalidJobError(f"calendar.{where}", exc.value, exc.reason) from None
+    return value
+
+
 class PeriodicSchedule(_Frozen):
-    """Fire repeatedly by ``interval`` or by ``crontab`` (exactly one), between optional bounds."""
+    """Fire repeatedly by ``interval``, ``crontab`` or ``calendar`` (exactly one), between
+    optional bounds. ``interval`` also takes an interval string (``"1h30m"``) or a
+    ``timedelta``, ``crontab`` a cron string, ``calendar`` a list of cron strings or triggers;
+    each is stored as the trigger it stands for."""
 
     interval: IntervalTrigger | None = None
     crontab: CrontabTrigger | None = None
+    calendar: CalendarTrigger | None = None
     start_at: datetime | None = None
     end_at: datetime | None = None
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> Any:
+        return _coerce_interval(value)
+
+    @field_validator("crontab", mode="before")
+    @classmethod
+    def _crontab(cls, value: Any) -> Any:
+        return _coerce_crontab(value)
+
+    @field_validator("calendar", mode="before")
+    @classmethod
+    def _calendar(cls, value: Any) -> Any:
+        return _coerce_calendar(value)
 
     @field_validator("start_at", "end_at")
     @classmethod
@@ -355,15 +652,24 @@ class PeriodicSchedule(_Frozen):
 
     @model_validator(mode="after")
     def _check_one(self) -> PeriodicSchedule:
-        if (self.interval is None) == (self.crontab is None):
-            raise ValueError("give exactly one of interval= or crontab=")
+        given = [rule for rule in (self.interval, self.crontab, self.calendar) if rule is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of interval= or crontab= or calendar=")
         if self.start_at and self.end_at and self.end_at <= self.start_at:
             raise InvalidJobError("end_at", self.end_at, "must be later than start_at")
         return self
 
     @property
     def strategy(self) -> JobStrategy:
-        return JobStrategy.INTERVAL if self.interval is not None else JobStrategy.CRONTAB
+        if self.interval is not None:
+            return JobStrategy.INTERVAL
+        return JobStrategy.CRONTAB if self.crontab is not None else JobStrategy.CALENDAR
+
+    @property
+    def _calendar_rule(self) -> CrontabTrigger | CalendarTrigger:
+        rule = self.crontab if self.crontab is not None else self.calendar
+        assert rule is not None
+        return rule
 
     def first_run_at(self, now: datetime) -> datetime | None:
         """The first fire of a job scheduled at ``now``."""
@@ -384,10 +690,9 @@ class PeriodicSchedule(_Frozen):
                 return self._bounded(self.start_at)
             steps = (after - self.start_at) // period + 1
             return self._bounded(self.start_at + steps * period)
-        assert self.crontab is not None
         if self.start_at is not None and after < self.start_at:
             after = self.start_at - _ONE_MICROSECOND
-        return self._bounded(self.crontab.get_next_run_at(after))
+        return self._bounded(self._calendar_rule.get_next_run_at(after))
 
     def _bounded(self, value: datetime) -> datetime | None:
         return None if self.end_at is not None and value > self.end_at else value
@@ -510,12 +815,29 @@ def trigger_from_json(data: Any, *, job_id: str = "?") -> Trigger:
     cls = _CLASS_OF.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise CorruptJobError(job_id, f"unknown trigger type {data.get('type')!r}")
+    if cls is PeriodicSchedule:
+        _check_stored_rules(fields, job_id)
     try:
         trigger = cls(**fields)
     except InvalidJobError as exc:
         raise CorruptJobError(job_id, f"invalid trigger: {exc}") from exc
     assert isinstance(trigger, (ImmediateDispatch, OneOffSchedule, PeriodicSchedule))
     return trigger
+
+
+def _check_stored_rules(fields: dict[str, Any], job_id: str) -> None:
+    """The stored form holds every rule as an object: the shorthands a ``PeriodicSchedule``
+    accepts in code (a cron or interval string) are not a stored form."""
+    for name in ("interval", "crontab", "calendar"):
+        value = fields.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise CorruptJobError(job_id, f"invalid trigger: {name} is not an object: {value!r}")
+    calendar = fields.get("calendar")
+    rules = calendar.get("rules") if isinstance(calendar, dict) else None
+    if isinstance(rules, list) and not all(isinstance(rule, dict) for rule in rules):
+        raise CorruptJobError(
+            job_id, f"invalid trigger: a calendar rule is not an object: {rules!r}"
+        )
 
 
 def trigger_from_text(text: str, *, job_id: str = "?") -> Trigger:
@@ -538,12 +860,37 @@ def _parse_trigger_text(text: str) -> Trigger:
     return trigger_from_json(json.loads(text))
 
 
+TriggerInput = Trigger | str | timedelta
+"""What a ``trigger`` argument takes: a trigger, a cron string (``"0 9 * * mon-fri"``, for
+``PeriodicSchedule(crontab=...)``) or a ``timedelta`` (for ``PeriodicSchedule(interval=...)``)."""
+
+
 def validate_trigger(value: Any, field: str = "trigger") -> Trigger:
-    """Check that ``value`` is a trigger object."""
+    """Check that ``value`` is a trigger; a cron string or a ``timedelta`` becomes the
+    ``PeriodicSchedule`` it stands for.
+
+    :raises InvalidTriggerError: naming ``field`` and the value, for anything else.
+    """
+    if isinstance(value, str):
+        try:
+            crontab = CrontabTrigger.from_expression(value, field=field)
+        except InvalidTriggerError as exc:
+            if _INTERVAL_RE.fullmatch(value) and value.strip():
+                raise InvalidTriggerError(
+                    field,
+                    value,
+                    f"a trigger string is a cron expression; for an interval write "
+                    f"every({value!r}) or give a timedelta",
+                ) from None
+            raise exc from None
+        return PeriodicSchedule(crontab=crontab)
+    if isinstance(value, timedelta):
+        return PeriodicSchedule(interval=IntervalTrigger.parse(value, field))
     if not isinstance(value, (ImmediateDispatch, OneOffSchedule, PeriodicSchedule)):
-        raise InvalidJobError(
+        raise InvalidTriggerError(
             field,
             value,
-            "expected ImmediateDispatch(), OneOffSchedule(...) or PeriodicSchedule(...)",
+            "expected ImmediateDispatch(), OneOffSchedule(...), PeriodicSchedule(...), a cron "
+            "string or a timedelta",
         )
     return value

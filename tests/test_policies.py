@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from taskiq.message import BrokerMessage
 
 from taskiq_beat import (
+    ChainStep,
     CrontabTrigger,
     IntervalTrigger,
     InvalidJobError,
@@ -501,3 +502,14 @@ async def test_policies_on_a_stored_row_that_is_no_policy_disable_that_job_alone
         fire_task_id(good.id, start + timedelta(seconds=10))
     ]
     assert json.loads(json.dumps(stored.to_dict()))["policy"] == {"overlap": "sometimes"}
+
+
+async def test_a_chain_takes_a_policy_too(
+    app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    job = await (
+        app.chain([ChainStep(task="tests.record"), ChainStep(task="tests.record")])
+        .policy(catch_up="none", jitter_seconds=2)
+        .upsert(session, trigger=every(60), job_id="chained")
+    )
+    assert (await reload(session, job.id)).policy == {"catch_up": "none", "jitter_seconds": 2.0}

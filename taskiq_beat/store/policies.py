@@ -190,7 +190,8 @@ async def _over_limit(
         if buffer and not per_status.get(_WAITING):
             waiting.add(job_id)
         else:
-            skipped[job_id] = f"{going} runs of the job still going (max_running={limit})"
+            runs = "run" if going == 1 else "runs"
+            skipped[job_id] = f"{going} {runs} of the job still going (max_running={limit})"
     return skipped, waiting
 
 

@@ -16,6 +16,7 @@ from taskiq_beat.enums import RunStatus
 from taskiq_beat.models import (
     SchedulerJob,
     SchedulerRun,
+    SchedulerWorker,
     is_mysql,
 )
 from taskiq_beat.store._common import (
@@ -27,6 +28,7 @@ from taskiq_beat.store._common import (
     _make_room,
     _run,
 )
+from taskiq_beat.store.values import WorkerSummary
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["RunOperations"]
 
 _MYSQL_DUPLICATE_KEY = 1062  # ER_DUP_ENTRY
+_worker = cast("sa.Table", SchedulerWorker.__table__)
 
 
 class RunOperations:
@@ -202,3 +205,29 @@ class RunOperations:
         )
         await _commit(session)
         return run_id
+
+    @staticmethod
+    async def list_workers(session: AsyncSession, *, limit: int = 200) -> list[WorkerSummary]:
+        """Workers, those not stopped first, the most recently seen first, each with the
+        number of its runs ``running`` now (counted through the run table's worker index)."""
+        running = (
+            sa.select(sa.func.count())
+            .where(_run.c.worker_id == _worker.c.id, _run.c.status == RunStatus.RUNNING)
+            .scalar_subquery()
+        )
+        statement = (
+            sa.select(
+                _worker.c.id,
+                _worker.c.hostname,
+                _worker.c.pid,
+                _worker.c.started_at,
+                _worker.c.last_seen_at,
+                _worker.c.stopped_at,
+                running,
+            )
+            .order_by(_worker.c.stopped_at.is_not(None), _worker.c.last_seen_at.desc())
+            .limit(limit)
+        )
+        workers = [WorkerSummary(*row) for row in await session.execute(statement)]
+        await _commit(session)
+        return workers

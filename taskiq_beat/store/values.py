@@ -32,6 +32,7 @@ from typing import (
 from taskiq_beat.enums import JobKind
 
 __all__ = [
+    "JOB_SORT_COLUMNS",
     "RELEASED",
     "SENT",
     "ClaimedFires",
@@ -39,9 +40,11 @@ __all__ = [
     "Fire",
     "FirePolicies",
     "JobRecord",
+    "JobSummary",
     "PolicyOutcome",
     "ScheduleState",
     "SendOutcome",
+    "WorkerSummary",
 ]
 
 
@@ -267,3 +270,58 @@ class SendOutcome(NamedTuple):
 
 SENT = SendOutcome()
 RELEASED = SendOutcome(released=True)
+
+
+JOB_SORT_COLUMNS = ("id", "name", "task_name", "next_run_at", "last_run_at")
+"""The columns a job listing (:meth:`~taskiq_beat.store.SchedulerStore.page_jobs`) sorts by;
+the job id breaks ties, so that every row has one place in the order."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobSummary:
+    """One row of a job listing: the job's columns a table shows, with its counters."""
+
+    id: str
+    name: str | None
+    task_name: str
+    kind: str
+    strategy: str
+    is_enabled: bool
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_error: str | None
+    run_count: int
+    success_count: int
+    failure_count: int
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    last_duration_seconds: float | None
+
+    @property
+    def success_rate(self) -> float | None:
+        """Succeeded runs over finished runs; ``None`` before the first finished run."""
+        return self.success_count / self.run_count if self.run_count else None
+
+    @property
+    def last_outcome(self) -> str | None:
+        """``"succeeded"`` or ``"failed"``: the later of the last success and failure."""
+        if self.last_success_at is None and self.last_failure_at is None:
+            return None
+        if self.last_failure_at is None:
+            return "succeeded"
+        if self.last_success_at is None or self.last_failure_at >= self.last_success_at:
+            return "failed"
+        return "succeeded"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerSummary:
+    """A worker of ``scheduler_worker`` with the number of runs it executes now."""
+
+    id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    last_seen_at: datetime
+    stopped_at: datetime | None
+    running: int
