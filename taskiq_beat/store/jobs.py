@@ -17,6 +17,7 @@ from taskiq_beat.models import (
     SchedulerJob,
     SchedulerJobStats,
     SchedulerRun,
+    is_mysql,
 )
 from taskiq_beat.store._common import (
     _CHUNK,
@@ -255,8 +256,13 @@ class JobOperations:
             order = [_job.c.id.desc() if downwards else _job.c.id]
         else:
             direction = column.desc() if downwards else column.asc()
-            nulls = direction.nulls_first() if backwards else direction.nulls_last()
-            order = [nulls, _job.c.id.desc() if downwards else _job.c.id]
+            then = _job.c.id.desc() if downwards else _job.c.id
+            if is_mysql(_dialect_name(session)):  # no NULLS FIRST / LAST: sort on IS NULL
+                empty = column.is_(None)
+                order = [empty.desc() if backwards else empty.asc(), direction, then]
+            else:
+                nulls = direction.nulls_first() if backwards else direction.nulls_last()
+                order = [nulls, then]
         statement = statement.order_by(*order).limit(limit)
         rows = [
             JobSummary(
