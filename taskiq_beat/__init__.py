@@ -13,6 +13,8 @@ from taskiq_beat.builders import (
 from taskiq_beat.chain import (
     CHAIN_ORCHESTRATOR_TASK_NAME,
     CHAIN_TASK_NAME,
+    ChainHandle,
+    ChainOutcome,
     ChainStep,
     TaskChain,
     register_chain_orchestrator,
@@ -22,7 +24,7 @@ from taskiq_beat.config import DEFAULT_TIMEZONE, SchedulerConfig
 from taskiq_beat.declared import DeclarationPlan
 from taskiq_beat.discovery import TaskDiscovery, discover_task_modules
 from taskiq_beat.dispatch import JOB_ID_LABEL, RUN_ID_LABEL, SCHEDULED_FOR_LABEL, fire_task_id
-from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus
+from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus, StepStatus
 from taskiq_beat.events import EventKind, SchedulerEvent
 from taskiq_beat.exceptions import (
     ChainAbortedError,
@@ -37,7 +39,13 @@ from taskiq_beat.exceptions import (
     UnknownTaskError,
 )
 from taskiq_beat.health import SchedulerHealthSnapshot
-from taskiq_beat.models import SchedulerBase, SchedulerJob, SchedulerRun, SchedulerWorker
+from taskiq_beat.models import (
+    SchedulerBase,
+    SchedulerChainStep,
+    SchedulerJob,
+    SchedulerRun,
+    SchedulerWorker,
+)
 from taskiq_beat.policy import JobPolicy
 from taskiq_beat.scheduler_runner import ImportPathResolver, SchedulerRunner, SchedulerRunnerCli
 from taskiq_beat.shortcuts import calendar, cron, daily, every, hourly, weekly
@@ -70,7 +78,9 @@ __all__ = [
     "SCHEDULED_FOR_LABEL",
     "CalendarTrigger",
     "ChainAbortedError",
+    "ChainHandle",
     "ChainJobBuilder",
+    "ChainOutcome",
     "ChainScheduleBuilder",
     "ChainStep",
     "ChainStepFailedError",
@@ -98,6 +108,7 @@ __all__ = [
     "RunStatus",
     "SchedulerApp",
     "SchedulerBase",
+    "SchedulerChainStep",
     "SchedulerConfig",
     "SchedulerEvent",
     "SchedulerHealthSnapshot",
@@ -108,6 +119,7 @@ __all__ = [
     "SchedulerWorker",
     "SingleJobBuilder",
     "SingleScheduleBuilder",
+    "StepStatus",
     "SystemClock",
     "TaskChain",
     "TaskDiscovery",

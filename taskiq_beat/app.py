@@ -22,7 +22,8 @@ from taskiq_beat.builders import (
     chain_spec,
     single_spec,
 )
-from taskiq_beat.chain import ChainStep, OnFailure, register_chain_orchestrator
+from taskiq_beat.chain import ChainHandle, ChainStep, OnFailure, register_chain_orchestrator
+from taskiq_beat.chain_runner import ChainRunner
 from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
 from taskiq_beat.declared import DeclarationPlan, Declarations, coerce_trigger, definition_hash
@@ -122,7 +123,13 @@ class SchedulerApp:
         _enforce_sqlite_foreign_keys(session_factory)
         self.lifecycle = self._report_lifecycle(broker)
         self._housekeeper = Housekeeper(
-            store=self._store, config=self.config, clock=self._clock, events=self.events
+            store=self._store,
+            config=self.config,
+            clock=self._clock,
+            events=self.events,
+            chains=ChainRunner(
+                store=self._store, broker=broker, clock=self._clock, config=self.config
+            ),
         )
 
     def _report_lifecycle(self, broker: AsyncBroker) -> RunLifecycleMiddleware | None:
@@ -170,6 +177,11 @@ class SchedulerApp:
         )
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def housekeeper(self) -> Housekeeper:
+        """The housekeeping beside the loop (for tests and tools: ``watch_chains()``...)."""
+        return self._housekeeper
 
     @property
     def engine(self) -> SchedulerEngine:
@@ -420,6 +432,62 @@ class SchedulerApp:
         description: str | None,
         is_enabled: bool,
     ) -> SchedulerJob:
+        job, _ = await self._schedule(
+            spec,
+            session,
+            trigger,
+            job_id=job_id,
+            name=name,
+            description=description,
+            is_enabled=is_enabled,
+        )
+        return job
+
+    async def start_chain_spec(
+        self,
+        spec: JobSpec,
+        session: AsyncSession | None,
+        *,
+        job_id: str | None,
+        name: str | None,
+        description: str | None,
+    ) -> ChainHandle:
+        if session is None:
+            async with self.session_factory() as own:
+                return await self.start_chain_spec(
+                    spec, own, job_id=job_id, name=name, description=description
+                )
+        job, sent = await self._schedule(
+            spec, session, None, job_id=job_id, name=name, description=description, is_enabled=True
+        )
+        assert sent is not None
+        run_id, task_id = sent
+        durable = self.lifecycle is not None
+        return ChainHandle(
+            job_id=job.id,
+            run_id=run_id,
+            task_id=task_id,
+            poll_seconds=float(spec.kwargs["chain"]["wait_poll_interval_seconds"]),
+            read_run=self._read_run,
+            result_backend=None if durable else self.broker.result_backend,
+        )
+
+    async def _read_run(self, run_id: int) -> SchedulerRun | None:
+        async with self.session_factory() as session:
+            return await self._store.get_run(session, run_id)
+
+    async def _schedule(
+        self,
+        spec: JobSpec,
+        session: AsyncSession,
+        trigger: TriggerInput | None,
+        *,
+        job_id: str | None,
+        name: str | None,
+        description: str | None,
+        is_enabled: bool,
+    ) -> tuple[SchedulerJob, tuple[int, str] | None]:
+        """Store a new job; with ``ImmediateDispatch`` send it and return its run and task id."""
         trigger = self._localize(
             validate_trigger(ImmediateDispatch() if trigger is None else trigger)
         )
@@ -427,9 +495,10 @@ class SchedulerApp:
         job_id = _check_job_id(job_id) if job_id is not None else str(uuid.uuid4())
         now = self._clock.now()
         job = self._new_job(spec, trigger, job_id, name, description, is_enabled, now)
+        sent: tuple[int, str] | None = None
         try:
             if isinstance(trigger, ImmediateDispatch):
-                _, task_id = await self._send_now(session, job.id, spec, job=job)
+                sent = await self._send_now(session, job.id, spec, job=job)
             else:
                 await self._store.add_job(session, job)
         except IntegrityError:
@@ -437,9 +506,9 @@ class SchedulerApp:
             raise JobExistsError(
                 "job_id", job_id, "a job with this id exists; use .upsert() to update it"
             ) from None
-        if isinstance(trigger, ImmediateDispatch):
+        if sent is not None:
             logger.info(
-                "created job %s (%s) and sent it as task %s", job.id, job.task_name, task_id
+                "created job %s (%s) and sent it as task %s", job.id, job.task_name, sent[1]
             )
         else:
             logger.info(
@@ -450,7 +519,7 @@ class SchedulerApp:
                 job.next_run_at,
             )
         self._notify(job, trigger)
-        return job
+        return job, sent
 
     async def upsert_spec(
         self,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
     from taskiq import AsyncBroker
 
+    from taskiq_beat.chain import ChainHandle, ChainOutcome
     from taskiq_beat.models import SchedulerJob
     from taskiq_beat.triggers import TriggerInput
 
@@ -196,8 +197,59 @@ class SingleJobBuilder(_Builder):
     """Builds a job that sends one task."""
 
 
+class ChainStarter(Protocol):
+    """What a chain builder needs from the app to start a chain now."""
+
+    async def start_chain_spec(
+        self,
+        spec: JobSpec,
+        session: AsyncSession | None,
+        *,
+        job_id: str | None,
+        name: str | None,
+        description: str | None,
+    ) -> ChainHandle: ...
+
+
 class ChainJobBuilder(_Builder):
     """Builds a job that runs steps in order through the chain orchestrator."""
+
+    async def start(
+        self,
+        session: AsyncSession | None = None,
+        *,
+        job_id: str | None = None,
+        name: str | None = None,
+        description: str | None = None,
+    ) -> ChainHandle:
+        """Start the chain now, without a schedule: a job with one fire (as ``.schedule()``
+        without a trigger), whose handle can be awaited (``await handle.wait()``).
+
+        ``session`` defaults to a session of the app's own.
+
+        :raises InvalidJobError: on bad input (nothing is stored), a ``job_id`` taken included.
+        """
+        starter: ChainStarter = self._writer  # type: ignore[assignment]
+        return await starter.start_chain_spec(
+            self.spec, session, job_id=job_id, name=name, description=description
+        )
+
+    async def run(
+        self,
+        session: AsyncSession | None = None,
+        *,
+        job_id: str | None = None,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+    ) -> ChainOutcome:
+        """Start the chain now (see :meth:`start`) and wait for its end (at most ``timeout``
+        seconds: ``TimeoutError``, the chain goes on).
+
+        :raises ChainAbortedError: when it gave up, naming the failing step and its error.
+        """
+        handle = await self.start(session, job_id=job_id, name=name, description=description)
+        return await handle.wait(timeout)
 
 
 SingleScheduleBuilder = SingleJobBuilder
@@ -299,7 +351,12 @@ def chain_spec(
                     else default_step_timeout_seconds
                 ),
                 post_delay_ms=step.post_delay_ms,
+                pass_result=step.pass_result,
             )
+        )
+    if resolved[0].pass_result:
+        raise InvalidJobError(
+            "steps[0].pass_result", True, "the first step has no previous result to pass"
         )
     chain = ChainSpec(
         steps=resolved,

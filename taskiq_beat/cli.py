@@ -572,6 +572,7 @@ class _RunTable(list[dict[str, Any]]):
         ("DURATION (S)", "duration_seconds"),
         ("WORKER", "worker_id"),
         ("TASK ID", "task_id"),
+        ("STEPS", "steps"),
         ("ERROR", "error"),
     )
 
@@ -589,9 +590,22 @@ def _print(result: Any, *, as_json: bool, out: TextIO) -> None:
             out.write(f"{key.ljust(width)}  {_cell(value, limit=None)}\n")
 
 
+def _steps(steps: list[dict[str, Any]]) -> str | None:
+    """A chain run's step attempts in one cell: ``0:succeeded 1:failed 1.2:succeeded``."""
+    if not steps:
+        return None
+    return " ".join(
+        f"{s['step']}{'.' + str(s['attempt']) if s['attempt'] > 1 else ''}:{s['status']}"
+        for s in steps
+    )
+
+
 def _table(columns: Sequence[tuple[str, str]], rows: Sequence[dict[str, Any]]) -> str:
     cells = [[title for title, _ in columns]]
-    cells += [[_cell(row.get(key)) for _, key in columns] for row in rows]
+    cells += [
+        [_cell(_steps(row[key]) if key == "steps" else row.get(key)) for _, key in columns]
+        for row in rows
+    ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
     if not rows:

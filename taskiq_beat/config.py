@@ -75,7 +75,9 @@ class SchedulerConfig(BaseModel):
     """A worker not seen for this long is gone: the scheduler marks its running runs
     ``lost``."""
     housekeeping_interval_seconds: float = Field(default=5.0, gt=0)
-    """How often the scheduler looks for lost runs (and, every minute or so, old history)."""
+    """How often the scheduler looks for lost runs and runs the durable chains' watchdog
+    (timed-out steps, steps of lost workers, steps due and not sent: the grace given to the
+    worker that should have sent one), and, every minute or so, old history."""
     run_history_retention_days: float | None = Field(default=None, gt=0)
     """Finished runs scheduled longer ago than this are deleted, and one-off jobs whose last
     fire was that long ago; ``None`` keeps everything."""

@@ -175,6 +175,7 @@ class SchedulerEngine:
         base = config.dispatch_batch_size
         self._batch_size = base
         self._retry_batch = base
+        self._delayed: list[datetime] = []  # due times of delayed fires claimed here (a heap)
         self._largest_batch = max(base, min(base * _BATCH_GROWTH, _LARGEST_GROWN_BATCH))
 
     # ------------------------------------------------------------------ lifecycle
@@ -709,8 +710,10 @@ class SchedulerEngine:
                     claims, policies, now=now, lease_until=now + self._lease, owner=self.owner
                 )
                 held_back = len(outcome.held_back)
-                if outcome.delayed_until is not None:
-                    self.retry_at(outcome.delayed_until)
+                if outcome.delayed_until:
+                    for when in outcome.delayed_until:
+                        heapq.heappush(self._delayed, when)
+                    self.retry_at(outcome.delayed_until[0])
                 if held_back:
                     logger.debug("%d fires held back by their jobs' policies", held_back)
             else:
@@ -956,9 +959,13 @@ class SchedulerEngine:
             self._retry_batch = min(limit * 2, _RETRY_GROWTH * self._config.dispatch_batch_size)
         else:
             self._retry_batch = self._config.dispatch_batch_size
-            later = await self._store.next_attempt_after(now)
-            if later is not None:
-                self.retry_at(later)
+        # The next delayed (jittered) fire this engine claimed, to the microsecond; others'
+        # and the rest are looked for at every sync.
+        delayed = self._delayed
+        while delayed and delayed[0] <= now:
+            heapq.heappop(delayed)
+        if delayed:
+            self.retry_at(delayed[0])
         return await self._send(fires)
 
     def _disable_later(self, errors: dict[str, str]) -> None:

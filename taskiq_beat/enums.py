@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["JobKind", "JobSource", "JobStrategy", "RunStatus"]
+__all__ = ["JobKind", "JobSource", "JobStrategy", "RunStatus", "StepStatus"]
 
 
 class JobKind(str, enum.Enum):
@@ -51,10 +51,13 @@ class RunStatus(str, enum.Enum):
     ``finished_at``, ``duration_seconds``, ``error_type`` and ``error``). ``LOST``: the worker
     running it stopped renewing its heartbeat; a redelivered message may run it once more.
 
-    A job's policy (see :mod:`taskiq_beat.policy`) writes the last three, each a fire that was
+    A job's policy (see :mod:`taskiq_beat.policy`) writes these three, each a fire that was
     not sent: ``MISSED`` (a stretch of fires missed for longer than the grace, from
     ``scheduled_for``; ``error`` says how far), ``SKIPPED`` (other runs of the job were still
     going), ``WAITING`` (buffered until a run of the job ends; then ``CLAIMED`` and sent).
+
+    A chain's run stays ``RUNNING`` while its steps run (see :mod:`taskiq_beat.chain`), and
+    ends ``SUCCEEDED`` or ``ABORTED``: a step used all its attempts and the chain gave up.
     """
 
     CLAIMED = "claimed"
@@ -66,3 +69,20 @@ class RunStatus(str, enum.Enum):
     MISSED = "missed"
     SKIPPED = "skipped"
     WAITING = "waiting"
+    ABORTED = "aborted"
+
+
+class StepStatus(str, enum.Enum):
+    """Where one attempt of one chain step stands (a ``scheduler_chain_step`` row).
+
+    ``PENDING``: recorded and to be sent at ``due_at`` (``dispatched_at`` set once it was), or
+    waiting in the broker. ``RUNNING``: a worker executes it. Then ``SUCCEEDED``, ``FAILED``
+    (the task raised), or ``TIMED_OUT`` (no outcome within the step's ``timeout_seconds``: a
+    late outcome of it is ignored, and a retry is a new attempt with a new task id).
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"

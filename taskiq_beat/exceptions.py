@@ -94,7 +94,39 @@ class CorruptJobError(TaskiqBeatError, ValueError):
 
 
 class ChainAbortedError(TaskiqBeatError, RuntimeError):
-    """A chain stopped because a step failed after all its attempts."""
+    """A chain stopped because a step failed after all its attempts.
+
+    ``step`` (its position, from 0), ``task_name`` and ``error`` (the step's last error) say
+    which step and why, where known; ``run_id`` is the chain's run (durable chains).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int | None = None,
+        task_name: str | None = None,
+        error: str | None = None,
+        run_id: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.task_name = task_name
+        self.error = error
+        self.run_id = run_id
+
+    def __reduce__(self) -> Any:
+        # Result backends pickle it: keep the details (BaseException keeps ``args`` only).
+        return (
+            _chain_aborted,
+            (str(self), self.step, self.task_name, self.error, self.run_id),
+        )
+
+
+def _chain_aborted(
+    message: str, step: int | None, task_name: str | None, error: str | None, run_id: int | None
+) -> ChainAbortedError:
+    return ChainAbortedError(message, step=step, task_name=task_name, error=error, run_id=run_id)
 
 
 class InvalidConfigError(TaskiqBeatError, ValueError):

@@ -3,7 +3,10 @@
 Runs as a task of its own next to the engine's loop (never inside it), in small batches:
 
 - every ``housekeeping_interval_seconds``: the ``running`` runs of workers that stopped
-  renewing their heartbeat for ``worker_timeout_seconds`` become ``lost``;
+  renewing their heartbeat for ``worker_timeout_seconds`` become ``lost``; and the durable
+  chains' watchdog (:meth:`ChainRunner.watch <taskiq_beat.chain_runner.ChainRunner.watch>`):
+  step attempts past their timeout become ``timed_out`` and are retried with a new task id,
+  steps of lost workers and steps recorded but not sent are sent;
 - about once a minute, when ``run_history_retention_days`` is set: finished runs older than
   that, and one-off jobs that fired for the last time before it, are deleted, 1,000 at a
   time with a pause between batches.
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 
 if TYPE_CHECKING:
+    from taskiq_beat.chain_runner import ChainRunner
     from taskiq_beat.clock import Clock
     from taskiq_beat.config import SchedulerConfig
     from taskiq_beat.store import SchedulerStore
@@ -43,8 +47,10 @@ class Housekeeper:
         config: SchedulerConfig,
         clock: Clock,
         events: EventHooks | None = None,
+        chains: ChainRunner | None = None,
     ) -> None:
         self._store = store
+        self._chains = chains
         self._events = events or EventHooks()
         self._config = config
         self._clock = clock
@@ -62,6 +68,8 @@ class Housekeeper:
         """Stop after the operation under way (a cancelled one would leave its connection to
         unwind on its own); cancel it if it outlasts ``shutdown_timeout_seconds``."""
         task, self._task = self._task, None
+        if self._chains is not None:
+            await self._chains.close()
         if task is None:
             return
         self._stopping.set()
@@ -78,6 +86,7 @@ class Housekeeper:
         while not await self._pause(self._config.housekeeping_interval_seconds):
             try:
                 await self.find_lost_runs()
+                await self.watch_chains()
                 if (
                     self._config.run_history_retention_days is not None
                     and loop.time() >= self._next_purge_at
@@ -117,6 +126,12 @@ class Housekeeper:
                         SchedulerEvent(EventKind.RUN_FAILED, job_id, run_id=run_id, error=reason)
                     )
         return sum(len(runs) for runs in lost.values())
+
+    async def watch_chains(self) -> tuple[int, int, int]:
+        """One pass of the chains' watchdog: ``(resent, timed out, sent)`` step attempts."""
+        if self._chains is None:
+            return 0, 0, 0
+        return await self._chains.watch()
 
     async def purge_history(self) -> tuple[int, int]:
         """Delete history older than the retention, batch by batch; return ``(runs, jobs)``."""

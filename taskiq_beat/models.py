@@ -21,10 +21,10 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus
+from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus, StepStatus
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -34,10 +34,13 @@ __all__ = [
     "MYSQL_DIALECTS",
     "MYSQL_TABLE_OPTIONS",
     "NAME_MAX_LENGTH",
+    "RESULT_MAX_LENGTH",
     "TASK_NAME_MAX_LENGTH",
     "WORKER_ID_MAX_LENGTH",
     "JSONValue",
     "SchedulerBase",
+    "SchedulerChain",
+    "SchedulerChainStep",
     "SchedulerJob",
     "SchedulerJobStats",
     "SchedulerRun",
@@ -55,6 +58,8 @@ __all__ = [
 ERROR_MAX_LENGTH = 4000
 """Longest error message kept on a run; a longer one is truncated (never refused)."""
 ERROR_TYPE_MAX_LENGTH = 255
+RESULT_MAX_LENGTH = 65536
+"""Longest result (its JSON text) kept on a chain step; a longer one is not kept."""
 WORKER_ID_MAX_LENGTH = 64
 JOB_ID_MAX_LENGTH = 255
 NAME_MAX_LENGTH = 255
@@ -423,6 +428,14 @@ class SchedulerRun(SchedulerBase):
     jitter_seconds: Mapped[float | None] = mapped_column(double_float())
     """The random delay the job's policy gave this fire (sent that much after
     ``scheduled_for``)."""
+    steps: Mapped[list[SchedulerChainStep]] = relationship(
+        "SchedulerChainStep",
+        order_by="SchedulerChainStep.id",
+        lazy="selectin",
+        viewonly=True,
+    )
+    """A chain's step attempts, in the order they were recorded (empty for a single task);
+    loaded with the run, so they stay readable after its session closed."""
 
     __table_args__ = (
         sa.UniqueConstraint("job_id", "scheduled_for"),
@@ -463,6 +476,7 @@ class SchedulerRun(SchedulerBase):
             "retries": self.retries,
             "error_type": self.error_type,
             "jitter_seconds": self.jitter_seconds,
+            "steps": [step.to_dict() for step in self.steps],
         }
 
     def __repr__(self) -> str:
@@ -503,3 +517,106 @@ class SchedulerWorker(SchedulerBase):
 
     def __repr__(self) -> str:
         return f"SchedulerWorker(id={self.id!r}, last_seen_at={self.last_seen_at!r})"
+
+
+class SchedulerChain(SchedulerBase):
+    """A chain's progress beside its run (one row per chain run that started).
+
+    ``spec`` is the chain as its fire sent it (steps with every default applied, failure
+    policy), so that a job edited meanwhile does not change a chain under way;
+    ``chain_attempt`` counts the runs of the chain (``on_failure="restart"``).
+    """
+
+    __tablename__ = "scheduler_chain"
+    __table_args__ = MYSQL_TABLE_OPTIONS
+
+    run_id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        sa.ForeignKey(SchedulerRun.id, ondelete="CASCADE"),
+        primary_key=True,
+    )
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+    chain_attempt: Mapped[int] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class SchedulerChainStep(SchedulerBase):
+    """One attempt of one step of a chain run: at most one row per
+    ``(run_id, chain_attempt, step, attempt)``, and one per Taskiq task id.
+
+    The row is written before its message is sent (an outbox): ``due_at`` is when it is to be
+    sent (a sender pushes it forward while it sends), ``dispatched_at`` when it was. Workers
+    move it to ``running`` and to its outcome by compare-and-set, so that a message delivered
+    twice runs once and its outcome advances the chain once. ``deadline_at`` is when it times
+    out (``None``: never). ``result`` is the JSON text of what the task returned, kept when
+    it is at most ``RESULT_MAX_LENGTH`` characters.
+    """
+
+    __tablename__ = "scheduler_chain_step"
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    run_id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        sa.ForeignKey(SchedulerRun.id, ondelete="CASCADE"),
+    )
+    chain_attempt: Mapped[int] = mapped_column(sa.Integer)
+    step: Mapped[int] = mapped_column(sa.Integer)
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    task_name: Mapped[str] = mapped_column(sa.String(TASK_NAME_MAX_LENGTH))
+    task_id: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    status: Mapped[StepStatus] = mapped_column(_enum(StepStatus, "step_status"))
+    args: Mapped[list[Any]] = mapped_column(JSONValue)
+    kwargs: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    duration_seconds: Mapped[float | None] = mapped_column(double_float())
+    worker_id: Mapped[str | None] = mapped_column(sa.String(WORKER_ID_MAX_LENGTH), index=True)
+    executions: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    """How many times a worker started this attempt: 1, or more after its worker was lost."""
+    result: Mapped[str | None] = mapped_column(long_text())
+    error: Mapped[str | None] = mapped_column(long_text())
+    error_type: Mapped[str | None] = mapped_column(sa.String(ERROR_TYPE_MAX_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        sa.UniqueConstraint("run_id", "chain_attempt", "step", "attempt"),
+        # The watchdog's scans: steps to send, steps past their deadline.
+        sa.Index("ix_scheduler_chain_step_due", "status", "due_at"),
+        sa.Index("ix_scheduler_chain_step_deadline", "status", "deadline_at"),
+        MYSQL_TABLE_OPTIONS,
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The step attempt as JSON-ready values (``result`` decoded)."""
+        return {
+            "id": self.id,
+            "run_id": self.run_id,
+            "chain_attempt": self.chain_attempt,
+            "step": self.step,
+            "attempt": self.attempt,
+            "task_name": self.task_name,
+            "task_id": self.task_id,
+            "status": self.status.value,
+            "due_at": _iso(self.due_at),
+            "deadline_at": _iso(self.deadline_at),
+            "dispatched_at": _iso(self.dispatched_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "duration_seconds": self.duration_seconds,
+            "worker_id": self.worker_id,
+            "executions": self.executions,
+            "result": _json_ready(decode_json(self.result)),
+            "error": self.error,
+            "error_type": self.error_type,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"SchedulerChainStep(run_id={self.run_id!r}, step={self.step!r}, "
+            f"attempt={self.attempt!r}, status={self.status.value if self.status else None!r})"
+        )

@@ -23,6 +23,12 @@ acknowledged, no result is stored over the first execution's, retry middlewares 
 the previous one runs; finishes are written every ``lifecycle_flush_seconds`` or every
 ``lifecycle_batch_size`` runs, with the jobs' counters, in one transaction.
 
+**Chains.** For a chain's fire (the orchestrator task) whose run it started, the middleware
+lets the orchestrator record the chain and send its first step instead of running the chain
+in this slot (:mod:`taskiq_beat.chain_runner`); the run stays ``running`` until the chain
+ends. A step's message (it carries :data:`~taskiq_beat.chain.CHAIN_RUN_ID_LABEL`) is started
+by compare-and-set on its step row, executed once, and its outcome advances the chain.
+
 **Faults.** The database unreachable: tasks still run (the executed-once check falls back to
 at-least-once for the outage), finishes are kept (at most ``lifecycle_buffer_size``) and
 written once it is back; one warning per outage. A run id that matches no row (labels edited
@@ -48,13 +54,15 @@ from typing import TYPE_CHECKING, Any
 from taskiq import TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq.exceptions import NoResultError
 
+from taskiq_beat.chain import CHAIN_RUN_ID_LABEL, CHAIN_STARTER, CHAIN_TASK_NAME, ChainSpec
+from taskiq_beat.chain_runner import TIMEOUT_LABEL, ChainRunner, result_text
 from taskiq_beat.clock import Clock, SystemClock
 from taskiq_beat.config import SchedulerConfig
 from taskiq_beat.dispatch import JOB_ID_LABEL, RUN_ID_LABEL
-from taskiq_beat.enums import RunStatus
+from taskiq_beat.enums import RunStatus, StepStatus
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.models import ERROR_MAX_LENGTH, ERROR_TYPE_MAX_LENGTH, WORKER_ID_MAX_LENGTH
-from taskiq_beat.store import Finish, RunStart, SchedulerStore
+from taskiq_beat.store import Advance, Finish, RunStart, SchedulerStore, StepOutcome
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -94,6 +102,9 @@ class _Execution:
     skip: bool = False
     began: float = 0.0
     error: BaseException | None = None
+    step_task_id: str | None = None  # a durable chain step's attempt
+    unchecked: bool = False  # started without the check (database unreachable)
+    chain_started: bool = False  # the orchestrator recorded its chain: the chain ends the run
 
 
 _EXECUTION: contextvars.ContextVar[_Execution | None] = contextvars.ContextVar(
@@ -150,6 +161,18 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         self._outage = False
         self._warned_unknown = False
         self._dropping = False
+        self._chains: ChainRunner | None = None
+        logging.getLogger("taskiq.receiver.receiver").addFilter(_QUIET_CHAIN_STARTS)
+        self._step_outcomes: deque[StepOutcome] = deque()
+
+    @property
+    def chains(self) -> ChainRunner:
+        """The durable chains' runner of this worker (on the broker this middleware is on)."""
+        if self._chains is None:
+            self._chains = ChainRunner(
+                store=self._store, broker=self.broker, clock=self._clock, config=self.config
+            )
+        return self._chains
 
     # ------------------------------------------------------------------ Taskiq hooks
 
@@ -167,9 +190,13 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         # This delivery's own state, never one inherited: a task started from inside another
         # (a chain's steps, sent from its orchestrator) runs in a copy of its context.
         _EXECUTION.set(None)
+        CHAIN_STARTER.set(None)
         labels = message.labels
         job_id = labels.get(JOB_ID_LABEL)
         raw_run_id = labels.get(RUN_ID_LABEL)
+        if job_id is None and labels.get(CHAIN_RUN_ID_LABEL) is not None:
+            await self._start_step(message)
+            return message
         if job_id is None or raw_run_id is None:
             return message  # not a fire of the scheduler's
         try:
@@ -185,6 +212,8 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         answer = await self._start(RunStart(run_id, execution.job_id, retries))
         if answer is _UNAVAILABLE:
             self.stats.unchecked += 1
+            if message.task_name == CHAIN_TASK_NAME:  # recorded when the database answers
+                CHAIN_STARTER.set(functools.partial(self._start_chain, execution))
         elif answer is None:
             self.stats.unchecked += 1
             self._unknown_run(message, f"no run {run_id} of job {job_id!r}")
@@ -201,8 +230,47 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         else:
             execution.executions = answer[0]
             self.stats.started += 1
+            if message.task_name == CHAIN_TASK_NAME:
+                CHAIN_STARTER.set(functools.partial(self._start_chain, execution))
         execution.began = time.perf_counter()
         return message
+
+    async def _start_chain(
+        self, execution: _Execution, spec: ChainSpec, message: TaskiqMessage
+    ) -> None:
+        await self.chains.start(execution.run_id, spec, message)
+        # Started now or before (a redelivery of a fire whose chain runs): its end writes the run.
+        execution.chain_started = True
+
+    async def _start_step(self, message: TaskiqMessage) -> None:
+        """Start a durable chain step's attempt by compare-and-set (see ``start_step``)."""
+        self._ensure_running()
+        self._guard(message.task_name)
+        execution = _Execution(run_id=0, job_id="", retries=0, step_task_id=message.task_id)
+        _EXECUTION.set(execution)
+        try:
+            answer = await self.chains.start_step(message.task_id, worker_id=self.worker_id)
+        except Exception as exc:
+            self._database_down(exc, "executing chain steps without the executed-once check")
+            answer = None
+        if answer is None:
+            # Executed at least once: its outcome is written onto the attempt if it is
+            # still pending or running then.
+            execution.unchecked = True
+            self.stats.unchecked += 1
+        elif answer[1] is not None:
+            execution.skip = True
+            self.stats.duplicates_skipped += 1
+            logger.info(
+                "chain step %s (%s) delivered again while %s: not executed",
+                message.task_id,
+                message.task_name,
+                answer[1].value,
+            )
+        else:
+            execution.executions = answer[0]
+            self.stats.started += 1
+        execution.began = time.perf_counter()
 
     async def on_error(
         self, message: TaskiqMessage, result: TaskiqResult[Any], exception: BaseException
@@ -214,12 +282,17 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
 
     async def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
         execution = _EXECUTION.get()
-        if execution is None or execution.skip or not execution.executions:
+        if execution is None or execution.skip or not (execution.executions or execution.unchecked):
             return
         duration = time.perf_counter() - execution.began
         error = execution.error
         if error is None and result.is_err:
             error = result.error
+        if execution.step_task_id is not None:
+            await self._step_finished(message, execution, duration, error, result)
+            return
+        if execution.chain_started:
+            return  # the chain's end writes the run
         self._finished(
             Finish(
                 execution.run_id,
@@ -233,6 +306,72 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
                 error=None if error is None else _error_text(error),
             )
         )
+
+    async def _step_finished(
+        self,
+        message: TaskiqMessage,
+        execution: _Execution,
+        duration: float,
+        error: BaseException | None,
+        result: TaskiqResult[Any],
+    ) -> None:
+        """Write a chain step's outcome and send what follows (kept and retried while the
+        database is unreachable)."""
+        status = StepStatus.SUCCEEDED if error is None else StepStatus.FAILED
+        timeout = message.labels.get(TIMEOUT_LABEL)
+        if isinstance(error, TimeoutError) and timeout is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                if duration >= float(timeout) * 0.99:
+                    status = StepStatus.TIMED_OUT
+        outcome = StepOutcome(
+            message.task_id,
+            status,
+            self._clock.now(),
+            executions=None if execution.unchecked else execution.executions,
+            duration_seconds=duration,
+            result=result_text(result.return_value) if error is None else None,
+            error_type=None if error is None else _error_type(error),
+            error=None if error is None else _error_text(error),
+        )
+        try:
+            advance = await self.chains.step_finished(outcome)
+        except Exception as exc:
+            self._database_down(exc, "keeping chain step outcomes until it is back")
+            self._step_outcomes.append(outcome)
+            self._wake.set()
+        else:
+            self.stats.finished_written += 1
+            self._chain_ended(advance)
+
+    def _chain_ended(self, advance: Advance | None) -> None:
+        """``RUN_SUCCEEDED`` / ``RUN_FAILED`` for a chain run this worker ended."""
+        if advance is None or advance.end is None:
+            return
+        succeeded = advance.end.status is RunStatus.SUCCEEDED
+        kind = EventKind.RUN_SUCCEEDED if succeeded else EventKind.RUN_FAILED
+        if self.events.wants(kind):
+            self.events.emit(
+                SchedulerEvent(
+                    kind,
+                    advance.job_id,
+                    task_id=advance.parent_task_id,
+                    run_id=advance.run_id,
+                    error=advance.end.error,
+                    detail=f"chain of {advance.end.steps} steps, run {advance.end.chain_attempts}",
+                )
+            )
+
+    async def _flush_step_outcomes(self) -> bool:
+        while self._step_outcomes:
+            try:
+                advance = await self.chains.step_finished(self._step_outcomes[0])
+            except Exception as exc:
+                self._database_down(exc, "keeping chain step outcomes until it is back")
+                return False
+            self._step_outcomes.popleft()
+            self.stats.finished_written += 1
+            self._chain_ended(advance)
+        return True
 
     # ------------------------------------------------------------------ guard
 
@@ -325,8 +464,9 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
             self._wake.clear()
             self._urgent.clear()
             written = await self._flush_finishes()
+            written = await self._flush_step_outcomes() and written
             backoff = 0.0 if written else min(max(backoff * 2, 0.5), 5.0)
-            if self._finishes:
+            if self._finishes or self._step_outcomes:
                 self._wake.set()
 
     async def _flush_starts(self) -> None:
@@ -441,6 +581,9 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
         with contextlib.suppress(Exception):
             while self._finishes and await self._flush_finishes():
                 pass
+            await self._flush_step_outcomes()
+        if self._chains is not None:
+            await self._chains.close()
         if self._registered:
             with contextlib.suppress(Exception):
                 lost = await self._store.stop_worker(
@@ -480,6 +623,23 @@ class RunLifecycleMiddleware(TaskiqMiddleware):
             )
         else:
             logger.debug("task %s: %s", message.task_id, why)
+
+
+class _QuietChainStarts(logging.Filter):
+    """Drops Taskiq's warning that a task "skipped setting result" for the chain
+    orchestrator: a durable chain's fire ends that way by design (its result is stored when
+    the chain ends), once per fire."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            isinstance(args, tuple)
+            and args[:1] == (CHAIN_TASK_NAME,)
+            and "skipped setting result" in str(record.msg)
+        )
+
+
+_QUIET_CHAIN_STARTS = _QuietChainStarts()
 
 
 def _new_worker_id() -> str:

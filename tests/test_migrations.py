@@ -31,8 +31,15 @@ from tests.utils import temporary_mysql_database, temporary_postgres_database
 
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 VERSION_TABLE = "taskiq_beat_alembic_version"
-SCHEDULER_TABLES = {"scheduler_job", "scheduler_job_stats", "scheduler_run", "scheduler_worker"}
-HEAD = "0004_declared_jobs"
+SCHEDULER_TABLES = {
+    "scheduler_chain",
+    "scheduler_chain_step",
+    "scheduler_job",
+    "scheduler_job_stats",
+    "scheduler_run",
+    "scheduler_worker",
+}
+HEAD = "0005_chain_steps"
 
 
 def _config(url: str | None = None, *, output: io.StringIO | None = None) -> Config:

@@ -139,8 +139,10 @@ async def test_one_run_per_job_and_scheduled_time(app: SchedulerApp, session: As
     await session.rollback()
 
 
-def test_metadata_holds_exactly_the_four_tables_with_named_constraints() -> None:
+def test_metadata_holds_exactly_the_scheduler_tables_with_named_constraints() -> None:
     assert set(SchedulerBase.metadata.tables) == {
+        "scheduler_chain",
+        "scheduler_chain_step",
         "scheduler_job",
         "scheduler_job_stats",
         "scheduler_run",
@@ -152,6 +154,10 @@ def test_metadata_holds_exactly_the_four_tables_with_named_constraints() -> None
     assert "fk_scheduler_run_job_id_scheduler_job" in names
     job = SchedulerBase.metadata.tables["scheduler_job"]
     assert "ix_scheduler_job_due" in {index.name for index in job.indexes}
+    step = SchedulerBase.metadata.tables["scheduler_chain_step"]
+    names = {c.name for c in step.constraints}
+    assert "uq_scheduler_chain_step_run_id_chain_attempt_step_attempt" in names
+    assert "uq_scheduler_chain_step_task_id" in names
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])  # SQLite alone stores datetimes as text

@@ -68,7 +68,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict
 
 from taskiq_beat.app import SchedulerApp
-from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus
+from taskiq_beat.enums import JobKind, JobSource, JobStrategy, RunStatus, StepStatus
 from taskiq_beat.exceptions import InvalidJobError, JobExistsError, JobNotFoundError
 from taskiq_beat.health import SchedulerHealthSnapshot
 from taskiq_beat.models import SchedulerJob, SchedulerRun
@@ -81,7 +81,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'pip install "taskiq-beat[fastapi]"'
     ) from exc
 
-__all__ = ["ErrorOut", "JobOut", "RunOut", "create_scheduler_router"]
+__all__ = ["ErrorOut", "JobOut", "RunOut", "StepOut", "create_scheduler_router"]
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -134,6 +134,33 @@ class JobOut(BaseModel):
         return cls.model_validate(job.to_dict())
 
 
+class StepOut(BaseModel):
+    """One attempt of one step of a chain run, as :meth:`SchedulerChainStep.to_dict` gives it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    run_id: int
+    chain_attempt: int
+    step: int
+    attempt: int
+    task_name: str
+    task_id: str
+    status: StepStatus
+    due_at: datetime
+    deadline_at: datetime | None
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_seconds: float | None
+    worker_id: str | None
+    executions: int
+    result: Any
+    """What the step returned (JSON), when it was kept."""
+    error: str | None
+    error_type: str | None
+
+
 class RunOut(BaseModel):
     """One fire of a job, as :meth:`SchedulerRun.to_dict` gives it (datetimes aware, UTC)."""
 
@@ -162,6 +189,8 @@ class RunOut(BaseModel):
     """The type of the exception a failed run raised (module and name)."""
     jitter_seconds: float | None
     """The random delay the job's policy gave this fire."""
+    steps: list[StepOut] = []
+    """A chain run's step attempts, in the order they were recorded."""
 
     @classmethod
     def from_run(cls, run: SchedulerRun) -> RunOut:

@@ -8,6 +8,8 @@
   (:class:`JobRecord`, :class:`Claims`, :class:`Fire`);
 - :mod:`~taskiq_beat.store.lifecycle`: what the workers write of the runs they execute, and
   what the scheduler's housekeeping does with it (lost runs, retention);
+- :mod:`~taskiq_beat.store.chains`: durable chains, step attempt by step attempt (its own
+  contract in its docstring);
 - :mod:`~taskiq_beat.store.declared`: applying the schedules declared in code;
 - :mod:`~taskiq_beat.store.dialects`: the hot batch statements, one module per SQL dialect.
 
@@ -31,6 +33,15 @@ The exactly-once contract:
 from __future__ import annotations
 
 from taskiq_beat.store._common import CHANGES_CHANNEL, ChangeListener
+from taskiq_beat.store.chains import (
+    Advance,
+    ChainEnd,
+    ChainOperations,
+    ChainState,
+    StepDraft,
+    StepMessage,
+    StepOutcome,
+)
 from taskiq_beat.store.claims import ClaimOperations
 from taskiq_beat.store.declared import DeclaredOperations, DeclaredRow
 from taskiq_beat.store.jobs import JobOperations
@@ -53,6 +64,9 @@ __all__ = [
     "CHANGES_CHANNEL",
     "RELEASED",
     "SENT",
+    "Advance",
+    "ChainEnd",
+    "ChainState",
     "ChangeListener",
     "ClaimedFires",
     "Claims",
@@ -66,11 +80,19 @@ __all__ = [
     "ScheduleState",
     "SchedulerStore",
     "SendOutcome",
+    "StepDraft",
+    "StepMessage",
+    "StepOutcome",
 ]
 
 
 class SchedulerStore(
-    JobOperations, RunOperations, ClaimOperations, LifecycleOperations, DeclaredOperations
+    JobOperations,
+    RunOperations,
+    ClaimOperations,
+    LifecycleOperations,
+    DeclaredOperations,
+    ChainOperations,
 ):
     """The scheduler's database operations. See the module docstring for the contract.
 

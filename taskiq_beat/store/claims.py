@@ -217,17 +217,6 @@ class ClaimOperations(StoreCore):
         ]
 
     @_time_limited
-    async def next_attempt_after(self, now: datetime) -> datetime | None:
-        """The earliest time after ``now`` at which a run is due for (another) send: a
-        delayed (jittered) fire, a waiting one, a failed send or a lease running out. One
-        lookup in the index of ``next_attempt_at``."""
-        async with self._reading() as executor:
-            value: datetime | None = await executor.scalar(
-                sa.select(sa.func.min(_run.c.next_attempt_at)).where(_run.c.next_attempt_at > now)
-            )
-        return value
-
-    @_time_limited
     async def record(
         self,
         fires: Sequence[Fire],

@@ -14,6 +14,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
 from taskiq_beat.models import (
+    SchedulerChain,
+    SchedulerChainStep,
     SchedulerJob,
     SchedulerJobStats,
     SchedulerRun,
@@ -97,6 +99,11 @@ class JobOperations:
     @staticmethod
     async def delete_job(session: AsyncSession, job_id: str) -> bool:
         """Delete the job and its runs; return whether it existed."""
+        runs = sa.select(SchedulerRun.id).where(SchedulerRun.job_id == job_id).scalar_subquery()
+        await session.execute(
+            sa.delete(SchedulerChainStep).where(SchedulerChainStep.run_id.in_(runs))
+        )
+        await session.execute(sa.delete(SchedulerChain).where(SchedulerChain.run_id.in_(runs)))
         await session.execute(sa.delete(SchedulerRun).where(SchedulerRun.job_id == job_id))
         await session.execute(
             sa.delete(SchedulerJobStats).where(SchedulerJobStats.job_id == job_id)

@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any, cast
 import sqlalchemy as sa
 
 from taskiq_beat.enums import JobSource, JobStrategy, RunStatus
-from taskiq_beat.models import SchedulerJobStats, SchedulerWorker
+from taskiq_beat.models import (
+    SchedulerChain,
+    SchedulerChainStep,
+    SchedulerJobStats,
+    SchedulerWorker,
+)
 from taskiq_beat.store._base import StoreCore, _time_limited
 from taskiq_beat.store._common import _dialect_name, _job, _returns_rows, _run, _upsert
 from taskiq_beat.store.dialects import batch_sql
@@ -39,6 +44,8 @@ __all__ = ["Finish", "HealthCounts", "LifecycleOperations", "RunStart"]
 
 _worker = cast("sa.Table", SchedulerWorker.__table__)
 _stats = cast("sa.Table", SchedulerJobStats.__table__)
+_chain = cast("sa.Table", SchedulerChain.__table__)
+_chain_step = cast("sa.Table", SchedulerChainStep.__table__)
 _CHUNK = 500  # rows per statement: ~10 parameters a row, within every server's limit
 
 
@@ -237,6 +244,8 @@ class LifecycleOperations(StoreCore):
             )
             ids = list((await session.execute(old_runs)).scalars())
             if ids:
+                # Chains' rows first: SQLite cascades only where foreign keys are on.
+                await _delete_chains(session, _run.c.id.in_(ids))
                 await session.execute(sa.delete(_run).where(_run.c.id.in_(ids)))
             done_jobs = (
                 sa.select(_job.c.id)
@@ -253,6 +262,13 @@ class LifecycleOperations(StoreCore):
             job_ids = list((await session.execute(done_jobs)).scalars())
             if job_ids:
                 # Their runs first: SQLite cascades only where foreign keys are on.
+                await _delete_chains(
+                    session,
+                    sa.and_(
+                        _run.c.job_id.in_(job_ids),
+                        _run.c.status.not_in([RunStatus.CLAIMED, RunStatus.RUNNING]),
+                    ),
+                )
                 await session.execute(
                     sa.delete(_run).where(
                         _run.c.job_id.in_(job_ids),
@@ -286,7 +302,12 @@ class LifecycleOperations(StoreCore):
                         .where(
                             _run.c.scheduled_for >= runs_since,
                             _run.c.status.in_(
-                                [RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.LOST]
+                                [
+                                    RunStatus.SUCCEEDED,
+                                    RunStatus.FAILED,
+                                    RunStatus.LOST,
+                                    RunStatus.ABORTED,
+                                ]
                             ),
                             _run.c.finished_at.is_not(None),
                         )
@@ -302,8 +323,18 @@ class LifecycleOperations(StoreCore):
                 )
             ).one()
         succeeded = outcomes.get(RunStatus.SUCCEEDED, 0)
-        failed = outcomes.get(RunStatus.FAILED, 0) + outcomes.get(RunStatus.LOST, 0)
+        failed = sum(
+            outcomes.get(status, 0)
+            for status in (RunStatus.FAILED, RunStatus.LOST, RunStatus.ABORTED)
+        )
         return HealthCounts(int(workers.scalar_one()), succeeded, failed, int(overdue), oldest)
+
+
+async def _delete_chains(session: AsyncSession | Any, runs: sa.ColumnElement[bool]) -> None:
+    """Delete the chain rows of the runs that match ``runs``."""
+    chosen = sa.select(_run.c.id).where(runs).scalar_subquery()
+    await session.execute(sa.delete(_chain_step).where(_chain_step.c.run_id.in_(chosen)))
+    await session.execute(sa.delete(_chain).where(_chain.c.run_id.in_(chosen)))
 
 
 async def _write_outcomes(

@@ -68,7 +68,7 @@ async def apply_policies(
                 )
             )
         held.update(skipped, waiting)
-    delayed_until: datetime | None = None
+    delayed_until: set[datetime] = set()
     jittered = {
         job_id: seconds
         for job_id, seconds in policies.jitter.items()
@@ -87,7 +87,7 @@ async def apply_policies(
         for job_id, seconds in jittered.items():
             run_id = inserted[job_id]
             due = scheduled[run_id] + timedelta(seconds=seconds)
-            delayed_until = due if delayed_until is None else min(delayed_until, due)
+            delayed_until.add(due)
             params.append({"run": run_id, "due": due, "jitter": seconds})
         await session.execute(
             sa.update(_run)
@@ -102,7 +102,7 @@ async def apply_policies(
             params,
         )
         held.update(jittered)
-    return PolicyOutcome(frozenset(held), delayed_until)
+    return PolicyOutcome(frozenset(held), tuple(sorted(delayed_until)))
 
 
 async def _finish(

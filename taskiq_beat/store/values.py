@@ -94,10 +94,10 @@ class FirePolicies:
 @dataclasses.dataclass(frozen=True, slots=True)
 class PolicyOutcome:
     """What the policies did with a claimed batch: the jobs whose fire is not sent now
-    (missed, skipped, waiting or delayed), and the earliest time a delayed fire is due."""
+    (missed, skipped, waiting or delayed), and the times the delayed fires are due."""
 
     held_back: frozenset[str] = frozenset()
-    delayed_until: datetime | None = None
+    delayed_until: tuple[datetime, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ async def deployment(
         await connection.run_sync(SchedulerBase.metadata.drop_all)
         await connection.run_sync(SchedulerBase.metadata.create_all)
     broker = worker_app.make_broker(redis_url, stream)
-    for name in ("lifecycle.ok", "lifecycle.fail", "lifecycle.slow"):
+    for name in ("lifecycle.ok", "lifecycle.fail", "lifecycle.slow", "lifecycle.chain_step"):
         broker.register_task(_never_here, task_name=name)
     app = SchedulerApp(
         broker=broker,
@@ -71,9 +71,18 @@ async def deployment(
         worker_app.STREAM_ENV: stream,
     }
 
-    async def start_worker() -> ManagedProcess:
+    async def start_worker(*options: str) -> ManagedProcess:
         process = ManagedProcess(
-            [PYTHON, "-m", "taskiq", "worker", "tests.e2e.lifecycle.app:broker", "--workers", "1"],
+            [
+                PYTHON,
+                "-m",
+                "taskiq",
+                "worker",
+                "tests.e2e.lifecycle.app:broker",
+                "--workers",
+                "1",
+                *options,
+            ],
             name=f"worker-{len(workers) + 1}",
             cwd=ROOT,
             env=env,

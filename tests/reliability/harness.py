@@ -292,6 +292,10 @@ class Ledger:
     runs: list[Run]
 
     def __post_init__(self) -> None:
+        # A "missed" row records a stretch of fires that were not sent (the misfire rule):
+        # history, not a send. It is checked apart (see check()).
+        self.missed_runs = [run for run in self.runs if run.status is RunStatus.MISSED]
+        self.runs = [run for run in self.runs if run.status is not RunStatus.MISSED]
         self.by_fire: dict[Fire, Run] = {}
         self.duplicate_runs: list[Run] = []
         for run in self.runs:
@@ -336,7 +340,9 @@ class Ledger:
           dispatched and its message arrived, and no fire is outside ``expected``;
         - a fire of ``expected`` may be missing only when it fell in one of ``may_coalesce``
           (times when no scheduler ran: missed fires are coalesced into the latest one);
-        - a task id may arrive twice only for a fire sent again (``attempt`` > 1).
+        - a task id may arrive twice only for a fire sent again (``attempt`` > 1);
+        - a ``missed`` row (a stretch of fires not sent) starts within one of
+          ``may_coalesce``, and no fire was sent for its time.
 
         Fires scheduled after ``until`` are left out of every count (the jobs were stopped
         then, and what was due around it is not part of the test).
@@ -370,6 +376,14 @@ class Ledger:
             "fires sent that were not due": sorted(sent - expected, key=lambda f: f[1]),
             "fires lost": lost,
             "task ids received twice on a first attempt": resent_first_attempt,
+            "missed rows outside the times no scheduler ran": [
+                run
+                for run in self.missed_runs
+                if not any(start <= run.scheduled_for <= end for start, end in may_coalesce)
+            ],
+            "missed rows of fires that were sent": [
+                run for run in self.missed_runs if run.fire in self.by_fire
+            ],
         }
         found = {name: items for name, items in problems.items() if items}
         assert not found, "\n".join(

@@ -4,7 +4,8 @@
 Run with ``taskiq worker tests.e2e.lifecycle.app:broker --workers 1``; configured from the
 environment the test sets (:data:`DATABASE_URL_ENV`, :data:`REDIS_URL_ENV`,
 :data:`STREAM_ENV`). Each task appends ``{"task_id", "task", "pid", "event"}`` to the Redis
-list ``<stream>:executed`` when it starts (``start``) and when it ends (``end``).
+list ``<stream>:executed`` when it starts (``start``) and when it ends (``end``) (a chain
+step adds its ``name``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ if os.environ.get(DATABASE_URL_ENV):  # in the worker processes the test starts
     _redis: dict[str, Redis] = {}
     _CONTEXT: Any = TaskiqDepends()
 
-    async def _log(context: Context, event: str) -> None:
+    async def _log(context: Context, event: str, name: str | None = None) -> None:
         client = _redis.get("client")
         if client is None:
             client = _redis["client"] = Redis.from_url(REDIS_URL)
@@ -74,6 +75,8 @@ if os.environ.get(DATABASE_URL_ENV):  # in the worker processes the test starts
             "pid": os.getpid(),
             "event": event,
         }
+        if name is not None:
+            record["name"] = name
         await client.rpush(executed_key(STREAM), json.dumps(record))
 
     @broker.task(task_name="lifecycle.ok")
@@ -96,3 +99,13 @@ if os.environ.get(DATABASE_URL_ENV):  # in the worker processes the test starts
         if first or not first_only:
             await asyncio.sleep(seconds)
         await _log(context, "end")
+
+    @broker.task(task_name="lifecycle.chain_step")
+    async def chain_step(name: str, hang_once: bool = False, context: Context = _CONTEXT) -> str:
+        """A chain's step ``name``; with ``hang_once``, its first execution sleeps a minute."""
+        await _log(context, "start", name)
+        client = _redis["client"]
+        if hang_once and await client.set(f"{STREAM}:hung:{name}", 1, nx=True):
+            await asyncio.sleep(60)
+        await _log(context, "end", name)
+        return name
