@@ -25,6 +25,7 @@ process).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from logging.config import fileConfig
 from typing import Any, Literal
@@ -53,6 +54,19 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = SchedulerBase.metadata
+
+
+class _NamedPrimaryKeys(logging.Filter):
+    """Drop MySQL's note that a primary key's name is ignored (every one is ``PRIMARY``
+    there), which asyncmy logs as a warning for each table the migrations create."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ignored for PRIMARY key" not in record.getMessage()
+
+
+# By name: this script runs anew (a new class) for every Alembic command in a process.
+if not any(type(f).__name__ == "_NamedPrimaryKeys" for f in logging.getLogger("asyncmy").filters):
+    logging.getLogger("asyncmy").addFilter(_NamedPrimaryKeys())
 
 
 def _database_url() -> str:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmarks of taskiq-beat: one scenario per fresh process, one table row per scenario.
 
-    python scripts/bench.py [SCENARIO ...|all] [--db sqlite|postgres|both] [--jobs N]
+    python scripts/bench.py [SCENARIO ...|all] [--db sqlite|postgres|mariadb|both|all]
+                            [--jobs N]
                             [--seconds S] [--vs] [--systems ours,taskiq,beat140] ...
 
 Scenarios (see scripts/README.md for what each measures and its target):
@@ -18,7 +19,8 @@ Scenarios (see scripts/README.md for what each measures and its target):
     propagation   jobs changed by another process: time until this scheduler sends them
 
 Each scenario runs in fresh processes: ``bench.py _run SCENARIO --phase setup`` fills a new
-database (a new SQLite file, or a new PostgreSQL database that is dropped afterwards), then
+database (a new SQLite file, or a new PostgreSQL or MariaDB database that is dropped
+afterwards; ``--db mysql`` is the same as ``mariadb``: any server asyncmy reaches), then
 ``bench.py _run SCENARIO --phase measure`` measures, and prints its result as one JSON line.
 ``--vs`` (or ``scripts/compare.py``) runs the same scenarios on Taskiq's ``TaskiqScheduler``
 and on taskiq-beat 1.4.0 (in a Python 3.12 venv under ``.bench-venvs/``) and prints ratios.
@@ -51,9 +53,13 @@ from bench_support import several  # noqa: E402
 from bench_support.common import (  # noqa: E402
     RESULT_MARK,
     Options,
+    create_mariadb_database,
     create_pg_database,
+    drop_mariadb_database,
     drop_pg_database,
     emit,
+    mariadb_answers,
+    mariadb_url,
     postgres_answers,
     postgres_url,
     sqlite_url,
@@ -251,13 +257,15 @@ def _run_child(
 
 
 class Database:
-    """A fresh database for one scenario run: an SQLite file or a PostgreSQL database."""
+    """A fresh database for one scenario run: an SQLite file, a PostgreSQL or a MariaDB
+    database."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.url = ""
         self._dir: str | None = None
         self._pg_name: str | None = None
+        self._mariadb_name: str | None = None
 
     def __enter__(self) -> Database:
         if self.kind == "sqlite":
@@ -266,6 +274,9 @@ class Database:
         elif self.kind == "postgres":
             self._pg_name = asyncio.run(create_pg_database())
             self.url = postgres_url(self._pg_name)
+        elif self.kind == "mariadb":
+            self._mariadb_name = asyncio.run(create_mariadb_database())
+            self.url = mariadb_url(self._mariadb_name)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -273,6 +284,8 @@ class Database:
             shutil.rmtree(self._dir, ignore_errors=True)
         if self._pg_name is not None:
             asyncio.run(drop_pg_database(self._pg_name))
+        if self._mariadb_name is not None:
+            asyncio.run(drop_mariadb_database(self._mariadb_name))
 
 
 def _python_for(system: str, plan: Plan) -> str | None:
@@ -715,7 +728,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "scenarios", nargs="*", metavar="SCENARIO", help="any of: " + ", ".join(SCENARIOS)
     )
-    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument(
+        "--db",
+        choices=["sqlite", "postgres", "mariadb", "mysql", "both", "all"],
+        default="both",
+        help="both: SQLite and PostgreSQL; all: and MariaDB (mysql: the same as mariadb)",
+    )
     parser.add_argument("--jobs", type=int, default=None, help="jobs in every scenario")
     parser.add_argument("--seconds", type=float, default=None, help="duration of timed ones")
     parser.add_argument("--vs", action="store_true", help="also TaskiqScheduler and 1.4.0")
@@ -803,12 +821,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     else:
         systems = list(SYSTEMS) if args.vs else ["ours"]
-    dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    dbs = {"both": ["sqlite", "postgres"], "all": ["sqlite", "postgres", "mariadb"]}.get(
+        args.db, ["mariadb" if args.db == "mysql" else args.db]
+    )
     if "postgres" in dbs:
         why = asyncio.run(postgres_answers())
         if why is not None:
             print(f"[bench] PostgreSQL skipped: {why}", file=sys.stderr)
             dbs.remove("postgres")
+    if "mariadb" in dbs:
+        why = asyncio.run(mariadb_answers())
+        if why is not None:
+            print(f"[bench] MariaDB skipped: {why}", file=sys.stderr)
+            dbs.remove("mariadb")
     python312 = ensure_beat140() if "beat140" in systems else None
     plan = Plan(
         scenarios=scenarios,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from taskiq_beat.chain import CHAIN_TASK_NAME, ChainSpec, ChainStep, OnFailure, ResolvedStep
 from taskiq_beat.enums import JobKind
 from taskiq_beat.exceptions import InvalidJobError, UnknownTaskError
+from taskiq_beat.models import TASK_NAME_MAX_LENGTH
 from taskiq_beat.policy import CATCH_UP_LIMIT, CatchUp, JobPolicy, Overlap, check_policy
 
 if TYPE_CHECKING:
@@ -265,6 +266,10 @@ def task_name_of(broker: AsyncBroker, task: Any, field_name: str = "task") -> st
     name = getattr(task, "task_name", task)
     if not isinstance(name, str) or not name:
         raise InvalidJobError(field_name, task, "expected a Taskiq task or its registered name")
+    if len(name) > TASK_NAME_MAX_LENGTH:
+        raise InvalidJobError(
+            field_name, name, f"longer than {TASK_NAME_MAX_LENGTH} characters ({len(name)})"
+        )
     if broker.find_task(name) is None:
         raise UnknownTaskError(name, field_name)
     return name

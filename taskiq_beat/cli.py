@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(_redact(str(exc), args))
         return EXIT_USAGE
     except Exception as exc:  # a database or broker that fails: one line, no traceback
-        _error(_redact(f"{type(exc).__name__}: {exc}", args))
+        _error(_redact(_one_line(exc), args))
         return EXIT_FAILURE
 
 
@@ -204,6 +204,17 @@ def _redact(message: str, args: argparse.Namespace) -> str:
     except ArgumentError:
         return message.replace(url, "<database url>")
     return message.replace(str(password), "***") if password else message
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` in one line: the driver's error itself where SQLAlchemy wraps one (without
+    the statement and the link SQLAlchemy adds on lines of their own)."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
 
 
 def _error(message: str) -> None:

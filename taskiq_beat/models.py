@@ -2,7 +2,12 @@
 
 Include ``SchedulerBase.metadata`` in your Alembic ``target_metadata`` (or run this package's
 own migrations) to create them. Every datetime column holds timezone-aware UTC values on
-every backend; SQLite stores them as UTC text and they are read back aware.
+every backend; SQLite stores them as UTC text, MySQL and MariaDB as ``DATETIME(6)`` in UTC,
+and they are read back aware.
+
+On MySQL and MariaDB the tables are InnoDB in ``utf8mb4`` with the binary collation
+(``MYSQL_TABLE_OPTIONS``): ids compare as on the other databases, case and accents
+included, and a ``VARCHAR(255)`` key (1,020 bytes) stays within InnoDB's 3,072-byte limit.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -25,6 +31,8 @@ __all__ = [
     "ERROR_MAX_LENGTH",
     "ERROR_TYPE_MAX_LENGTH",
     "JOB_ID_MAX_LENGTH",
+    "MYSQL_DIALECTS",
+    "MYSQL_TABLE_OPTIONS",
     "NAME_MAX_LENGTH",
     "RESULT_MAX_LENGTH",
     "TASK_NAME_MAX_LENGTH",
@@ -40,7 +48,10 @@ __all__ = [
     "UTCDateTime",
     "Unreadable",
     "decode_json",
+    "double_float",
     "encode_json",
+    "is_mysql",
+    "long_text",
     "sqlite_datetime",
 ]
 
@@ -53,6 +64,36 @@ WORKER_ID_MAX_LENGTH = 64
 JOB_ID_MAX_LENGTH = 255
 NAME_MAX_LENGTH = 255
 TASK_NAME_MAX_LENGTH = 255
+
+MYSQL_DIALECTS = ("mysql", "mariadb")
+"""SQLAlchemy's names of the MySQL family (``mysql+asyncmy://`` to MariaDB is ``mysql``)."""
+
+MYSQL_TABLE_OPTIONS: dict[str, str] = {
+    f"{prefix}_{option}": value
+    for prefix in MYSQL_DIALECTS
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+}
+"""Table options of every scheduler table on MySQL and MariaDB (``mysql_...`` and, for
+``mariadb://`` URLs, ``mariadb_...``; ignored elsewhere): InnoDB for row locks and
+``SKIP LOCKED``, all of Unicode, and ids compared byte for byte."""
+
+
+def is_mysql(dialect_name: str) -> bool:
+    """Whether ``dialect_name`` is MySQL or MariaDB."""
+    return dialect_name in MYSQL_DIALECTS
+
+
+def double_float() -> sa.types.TypeEngine[float]:
+    """A float column: ``DOUBLE`` on MySQL and MariaDB (their ``FLOAT`` has 24 bits), the
+    plain ``Float`` (a double already) elsewhere."""
+    return sa.Float().with_variant(mysql.DOUBLE(asdecimal=False), *MYSQL_DIALECTS)
+
+
+def long_text() -> sa.types.TypeEngine[str]:
+    """A text column of any length: ``LONGTEXT`` on MySQL and MariaDB (their ``TEXT`` holds
+    64 KiB), ``Text`` elsewhere."""
+    return sa.Text().with_variant(mysql.LONGTEXT(), *MYSQL_DIALECTS)
+
 
 ACTIVE_STATUSES = (
     RunStatus.CLAIMED,
@@ -85,10 +126,19 @@ def sqlite_datetime(value: datetime) -> str:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """A ``TIMESTAMP WITH TIME ZONE`` that only accepts and only returns aware UTC datetimes."""
+    """A ``TIMESTAMP WITH TIME ZONE`` that only accepts and only returns aware UTC datetimes.
+
+    MySQL and MariaDB have no such type: there it is ``DATETIME(6)`` holding UTC (to the
+    microsecond, as elsewhere; never ``TIMESTAMP``, which the session's time zone shifts).
+    """
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if is_mysql(dialect.name):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -96,8 +146,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError(f"naive datetime {value!r} cannot be stored; use an aware one")
         value = value.astimezone(timezone.utc)
-        if dialect.name == "sqlite":
-            # SQLite keeps text; store naive UTC so that text order is time order.
+        if dialect.name == "sqlite" or is_mysql(dialect.name):
+            # SQLite keeps text, MySQL a DATETIME: naive UTC (text order is time order).
             return value.replace(tzinfo=None)
         return value
 
@@ -216,6 +266,7 @@ class SchedulerJobStats(SchedulerBase):
     """
 
     __tablename__ = "scheduler_job_stats"
+    __table_args__ = MYSQL_TABLE_OPTIONS
 
     job_id: Mapped[str] = mapped_column(
         sa.String(JOB_ID_MAX_LENGTH),
@@ -227,7 +278,7 @@ class SchedulerJobStats(SchedulerBase):
     failure_count: Mapped[int] = mapped_column(sa.Integer)
     last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_duration_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    last_duration_seconds: Mapped[float | None] = mapped_column(double_float())
 
 
 def _stat(name: str, default: Any = None) -> Any:
@@ -255,7 +306,7 @@ class SchedulerJob(SchedulerBase):
 
     id: Mapped[str] = mapped_column(sa.String(JOB_ID_MAX_LENGTH), primary_key=True)
     name: Mapped[str | None] = mapped_column(sa.String(NAME_MAX_LENGTH))
-    description: Mapped[str | None] = mapped_column(sa.Text)
+    description: Mapped[str | None] = mapped_column(long_text())
     task_name: Mapped[str] = mapped_column(sa.String(TASK_NAME_MAX_LENGTH), index=True)
     kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
     strategy: Mapped[JobStrategy] = mapped_column(_enum(JobStrategy, "job_strategy"))
@@ -266,7 +317,7 @@ class SchedulerJob(SchedulerBase):
     is_enabled: Mapped[bool] = mapped_column(sa.Boolean)
     next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    last_error: Mapped[str | None] = mapped_column(long_text())
     revision: Mapped[int] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
@@ -295,6 +346,7 @@ class SchedulerJob(SchedulerBase):
     __table_args__ = (
         # The engine's only scan: enabled jobs due before a horizon.
         sa.Index("ix_scheduler_job_due", "is_enabled", "next_run_at"),
+        MYSQL_TABLE_OPTIONS,
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -357,7 +409,7 @@ class SchedulerRun(SchedulerBase):
     status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"))
     task_id: Mapped[str] = mapped_column(sa.String(64))
     attempt: Mapped[int] = mapped_column(sa.Integer)
-    error: Mapped[str | None] = mapped_column(sa.Text)
+    error: Mapped[str | None] = mapped_column(long_text())
     claimed_by: Mapped[str | None] = mapped_column(sa.String(64))
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -366,14 +418,14 @@ class SchedulerRun(SchedulerBase):
     # Written by the worker that executes the fire (see taskiq_beat.worker).
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    duration_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    duration_seconds: Mapped[float | None] = mapped_column(double_float())
     worker_id: Mapped[str | None] = mapped_column(sa.String(WORKER_ID_MAX_LENGTH), index=True)
     executions: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     """How many times a worker started this fire: 1, or 2 after a lost run ran again."""
     retries: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     """Taskiq retries of the fire (its retry middleware's ``_retries`` label)."""
     error_type: Mapped[str | None] = mapped_column(sa.String(ERROR_TYPE_MAX_LENGTH))
-    jitter_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    jitter_seconds: Mapped[float | None] = mapped_column(double_float())
     """The random delay the job's policy gave this fire (sent that much after
     ``scheduled_for``)."""
     steps: Mapped[list[SchedulerChainStep]] = relationship(
@@ -398,6 +450,7 @@ class SchedulerRun(SchedulerBase):
             postgresql_where=sa.text(ACTIVE_RUNS_SQL),
             sqlite_where=sa.text(ACTIVE_RUNS_SQL),
         ),
+        MYSQL_TABLE_OPTIONS,
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -442,6 +495,7 @@ class SchedulerWorker(SchedulerBase):
     """
 
     __tablename__ = "scheduler_worker"
+    __table_args__ = MYSQL_TABLE_OPTIONS
 
     id: Mapped[str] = mapped_column(sa.String(WORKER_ID_MAX_LENGTH), primary_key=True)
     hostname: Mapped[str] = mapped_column(sa.String(255))
@@ -474,6 +528,7 @@ class SchedulerChain(SchedulerBase):
     """
 
     __tablename__ = "scheduler_chain"
+    __table_args__ = MYSQL_TABLE_OPTIONS
 
     run_id: Mapped[int] = mapped_column(
         sa.BigInteger().with_variant(sa.Integer, "sqlite"),
@@ -519,12 +574,12 @@ class SchedulerChainStep(SchedulerBase):
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    duration_seconds: Mapped[float | None] = mapped_column(sa.Float)
+    duration_seconds: Mapped[float | None] = mapped_column(double_float())
     worker_id: Mapped[str | None] = mapped_column(sa.String(WORKER_ID_MAX_LENGTH), index=True)
     executions: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     """How many times a worker started this attempt: 1, or more after its worker was lost."""
-    result: Mapped[str | None] = mapped_column(sa.Text)
-    error: Mapped[str | None] = mapped_column(sa.Text)
+    result: Mapped[str | None] = mapped_column(long_text())
+    error: Mapped[str | None] = mapped_column(long_text())
     error_type: Mapped[str | None] = mapped_column(sa.String(ERROR_TYPE_MAX_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -533,6 +588,7 @@ class SchedulerChainStep(SchedulerBase):
         # The watchdog's scans: steps to send, steps past their deadline.
         sa.Index("ix_scheduler_chain_step_due", "status", "due_at"),
         sa.Index("ix_scheduler_chain_step_deadline", "status", "deadline_at"),
+        MYSQL_TABLE_OPTIONS,
     )
 
     def to_dict(self) -> dict[str, Any]:

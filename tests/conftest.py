@@ -1,8 +1,9 @@
-"""Fixtures: every database test runs on a fresh SQLite file and on a real PostgreSQL.
+"""Fixtures: every database test runs on a fresh SQLite file, on a real PostgreSQL and on a
+real MariaDB.
 
-PostgreSQL tests use one database created for the test session (and dropped after it), with
-the tables created anew for each test. Outside CI they are skipped when no server answers;
-under CI (``CI=true``) an unreachable server fails the run.
+PostgreSQL and MariaDB tests use one database per server created for the test session (and
+dropped after it), with the tables created anew for each test. Outside CI they are skipped
+when no server answers; under CI (``CI=true``) an unreachable server fails the run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from taskiq_beat.worker import RunLifecycleMiddleware
 from tests.utils import (
     FakeClock,
     RecordingBroker,
+    create_mysql_database,
     create_postgres_database,
+    drop_mysql_database,
     drop_postgres_database,
 )
 
@@ -39,7 +42,17 @@ def postgres_url() -> Iterator[str]:
         asyncio.run(drop_postgres_database(name))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session")
+def mariadb_url() -> Iterator[str]:
+    """A MariaDB (or MySQL) database of its own for this test session."""
+    name, url = asyncio.run(create_mysql_database("taskiq_beat_test"))
+    try:
+        yield url
+    finally:
+        asyncio.run(drop_mysql_database(name))
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -48,6 +61,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 def database_url(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> str:
     if backend == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'beat.sqlite3'}"
+    if backend == "mariadb":
+        return str(request.getfixturevalue("mariadb_url"))
     return str(request.getfixturevalue("postgres_url"))
 
 

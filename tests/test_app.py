@@ -417,6 +417,50 @@ async def test_job_id_of_maximum_length_is_accepted(
     assert (await app.get_job(session, "x" * 255)).id == job.id
 
 
+async def test_a_task_name_longer_than_its_column_is_refused_before_the_database(
+    app: SchedulerApp, broker: RecordingBroker, session: AsyncSession
+) -> None:
+    long_name = "t" * 256
+
+    @broker.task(task_name=long_name)
+    async def long_named() -> None:
+        return None
+
+    with pytest.raises(InvalidJobError, match="longer than 255 characters") as raised:
+        app.single(task=long_name)
+    assert raised.value.field == "task"
+    assert str(raised.value).startswith("invalid task='tttt")
+    assert await count_rows(session, SchedulerJob) == 0
+
+
+async def test_ids_names_and_texts_at_their_limits_round_trip(
+    app: SchedulerApp, broker: RecordingBroker, session: AsyncSession
+) -> None:
+    """The longest job id and task name, in 4-byte characters (MySQL's utf8mb4), ids that
+    differ only in case or accents as different jobs (its binary collation), and a
+    description beyond MySQL's 64 KiB TEXT."""
+    task_name = "\N{SNAKE}" * 255
+
+    @broker.task(task_name=task_name)
+    async def snake() -> None:
+        return None
+
+    job_id = "\N{GRINNING FACE}" * 255
+    description = "d" * 70_000
+    await app.single(task=task_name).upsert(
+        session, trigger=EVERY_MINUTE, job_id=job_id, description=description
+    )
+    for other in ("job", "Job", "jöb"):
+        await app.single(task="tests.record").upsert(session, trigger=EVERY_MINUTE, job_id=other)
+    stored = await app.get_job(session, job_id)
+    assert (stored.id, stored.task_name, stored.description) == (job_id, task_name, description)
+    assert [job.id for job in await app.list_jobs(session) if len(job.id) == 3] == [
+        "Job",
+        "job",
+        "jöb",
+    ]
+
+
 @pytest.mark.parametrize(
     ("chain_kwargs", "field"),
     [

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -192,6 +193,35 @@ async def test_no_database_given_is_bad_usage(
     result = await beat("jobs", "list", cwd=tmp_path)
     assert result.returncode == 2
     assert "--db" in result.stderr
+
+
+def _closed_port() -> int:
+    """A local TCP port nobody listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("scheme", "message"),
+    [
+        pytest.param("mysql+asyncmy://root", "Can't connect to MySQL server", id="mysql"),
+        pytest.param("postgresql+asyncpg://postgres", "Connect call failed", id="postgresql"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["jobs", "list"], ["db", "upgrade"]], ids=["jobs_list", "db_upgrade"]
+)
+async def test_a_database_server_that_is_down_is_one_line_and_exit_1(
+    tmp_path: Path, scheme: str, message: str, command: list[str]
+) -> None:
+    url = f"{scheme}:secret@127.0.0.1:{_closed_port()}/scheduler"
+    result = await beat(*command, "--db", url, cwd=tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("taskiq-beat: error: "), line
+    assert message in line, line
+    assert "secret" not in line
 
 
 async def test_db_upgrade_creates_the_tables(tmp_path: Path) -> None:

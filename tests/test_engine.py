@@ -663,7 +663,9 @@ async def test_batches_grow_while_behind_and_shrink_back(
     clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = SchedulerConfig(dispatch_batch_size=4)
+    # No run lifecycle: on MySQL a worker counting an outcome holds its job's row in share
+    # mode for a moment (the foreign key), which a claim skips, and the sizes would vary.
+    config = SchedulerConfig(dispatch_batch_size=4, record_lifecycle=False)
     app = SchedulerApp(broker=broker, session_factory=session_factory, config=config, clock=clock)
     store = app.engine._store
     claimed: list[int] = []
@@ -1252,8 +1254,8 @@ async def test_changes_from_another_process_wake_the_scheduler_at_once(
     assert first_latency < 2
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])  # no LISTEN: the newest updated_at is polled
-async def test_changes_from_another_process_reach_an_sqlite_scheduler_within_a_poll(
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb"])  # no LISTEN: updated_at is polled
+async def test_changes_from_another_process_reach_a_polling_scheduler_within_a_poll(
     backend: str,
     broker: RecordingBroker,
     session_factory: async_sessionmaker[AsyncSession],

@@ -128,11 +128,12 @@ async def test_health_command_exits_1_when_behind_or_unreachable(
     assert fine.returncode == 0, fine.stderr
     assert json_of(fine)["behind"] is False
 
+    trigger = db_engine.dialect.identifier_preparer.quote("trigger")  # reserved on MySQL
     async with async_sessionmaker(db_engine)() as session:
         await session.execute(
             sa.text(
-                "INSERT INTO scheduler_job (id, task_name, kind, strategy, trigger, args, kwargs,"
-                " metadata, is_enabled, next_run_at, revision, created_at, updated_at)"
+                f"INSERT INTO scheduler_job (id, task_name, kind, strategy, {trigger}, args,"
+                " kwargs, metadata, is_enabled, next_run_at, revision, created_at, updated_at)"
                 " VALUES ('late', 'cli.tick', 'single', 'one_off', '{}', '[]', '{}', '{}', 1,"
                 " '2020-01-01 00:00:00.000000', 1, '2020-01-01 00:00:00.000000',"
                 " '2020-01-01 00:00:00.000000')"

@@ -1,8 +1,9 @@
 """The repository's Alembic migrations build exactly the schema of ``SchedulerBase.metadata``.
 
-Each online test runs on a fresh SQLite file and on a fresh PostgreSQL database created (and
-dropped) here: the session database of ``postgres_url`` is shared with tests that create and
-drop the tables themselves, so it is not guaranteed to be empty.
+Each online test runs on a fresh SQLite file and on fresh PostgreSQL and MariaDB databases
+created (and dropped) here: the session databases of ``postgres_url`` and ``mariadb_url`` are
+shared with tests that create and drop the tables themselves, so they are not guaranteed to be
+empty.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from taskiq_beat.models import SchedulerBase, UTCDateTime
-from tests.utils import temporary_postgres_database
+from tests.utils import temporary_mysql_database, temporary_postgres_database
 
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 VERSION_TABLE = "taskiq_beat_alembic_version"
@@ -59,11 +60,15 @@ def _no_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TASKIQ_BEAT_DATABASE_URL", raising=False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """The URL of a new, empty database."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'migrations.sqlite3'}"
+        return
+    if request.param == "mariadb":
+        async with temporary_mysql_database("taskiq_beat_migrations") as url:
+            yield url
         return
     async with temporary_postgres_database("taskiq_beat_migrations") as url:
         yield url
@@ -228,10 +233,11 @@ async def test_0002_upgrades_a_0001_database_in_place(engine: AsyncEngine) -> No
         await connection.run_sync(_run, _config(), "upgrade", "0001")
     at = sa.bindparam("at", type_=UTCDateTime())
     created = datetime(2026, 11, 30, 10, tzinfo=timezone.utc)
+    trigger = engine.dialect.identifier_preparer.quote("trigger")  # reserved on MySQL
     async with engine.begin() as connection:
         await connection.execute(
             sa.text(
-                "INSERT INTO scheduler_job (id, name, task_name, kind, strategy, trigger, args,"
+                f"INSERT INTO scheduler_job (id, name, task_name, kind, strategy, {trigger}, args,"
                 " kwargs, metadata, is_enabled, revision, created_at, updated_at)"
                 " VALUES ('job-1', 'kept', 't', 'single', 'one_off', '{}', '[]', '{}', '{}',"
                 " true, 3, :at, :at)"

@@ -47,7 +47,7 @@ async def recording_broker() -> RecordingBroker:
     return broker
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # SKIP LOCKED
 async def test_a_job_held_by_another_transaction_is_skipped_at_once_and_claimed_once_free(
     backend: str,
     app: SchedulerApp,
@@ -81,7 +81,7 @@ async def test_a_job_held_by_another_transaction_is_skipped_at_once_and_claimed_
     assert list(runs.scalars()) == ["job-0", "job-1", "job-2"]
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # SKIP LOCKED
 async def test_a_fire_taken_by_another_scheduler_meanwhile_is_left_to_it(
     backend: str,
     app: SchedulerApp,
@@ -172,6 +172,23 @@ def test_a_statement_past_the_store_s_timeout_is_not_called_an_outage() -> None:
     refused = sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError(111, "refused"))
     assert SchedulerStore.contended(refused) is None
     assert SchedulerStore.contended(ValueError("a bug")) is None
+
+
+@pytest.mark.parametrize(
+    ("code", "contended"),
+    [(1213, True), (1205, True), (3572, True), (1062, False), (2003, False)],
+    ids=["deadlock", "lock_wait_timeout", "nowait", "duplicate_key", "cannot_connect"],
+)
+def test_mysql_lock_errors_are_contention_not_an_outage(code: int, contended: bool) -> None:
+    """MySQL's and MariaDB's deadlock and lock-wait errors (a number, no SQLSTATE on the
+    driver's exception) count as contention, like PostgreSQL's."""
+
+    class MySQLError(Exception):
+        pass
+
+    error = sa.exc.OperationalError("UPDATE", {}, MySQLError(code, "message"))
+    described = SchedulerStore.contended(error)
+    assert (described is not None) is contended, described
 
 
 async def test_a_slow_claim_is_reported_as_slow_not_as_the_database_unavailable(

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn
 
+import asyncmy
 import asyncpg
 import pytest
 from taskiq import InMemoryBroker
@@ -112,3 +113,51 @@ async def temporary_postgres_database(prefix: str) -> AsyncIterator[str]:
         yield url
     finally:
         await drop_postgres_database(name)
+
+
+MYSQL_HOST = os.environ.get("TASKIQ_BEAT_MYSQL_HOST", "127.0.0.1")
+MYSQL_PORT = int(os.environ.get("TASKIQ_BEAT_MYSQL_PORT", "3306"))
+MYSQL_USER = os.environ.get("TASKIQ_BEAT_MYSQL_USER", "root")
+
+
+def mysql_unavailable(exc: BaseException) -> NoReturn:
+    """Skip a MariaDB/MySQL test outside CI; fail it under CI, where the server must run."""
+    if IN_CI:
+        pytest.fail(f"MariaDB is required under CI but unreachable: {exc}")
+    pytest.skip(f"MariaDB not reachable at {MYSQL_HOST}:{MYSQL_PORT}: {exc}")
+
+
+async def _mysql_admin(statement: str) -> None:
+    connection = await asyncio.wait_for(
+        asyncmy.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, connect_timeout=5), 10
+    )
+    try:
+        async with connection.cursor() as cursor:
+            await cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+async def create_mysql_database(prefix: str) -> tuple[str, str]:
+    """Create a new, empty MariaDB/MySQL database; return its name and SQLAlchemy URL
+    (skips/fails if the server is down)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        await _mysql_admin(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    except (OSError, asyncmy.errors.Error, asyncio.TimeoutError) as exc:
+        mysql_unavailable(exc)
+    return name, f"mysql+asyncmy://{MYSQL_USER}@{MYSQL_HOST}:{MYSQL_PORT}/{name}"
+
+
+async def drop_mysql_database(name: str) -> None:
+    await _mysql_admin(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@contextlib.asynccontextmanager
+async def temporary_mysql_database(prefix: str) -> AsyncIterator[str]:
+    """A new, empty MariaDB/MySQL database for the duration of the block; yields its URL."""
+    name, url = await create_mysql_database(prefix)
+    try:
+        yield url
+    finally:
+        await drop_mysql_database(name)

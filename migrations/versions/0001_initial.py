@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from taskiq_beat.models import UTCDateTime
+from taskiq_beat.models import MYSQL_TABLE_OPTIONS, UTCDateTime, long_text
 
 # revision identifiers, used by Alembic.
 revision: str = "0001"
@@ -38,7 +38,7 @@ def upgrade() -> None:
         "scheduler_job",
         sa.Column("id", sa.String(length=255), nullable=False),
         sa.Column("name", sa.String(length=255), nullable=True),
-        sa.Column("description", sa.Text(), nullable=True),
+        sa.Column("description", long_text(), nullable=True),
         sa.Column("task_name", sa.String(length=255), nullable=False),
         sa.Column("kind", _enum("job_kind", "single", "chain"), nullable=False),
         sa.Column(
@@ -53,11 +53,12 @@ def upgrade() -> None:
         sa.Column("is_enabled", sa.Boolean(), nullable=False),
         sa.Column("next_run_at", UTCDateTime(), nullable=True),
         sa.Column("last_run_at", UTCDateTime(), nullable=True),
-        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("last_error", long_text(), nullable=True),
         sa.Column("revision", sa.Integer(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_scheduler_job")),
+        **MYSQL_TABLE_OPTIONS,
     )
     # Named explicitly in the model (not by the convention): the engine's due-jobs scan.
     op.create_index("ix_scheduler_job_due", "scheduler_job", ["is_enabled", "next_run_at"])
@@ -77,7 +78,7 @@ def upgrade() -> None:
         sa.Column("status", _enum("run_status", "claimed", "dispatched", "failed"), nullable=False),
         sa.Column("task_id", sa.String(length=64), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
-        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("error", long_text(), nullable=True),
         sa.Column("claimed_by", sa.String(length=64), nullable=True),
         sa.Column("next_attempt_at", UTCDateTime(), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
@@ -93,6 +94,7 @@ def upgrade() -> None:
         sa.UniqueConstraint(
             "job_id", "scheduled_for", name=op.f("uq_scheduler_run_job_id_scheduled_for")
         ),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_index(op.f("ix_scheduler_run_next_attempt_at"), "scheduler_run", ["next_attempt_at"])
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from taskiq_beat.models import UTCDateTime
+from taskiq_beat.models import MYSQL_TABLE_OPTIONS, UTCDateTime, double_float
 
 # revision identifiers, used by Alembic.
 revision: str = "0002"
@@ -29,7 +29,7 @@ def _run_columns() -> list[sa.Column[object]]:
     return [
         sa.Column("started_at", UTCDateTime(), nullable=True),
         sa.Column("finished_at", UTCDateTime(), nullable=True),
-        sa.Column("duration_seconds", sa.Float(), nullable=True),
+        sa.Column("duration_seconds", double_float(), nullable=True),
         sa.Column("worker_id", sa.String(length=64), nullable=True),
         sa.Column("executions", sa.Integer(), server_default="0", nullable=False),
         sa.Column("retries", sa.Integer(), server_default="0", nullable=False),
@@ -54,7 +54,7 @@ def upgrade() -> None:
         sa.Column("failure_count", sa.Integer(), nullable=False),
         sa.Column("last_success_at", UTCDateTime(), nullable=True),
         sa.Column("last_failure_at", UTCDateTime(), nullable=True),
-        sa.Column("last_duration_seconds", sa.Float(), nullable=True),
+        sa.Column("last_duration_seconds", double_float(), nullable=True),
         sa.PrimaryKeyConstraint("job_id", name=op.f("pk_scheduler_job_stats")),
         sa.ForeignKeyConstraint(
             ["job_id"],
@@ -62,6 +62,7 @@ def upgrade() -> None:
             name=op.f("fk_scheduler_job_stats_job_id_scheduler_job"),
             ondelete="CASCADE",
         ),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_table(
         "scheduler_worker",
@@ -72,6 +73,7 @@ def upgrade() -> None:
         sa.Column("last_seen_at", UTCDateTime(), nullable=False),
         sa.Column("stopped_at", UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_scheduler_worker")),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_index(op.f("ix_scheduler_worker_last_seen_at"), "scheduler_worker", ["last_seen_at"])
 

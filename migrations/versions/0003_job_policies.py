@@ -4,7 +4,8 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-06 15:00:00+00:00
 
-Upgrades in place; every row is kept. Jobs read as jobs without a policy (``policy`` is
+Upgrades in place; every row is kept. On MySQL and MariaDB (no partial indexes) the index
+of the runs in flight covers every run of the job. Jobs read as jobs without a policy (``policy`` is
 ``NULL``) and runs as fires without jitter.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from taskiq_beat.models import ACTIVE_RUNS_SQL, JSONValue
+from taskiq_beat.models import ACTIVE_RUNS_SQL, JSONValue, double_float
 
 # revision identifiers, used by Alembic.
 revision: str = "0003"
@@ -30,7 +31,7 @@ def upgrade() -> None:
     with op.batch_alter_table("scheduler_job") as batch:
         batch.add_column(sa.Column("policy", JSONValue(), nullable=True))
     with op.batch_alter_table("scheduler_run") as batch:
-        batch.add_column(sa.Column("jitter_seconds", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("jitter_seconds", double_float(), nullable=True))
     op.create_index(
         "ix_scheduler_run_active",
         "scheduler_run",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from taskiq_beat.models import JSONValue, UTCDateTime
+from taskiq_beat.models import MYSQL_TABLE_OPTIONS, JSONValue, UTCDateTime, double_float, long_text
 
 # revision identifiers, used by Alembic.
 revision: str = "0005_chain_steps"
@@ -43,6 +43,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("run_id", name=op.f("pk_scheduler_chain")),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_table(
         "scheduler_chain_step",
@@ -61,11 +62,11 @@ def upgrade() -> None:
         sa.Column("dispatched_at", UTCDateTime(), nullable=True),
         sa.Column("started_at", UTCDateTime(), nullable=True),
         sa.Column("finished_at", UTCDateTime(), nullable=True),
-        sa.Column("duration_seconds", sa.Float(), nullable=True),
+        sa.Column("duration_seconds", double_float(), nullable=True),
         sa.Column("worker_id", sa.String(length=64), nullable=True),
         sa.Column("executions", sa.Integer(), server_default="0", nullable=False),
-        sa.Column("result", sa.Text(), nullable=True),
-        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("result", long_text(), nullable=True),
+        sa.Column("error", long_text(), nullable=True),
         sa.Column("error_type", sa.String(length=255), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
@@ -83,6 +84,7 @@ def upgrade() -> None:
             name=op.f("uq_scheduler_chain_step_run_id_chain_attempt_step_attempt"),
         ),
         sa.UniqueConstraint("task_id", name=op.f("uq_scheduler_chain_step_task_id")),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_index("ix_scheduler_chain_step_due", "scheduler_chain_step", ["status", "due_at"])
     op.create_index(

@@ -253,6 +253,48 @@ async def drop_pg_database(name: str) -> None:
     await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+MYSQL_HOST = os.environ.get("TASKIQ_BEAT_MYSQL_HOST", "127.0.0.1")
+MYSQL_PORT = int(os.environ.get("TASKIQ_BEAT_MYSQL_PORT", "3306"))
+MYSQL_USER = os.environ.get("TASKIQ_BEAT_MYSQL_USER", "root")
+
+
+def mariadb_url(name: str) -> str:
+    return f"mysql+asyncmy://{MYSQL_USER}@{MYSQL_HOST}:{MYSQL_PORT}/{name}"
+
+
+async def _mysql_admin(statement: str) -> None:
+    import asyncmy
+
+    connection = await asyncmy.connect(
+        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, connect_timeout=5
+    )
+    try:
+        async with connection.cursor() as cursor:
+            await cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+async def create_mariadb_database() -> str:
+    """Create an empty MariaDB/MySQL database ``taskiq_beat_bench_<random>``; its name."""
+    name = f"taskiq_beat_bench_{uuid.uuid4().hex[:12]}"
+    await _mysql_admin(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    return name
+
+
+async def drop_mariadb_database(name: str) -> None:
+    await _mysql_admin(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+async def mariadb_answers() -> str | None:
+    """``None`` when MariaDB (or MySQL) answers, else why not."""
+    try:
+        await _mysql_admin("SELECT 1")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 async def postgres_answers() -> str | None:
     """``None`` when PostgreSQL answers, else why not."""
     try:

@@ -29,6 +29,9 @@ __all__ = ["StatementTimeout", "StoreCore"]
 # server itself answered: lock_not_available (lock_timeout, NOWAIT), query_canceled
 # (statement_timeout), deadlock_detected, serialization_failure.
 _CONTENTION_SQLSTATES = frozenset({"55P03", "57014", "40P01", "40001"})
+# MySQL's and MariaDB's error numbers of the same kind: lock wait timeout, deadlock,
+# NOWAIT lock not available, query interrupted (max_statement_time / KILL QUERY).
+_CONTENTION_MYSQL_ERRORS = frozenset({1205, 1213, 3572, 1317, 1969, 3024})
 
 
 class StatementTimeout(TimeoutError):
@@ -146,14 +149,17 @@ class StoreCore:
     def contended(exc: BaseException) -> str | None:
         """Describe ``exc`` in one line if a statement waited too long or lost to another
         transaction while the server answered (PostgreSQL's lock, cancel, deadlock and
-        serialization errors), or took longer than the store's timeout
-        (:class:`StatementTimeout`): trying again may succeed, and it is not evidence that
-        the database is down. ``None`` for anything else."""
+        serialization errors, MySQL's lock wait, deadlock and interrupt ones), or took
+        longer than the store's timeout (:class:`StatementTimeout`): trying again may
+        succeed, and it is not evidence that the database is down. ``None`` for anything else."""
         if isinstance(exc, StatementTimeout):
             return str(exc)
         if isinstance(exc, sa.exc.DBAPIError) and not exc.connection_invalidated:
             code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-            if code in _CONTENTION_SQLSTATES:
+            number = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+            if code in _CONTENTION_SQLSTATES or (
+                type(number) is int and number in _CONTENTION_MYSQL_ERRORS
+            ):
                 return f"{type(exc.orig).__name__}: {exc.orig}".strip()
         return None
 

@@ -15,7 +15,7 @@ from typing import (
 )
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm.util import identity_key
 
@@ -25,6 +25,7 @@ from taskiq_beat.models import (
     SchedulerJob,
     SchedulerRun,
     UTCDateTime,
+    is_mysql,
 )
 from taskiq_beat.store.values import JobRecord
 
@@ -42,7 +43,47 @@ def _insert_for(dialect_name: str) -> Any:
         return postgresql.insert
     if dialect_name == "sqlite":
         return sqlite.insert
-    raise NotImplementedError(f"taskiq-beat supports SQLite and PostgreSQL, not {dialect_name!r}")
+    if is_mysql(dialect_name):
+        return mysql.insert
+    raise NotImplementedError(
+        f"taskiq-beat supports SQLite, PostgreSQL, MySQL and MariaDB, not {dialect_name!r}"
+    )
+
+
+def _upsert(
+    dialect_name: str,
+    table: sa.Table,
+    update: Callable[[Any], dict[str, Any]],
+    values: dict[str, Any] | None = None,
+) -> Any:
+    """``INSERT`` into ``table`` that updates the row whose primary key it meets instead:
+    ``update(new)`` is the ``SET``, ``new`` the columns of the row proposed (``EXCLUDED`` on
+    PostgreSQL and SQLite, ``ON DUPLICATE KEY UPDATE``'s ``VALUES()`` on MySQL, where only
+    the primary key may be unique: any unique key would count)."""
+    insert = _insert_for(dialect_name)(table)
+    if values is not None:
+        insert = insert.values(**values)
+    if is_mysql(dialect_name):
+        return insert.on_duplicate_key_update(update(insert.inserted))
+    return insert.on_conflict_do_update(
+        index_elements=list(table.primary_key.columns), set_=update(insert.excluded)
+    )
+
+
+def _insert_unless_there(dialect_name: str, table: sa.Table, index_elements: list[Any]) -> Any:
+    """``INSERT`` into ``table`` that leaves out a row whose unique key ``index_elements``
+    is taken (``ON CONFLICT DO NOTHING``; on MySQL an ``ON DUPLICATE KEY UPDATE`` that
+    changes nothing, never ``INSERT IGNORE``, which would drop other errors too)."""
+    insert = _insert_for(dialect_name)(table)
+    if is_mysql(dialect_name):
+        key = next(iter(table.primary_key.columns))
+        return insert.on_duplicate_key_update({key.name: key})
+    return insert.on_conflict_do_nothing(index_elements=index_elements)
+
+
+def _returns_rows(dialect_name: str) -> bool:
+    """Whether ``UPDATE ... RETURNING`` works (not on MySQL; MariaDB only from 11.x)."""
+    return not is_mysql(dialect_name)
 
 
 def _column_names(values: dict[str, Any]) -> dict[str, Any]:

@@ -32,15 +32,18 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from taskiq_beat.enums import RunStatus, StepStatus
-from taskiq_beat.models import SchedulerChain, SchedulerChainStep, SchedulerWorker
+from taskiq_beat.models import SchedulerChain, SchedulerChainStep, SchedulerWorker, is_mysql
 from taskiq_beat.store._base import StoreCore, _time_limited
-from taskiq_beat.store._common import _dialect_name, _insert_for, _run
+from taskiq_beat.store._common import _dialect_name, _insert_for, _returns_rows, _run
 from taskiq_beat.store.lifecycle import _count_on_jobs
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
+
+_MYSQL_DUPLICATE_KEY = 1062  # ER_DUP_ENTRY
 
 __all__ = [
     "Advance",
@@ -167,12 +170,10 @@ class ChainOperations(StoreCore):
             ).first()
             if run is None:
                 return None
-            inserted = await session.execute(
-                _insert_for(_dialect_name(session))(_chain)
-                .values(run_id=run_id, spec=spec, chain_attempt=first.chain_attempt, created_at=now)
-                .on_conflict_do_nothing(index_elements=[_chain.c.run_id])
+            insert = _insert_for(_dialect_name(session))(_chain).values(
+                run_id=run_id, spec=spec, chain_attempt=first.chain_attempt, created_at=now
             )
-            if not getattr(inserted, "rowcount", 0):
+            if not await _insert_once(session, insert, [_chain.c.run_id]):
                 return None
             # Running from now on, whoever started it (a start made while the database was
             # unreachable left it as it was), and held by no worker.
@@ -206,18 +207,33 @@ class ChainOperations(StoreCore):
         async with self._transaction() as session:
             for at in range(0, len(wanted), _CHUNK):
                 chunk = wanted[at : at + _CHUNK]
-                started = await session.execute(
-                    sa.update(_step)
-                    .where(_step.c.task_id.in_(chunk), _step.c.status == StepStatus.PENDING)
-                    .values(
-                        status=StepStatus.RUNNING,
-                        started_at=now,
-                        worker_id=worker_id,
-                        executions=_step.c.executions + 1,
-                        dispatched_at=sa.func.coalesce(_step.c.dispatched_at, now),
-                    )
-                    .returning(_step.c.task_id, _step.c.executions)
+                pending = (_step.c.task_id.in_(chunk), _step.c.status == StepStatus.PENDING)
+                start = sa.update(_step).values(
+                    status=StepStatus.RUNNING,
+                    started_at=now,
+                    worker_id=worker_id,
+                    executions=_step.c.executions + 1,
+                    dispatched_at=sa.func.coalesce(_step.c.dispatched_at, now),
                 )
+                started: Any
+                if _returns_rows(_dialect_name(session)):
+                    started = await session.execute(
+                        start.where(*pending).returning(_step.c.task_id, _step.c.executions)
+                    )
+                else:  # MySQL: the pending ones locked, then started
+                    locked = list(
+                        await session.execute(
+                            sa.select(_step.c.id, _step.c.task_id, _step.c.executions)
+                            .where(*pending)
+                            .order_by(_step.c.id)
+                            .with_for_update()
+                        )
+                    )
+                    if locked:
+                        await session.execute(
+                            start.where(_step.c.id.in_([row[0] for row in locked]))
+                        )
+                    started = [(task_id, executions + 1) for _, task_id, executions in locked]
                 for task_id, executions in started:
                     answer[task_id] = (int(executions), None)
                 refused = [task_id for task_id in chunk if task_id not in answer]
@@ -422,28 +438,43 @@ def _message(row: Any, now: datetime) -> StepMessage:
 async def _insert_step(
     session: AsyncSession | Any, run_id: int, draft: StepDraft, now: datetime
 ) -> int:
-    step_id = (
-        await session.execute(
-            sa.insert(_step)
-            .values(
-                run_id=run_id,
-                chain_attempt=draft.chain_attempt,
-                step=draft.step,
-                attempt=draft.attempt,
-                task_name=draft.task_name,
-                task_id=draft.task_id,
-                status=StepStatus.PENDING,
-                args=draft.args,
-                kwargs=draft.kwargs,
-                due_at=draft.due_at,
-                deadline_at=draft.deadline_at,
-                executions=0,
-                created_at=now,
-            )
-            .returning(_step.c.id)
-        )
-    ).scalar_one()
+    insert = sa.insert(_step).values(
+        run_id=run_id,
+        chain_attempt=draft.chain_attempt,
+        step=draft.step,
+        attempt=draft.attempt,
+        task_name=draft.task_name,
+        task_id=draft.task_id,
+        status=StepStatus.PENDING,
+        args=draft.args,
+        kwargs=draft.kwargs,
+        due_at=draft.due_at,
+        deadline_at=draft.deadline_at,
+        executions=0,
+        created_at=now,
+    )
+    if not _returns_rows(_dialect_name(session)):  # MySQL: the id the insert generated
+        result: Any = await session.execute(insert)
+        return int(result.inserted_primary_key[0])
+    step_id = (await session.execute(insert.returning(_step.c.id))).scalar_one()
     return int(step_id)
+
+
+async def _insert_once(session: AsyncSession | Any, insert: Any, key: list[Any]) -> bool:
+    """Run ``insert`` unless its row exists (by the unique ``key``); whether it inserted.
+    (MySQL: in a savepoint, undone on the duplicate key: its ``ON DUPLICATE KEY`` counts a
+    row found as one affected, and cannot tell.)"""
+    if is_mysql(_dialect_name(session)):
+        try:
+            async with session.begin_nested():
+                await session.execute(insert)
+        except IntegrityError as exc:
+            if exc.orig is None or exc.orig.args[:1] != (_MYSQL_DUPLICATE_KEY,):
+                raise
+            return False
+        return True
+    inserted = await session.execute(insert.on_conflict_do_nothing(index_elements=key))
+    return bool(getattr(inserted, "rowcount", 0))
 
 
 async def _finish(

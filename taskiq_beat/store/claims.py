@@ -12,6 +12,7 @@ from typing import (
 import sqlalchemy as sa
 
 from taskiq_beat.enums import RunStatus
+from taskiq_beat.models import is_mysql
 from taskiq_beat.store._base import StoreCore, _time_limited
 from taskiq_beat.store._common import (
     ChangeListener,
@@ -19,6 +20,7 @@ from taskiq_beat.store._common import (
     _dialect_name,
     _job,
     _records,
+    _returns_rows,
     _run,
     _select_payloads,
     _select_records,
@@ -156,8 +158,13 @@ class ClaimOperations(StoreCore):
                 .order_by(_run.c.next_attempt_at)
                 .limit(limit)
             )
-            if _dialect_name(session) == "postgresql":
+            dialect_name = _dialect_name(session)
+            if dialect_name != "sqlite":
                 due = due.with_for_update(skip_locked=True)
+            if is_mysql(dialect_name):  # by the index: a scan would lock every run it reads
+                due = due.with_hint(
+                    _run, "FORCE INDEX (ix_scheduler_run_next_attempt_at)", dialect_name
+                )
             ids: list[int] = []
             waiting: list[tuple[int, str]] = []
             for run_id, job_id, status in await session.execute(due):
@@ -190,9 +197,13 @@ class ClaimOperations(StoreCore):
                     next_attempt_at=lease_until,
                     updated_at=now,
                 )
-                .returning(_run.c.id, _run.c.job_id, _run.c.scheduled_for, _run.c.task_id)
             )
-            runs = list(await session.execute(claimed))
+            fired = (_run.c.id, _run.c.job_id, _run.c.scheduled_for, _run.c.task_id)
+            if _returns_rows(dialect_name):
+                runs = list(await session.execute(claimed.returning(*fired)))
+            else:  # locked by the read above: changed as read
+                await session.execute(claimed)
+                runs = list(await session.execute(sa.select(*fired).where(_run.c.id.in_(ids))))
             jobs = {
                 row[0]: row[1:]
                 for row in await session.execute(

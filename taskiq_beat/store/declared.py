@@ -10,6 +10,7 @@ found a newer version).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from taskiq_beat.enums import JobSource
+from taskiq_beat.models import is_mysql
 from taskiq_beat.store._common import (
     _CHUNK,
     _announce_change,
@@ -31,10 +33,19 @@ from taskiq_beat.store._common import (
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
-__all__ = ["DeclaredOperations", "DeclaredRow"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["MYSQL_LOCKED", "DeclaredOperations", "DeclaredRow", "release_declarations"]
 
 # Any 64-bit number of our own: the PostgreSQL advisory lock that serializes applies.
 _ADVISORY_LOCK_KEY = 0x7461736B69715F62  # "taskiq_b"
+# MySQL's named lock of the same purpose: one per database (the names are server-wide).
+_MYSQL_LOCK = sa.func.concat(
+    "taskiq_beat_declared:", sa.func.left(sa.func.sha1(sa.func.database()), 40)
+)
+_MYSQL_WAIT = 3600
+MYSQL_LOCKED = "taskiq_beat_declarations_locked"
+"""``session.info`` key: this session holds MySQL's named lock of the declarations."""
 
 
 @dataclass(frozen=True)
@@ -53,13 +64,28 @@ class DeclaredOperations:
     async def lock_declarations(session: AsyncSession) -> None:
         """Open the transaction holding the lock that serializes applies, until it ends.
 
-        PostgreSQL: a transaction-level advisory lock. SQLite: a write that changes nothing
+        PostgreSQL: a transaction-level advisory lock. MySQL and MariaDB: a named lock of the
+        database (``GET_LOCK``), released once the apply is committed or rolled back (see
+        :func:`release_declarations`). SQLite: a write that changes nothing
         takes the database's write lock (one writer at a time), so the reads that follow see
         no apply of another process in between.
         """
-        if _dialect_name(session) == "postgresql":
+        dialect_name = _dialect_name(session)
+        if dialect_name == "postgresql":
             await session.execute(sa.select(sa.func.pg_advisory_xact_lock(_ADVISORY_LOCK_KEY)))
-        else:
+        elif is_mysql(dialect_name) and not session.info.get(MYSQL_LOCKED):
+            # A named lock of this database. It belongs to the connection, not to the
+            # transaction: commit_declared releases it once the apply is committed, and a
+            # rollback (JobOperations.rollback) before it rolls back. Taken once a session
+            # (MySQL counts a second GET_LOCK of the same name, to be released twice).
+            session.info[MYSQL_LOCKED] = True
+            got = await session.scalar(sa.select(sa.func.get_lock(_MYSQL_LOCK, _MYSQL_WAIT)))
+            if got != 1:
+                del session.info[MYSQL_LOCKED]
+                raise TimeoutError(
+                    f"another apply of declared jobs held the lock for {_MYSQL_WAIT} s"
+                )
+        elif not is_mysql(dialect_name):
             await session.execute(
                 sa.update(_job).where(sa.false()).values(revision=_job.c.revision)
             )
@@ -88,15 +114,36 @@ class DeclaredOperations:
         code, at a ``schedule_version`` not above ``version``.
         """
         rows = [_column_names(row) for row in rows]
-        insert = _insert_for(_dialect_name(session))(_job)
-        statement = insert.on_conflict_do_update(
-            index_elements=[_job.c.id],
-            set_={c.name: insert.excluded[c.name] for c in _job.c if c.name != "id"},
-            where=sa.and_(
-                _job.c.source == JobSource.CODE,
-                sa.func.coalesce(_job.c.schedule_version, 0) <= version,
-            ),
+        dialect_name = _dialect_name(session)
+        insert = _insert_for(dialect_name)(_job)
+        ours: Any = sa.and_(
+            _job.c.source == JobSource.CODE,
+            sa.func.coalesce(_job.c.schedule_version, 0) <= version,
         )
+        if is_mysql(dialect_name):
+            # No WHERE on ON DUPLICATE KEY UPDATE: each column keeps its value unless the
+            # row is ours, and the columns the condition reads are assigned last (MySQL
+            # assigns left to right, and a later column would see their new values).
+            # (Literals, not parameters: asyncmy's many-row INSERT takes parameters in its
+            # VALUES only.)
+            ours = sa.text(
+                f"{_job.name}.source = '{JobSource.CODE.value}'"
+                f" AND COALESCE({_job.name}.schedule_version, 0) <= {int(version)}"
+            )
+            last = ("source", "schedule_version")
+            names = [c.name for c in _job.c if c.name not in ("id", *last)] + list(last)
+            statement = insert.on_duplicate_key_update(
+                [
+                    (name, sa.case((ours, insert.inserted[name]), else_=_job.c[name]))
+                    for name in names
+                ]
+            )
+        else:
+            statement = insert.on_conflict_do_update(
+                index_elements=[_job.c.id],
+                set_={c.name: insert.excluded[c.name] for c in _job.c if c.name != "id"},
+                where=ours,
+            )
         for start in range(0, len(rows), _CHUNK):
             await session.execute(statement, list(rows[start : start + _CHUNK]))
 
@@ -130,4 +177,21 @@ class DeclaredOperations:
     async def commit_declared(session: AsyncSession) -> None:
         """Commit the apply (announcing the change to listening schedulers)."""
         await _announce_change(session)
+        if session.info.pop(MYSQL_LOCKED, False):
+            # Commit on the connection that holds the named lock, then release it there:
+            # the next apply reads what this one wrote.
+            await session.flush()
+            await session.execute(sa.text("COMMIT"))
+            await session.execute(sa.select(sa.func.release_lock(_MYSQL_LOCK)))
         await _commit(session)
+
+
+async def release_declarations(session: AsyncSession) -> None:
+    """Release MySQL's named lock of the declarations if ``session`` holds it (before a
+    rollback: nothing was written). A connection that cannot answer lets it go anyway
+    when it closes."""
+    if session.info.pop(MYSQL_LOCKED, False):
+        try:
+            await session.execute(sa.select(sa.func.release_lock(_MYSQL_LOCK)))
+        except Exception:  # a broken connection: closing it releases the lock
+            logger.debug("could not release the declarations lock", exc_info=True)

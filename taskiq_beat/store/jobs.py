@@ -19,6 +19,7 @@ from taskiq_beat.models import (
     SchedulerJob,
     SchedulerJobStats,
     SchedulerRun,
+    is_mysql,
 )
 from taskiq_beat.store._common import (
     _CHUNK,
@@ -26,9 +27,9 @@ from taskiq_beat.store._common import (
     _column_names,
     _commit,
     _dialect_name,
-    _insert_for,
     _job,
     _make_room,
+    _upsert,
 )
 from taskiq_beat.store.values import JOB_SORT_COLUMNS, JobSummary, ScheduleState
 
@@ -90,6 +91,9 @@ class JobOperations:
 
     @staticmethod
     async def rollback(session: AsyncSession) -> None:
+        from taskiq_beat.store.declared import release_declarations
+
+        await release_declarations(session)
         await session.rollback()
 
     @staticmethod
@@ -174,14 +178,12 @@ class JobOperations:
     async def write_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
         """Insert or overwrite whole jobs (by id; values by attribute name) and commit."""
         rows = [_column_names(row) for row in rows]
-        insert = _insert_for(_dialect_name(session))(_job)
-        statement = insert.on_conflict_do_update(
-            index_elements=[_job.c.id],
+        statement = _upsert(
+            _dialect_name(session),
+            _job,
             # Who owns a job (declared in code or not) is not changed by an API upsert.
-            set_={
-                c.name: insert.excluded[c.name]
-                for c in _job.c
-                if c.name not in ("id", *DECLARATION_COLUMNS)
+            lambda new: {
+                c.name: new[c.name] for c in _job.c if c.name not in ("id", *DECLARATION_COLUMNS)
             },
         )
         for start in range(0, len(rows), _CHUNK):
@@ -261,8 +263,13 @@ class JobOperations:
             order = [_job.c.id.desc() if downwards else _job.c.id]
         else:
             direction = column.desc() if downwards else column.asc()
-            nulls = direction.nulls_first() if backwards else direction.nulls_last()
-            order = [nulls, _job.c.id.desc() if downwards else _job.c.id]
+            then = _job.c.id.desc() if downwards else _job.c.id
+            if is_mysql(_dialect_name(session)):  # no NULLS FIRST / LAST: sort on IS NULL
+                empty = column.is_(None)
+                order = [empty.desc() if backwards else empty.asc(), direction, then]
+            else:
+                nulls = direction.nulls_first() if backwards else direction.nulls_last()
+                order = [nulls, then]
         statement = statement.order_by(*order).limit(limit)
         rows = [
             JobSummary(

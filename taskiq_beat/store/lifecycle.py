@@ -34,7 +34,7 @@ from taskiq_beat.models import (
     SchedulerWorker,
 )
 from taskiq_beat.store._base import StoreCore, _time_limited
-from taskiq_beat.store._common import _dialect_name, _insert_for, _job, _run
+from taskiq_beat.store._common import _dialect_name, _job, _returns_rows, _run, _upsert
 from taskiq_beat.store.dialects import batch_sql
 
 if TYPE_CHECKING:
@@ -150,18 +150,19 @@ class LifecycleOperations(StoreCore):
     ) -> None:
         """Announce a worker (or renew it, if it is known already)."""
         async with self._transaction() as session:
-            insert = _insert_for(_dialect_name(session))(_worker).values(
-                id=worker_id,
-                hostname=hostname,
-                pid=pid,
-                started_at=now,
-                last_seen_at=now,
-                stopped_at=None,
-            )
             await session.execute(
-                insert.on_conflict_do_update(
-                    index_elements=[_worker.c.id],
-                    set_={"last_seen_at": now, "stopped_at": None},
+                _upsert(
+                    _dialect_name(session),
+                    _worker,
+                    lambda _: {"last_seen_at": now, "stopped_at": None},
+                    {
+                        "id": worker_id,
+                        "hostname": hostname,
+                        "pid": pid,
+                        "started_at": now,
+                        "last_seen_at": now,
+                        "stopped_at": None,
+                    },
                 )
             )
 
@@ -375,20 +376,27 @@ async def _lose_runs(
 ) -> list[tuple[int, str]]:
     """``running`` runs of ``worker_ids`` become ``lost`` (counted on their jobs as failures);
     returns their run and job ids."""
-    rows = list(
-        await session.execute(
-            sa.update(_run)
-            .where(_run.c.worker_id.in_(worker_ids), _run.c.status == RunStatus.RUNNING)
-            .values(
-                status=RunStatus.LOST,
-                finished_at=now,
-                updated_at=now,
-                error_type="WorkerLost",
-                error=reason,
-            )
-            .returning(_run.c.id, _run.c.job_id)
-        )
+    running = (_run.c.worker_id.in_(worker_ids), _run.c.status == RunStatus.RUNNING)
+    lost = sa.update(_run).values(
+        status=RunStatus.LOST,
+        finished_at=now,
+        updated_at=now,
+        error_type="WorkerLost",
+        error=reason,
     )
+    if _returns_rows(_dialect_name(session)):
+        rows = list(await session.execute(lost.where(*running).returning(_run.c.id, _run.c.job_id)))
+    else:  # the runs locked first, then changed: the same rows
+        rows = list(
+            await session.execute(
+                sa.select(_run.c.id, _run.c.job_id)
+                .where(*running)
+                .order_by(_run.c.id)
+                .with_for_update()
+            )
+        )
+        if rows:
+            await session.execute(lost.where(_run.c.id.in_([run_id for run_id, _ in rows])))
     await _count_on_jobs(session, [(job_id, RunStatus.LOST, now, None) for _, job_id in rows])
     return [(run_id, job_id) for run_id, job_id in rows]
 

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from taskiq_beat.enums import RunStatus
 from taskiq_beat.models import ACTIVE_RUNS_SQL
 from taskiq_beat.policy import JobPolicy
-from taskiq_beat.store._common import _dialect_name, _Executor, _insert_for, _job, _run
+from taskiq_beat.store._common import _dialect_name, _Executor, _insert_unless_there, _job, _run
 from taskiq_beat.store.values import FirePolicies, PolicyOutcome
 
 __all__ = ["WAIT_RECHECK", "apply_policies", "limits_of", "release_waiting"]
@@ -132,9 +132,11 @@ async def _insert_missed(
     session: _Executor, missed: Sequence[tuple[str, datetime, str, str]], now: datetime
 ) -> None:
     """One ``missed`` row per stretch; none where that fire has a run already."""
-    insert = _insert_for(_dialect_name(session))(_run)
+    insert = _insert_unless_there(
+        _dialect_name(session), _run, [_run.c.job_id, _run.c.scheduled_for]
+    )
     await session.execute(
-        insert.on_conflict_do_nothing(index_elements=[_run.c.job_id, _run.c.scheduled_for]),
+        insert,
         [
             {
                 "job_id": job_id,
@@ -204,13 +206,15 @@ async def release_waiting(
     fewer runs going than its limit (``limits``; a job that lost its policy has none): they
     may be claimed and sent. The others are looked at again after :data:`WAIT_RECHECK`."""
     job_ids = {job_id for _, job_id in waiting}
-    if _dialect_name(session) == "postgresql":
+    dialect_name = _dialect_name(session)
+    if dialect_name != "sqlite":
         # Wait for a claim of the same job under way: it may add a run going.
         await session.execute(
             sa.select(_job.c.id)
             .where(_job.c.id.in_(sorted(job_ids)))
             .order_by(_job.c.id)
-            .with_for_update(key_share=True)  # FOR NO KEY UPDATE, as the claim takes
+            # FOR NO KEY UPDATE, as the claim takes (MySQL: FOR UPDATE, as its claim takes)
+            .with_for_update(key_share=dialect_name == "postgresql")
         )
     counts = await _counts(session, job_ids, ())
     free: dict[str, int] = {}

@@ -5,21 +5,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import (
     TYPE_CHECKING,
+    Any,
     cast,
 )
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from taskiq_beat.enums import RunStatus
 from taskiq_beat.models import (
     SchedulerJob,
     SchedulerRun,
     SchedulerWorker,
+    is_mysql,
 )
 from taskiq_beat.store._common import (
     _commit,
     _dialect_name,
     _insert_for,
+    _insert_unless_there,
     _job,
     _make_room,
     _run,
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RunOperations"]
 
+_MYSQL_DUPLICATE_KEY = 1062  # ER_DUP_ENTRY
 _worker = cast("sa.Table", SchedulerWorker.__table__)
 
 
@@ -104,9 +109,11 @@ class RunOperations:
             "updated_at": now,
         }
         if new:
-            insert = _insert_for(_dialect_name(session))(_run)
+            insert = _insert_unless_there(
+                _dialect_name(session), _run, [_run.c.job_id, _run.c.scheduled_for]
+            )
             await session.execute(
-                insert.on_conflict_do_nothing(index_elements=[_run.c.job_id, _run.c.scheduled_for]),
+                insert,
                 [
                     {
                         **queued,
@@ -163,24 +170,36 @@ class RunOperations:
             _make_room(session, job)
             session.add(job)
             await session.flush()
-        insert = _insert_for(_dialect_name(session))
-        statement = (
-            insert(_run)
-            .values(
-                job_id=job_id,
-                scheduled_for=scheduled_for,
-                status=RunStatus.CLAIMED,
-                task_id=task_id,
-                attempt=1,
-                claimed_by=owner,
-                next_attempt_at=lease_until,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing()
-            .returning(_run.c.id)
+        dialect_name = _dialect_name(session)
+        statement = _insert_for(dialect_name)(_run).values(
+            job_id=job_id,
+            scheduled_for=scheduled_for,
+            status=RunStatus.CLAIMED,
+            task_id=task_id,
+            attempt=1,
+            claimed_by=owner,
+            next_attempt_at=lease_until,
+            created_at=now,
+            updated_at=now,
         )
-        run_id = (await session.execute(statement)).scalar_one_or_none()
+        run_id: int | None
+        if is_mysql(dialect_name):
+            # No RETURNING, and ON DUPLICATE KEY cannot tell an insert from a duplicate
+            # (found rows count as affected): a savepoint, undone if the fire exists.
+            try:
+                async with session.begin_nested():
+                    inserted = await session.execute(statement)
+            except IntegrityError as exc:
+                if exc.orig is None or exc.orig.args[:1] != (_MYSQL_DUPLICATE_KEY,):
+                    raise
+                run_id = None
+            else:
+                key = cast("sa.CursorResult[Any]", inserted).inserted_primary_key
+                run_id = None if key is None else int(key[0])
+        else:
+            run_id = (
+                await session.execute(statement.on_conflict_do_nothing().returning(_run.c.id))
+            ).scalar_one_or_none()
         await session.execute(
             sa.update(_job).where(_job.c.id == job_id).values(last_run_at=scheduled_for)
         )

@@ -43,7 +43,7 @@ from taskiq_beat import (
 )
 from tests.processes import PYTHON, ManagedProcess, describe, wait_until
 from tests.reliability import names
-from tests.utils import temporary_postgres_database
+from tests.utils import temporary_mysql_database, temporary_postgres_database
 
 __all__ = ["Cluster", "Fire", "Ledger", "Message", "Run", "cluster", "read_runs", "utcnow"]
 
@@ -102,7 +102,7 @@ class Run:
 class Cluster:
     """The database, the Redis list and the scheduler processes of one test."""
 
-    backend: Literal["sqlite", "postgresql"]
+    backend: Literal["sqlite", "postgresql", "mariadb"]
     database_url: str
     """The database as the test reaches it (directly)."""
     redis_url: str
@@ -464,7 +464,7 @@ async def _never_run(*args: Any) -> None:  # pragma: no cover - never executed
 
 @contextlib.asynccontextmanager
 async def cluster(
-    tmp_path: Path, backend: Literal["sqlite", "postgresql"], redis_url: str
+    tmp_path: Path, backend: Literal["sqlite", "postgresql", "mariadb"], redis_url: str
 ) -> AsyncIterator[Cluster]:
     """A fresh database with the tables, a Redis list of this test's own, cleaned up after;
     every scheduler process started is killed on the way out."""
@@ -476,6 +476,10 @@ async def cluster(
         if backend == "postgresql":
             url = await stack.enter_async_context(
                 temporary_postgres_database("taskiq_beat_reliability")
+            )
+        elif backend == "mariadb":
+            url = await stack.enter_async_context(
+                temporary_mysql_database("taskiq_beat_reliability")
             )
         else:
             url = f"sqlite+aiosqlite:///{tmp_path / 'beat.sqlite3'}"

@@ -1,6 +1,7 @@
 """The engine's hot statements, one class per SQL dialect. Their text does not depend on
 the batch size, so each is compiled (and on PostgreSQL prepared) once: the rows travel as
-array parameters (PostgreSQL, ``unnest``) or as one JSON parameter (SQLite, ``json_each``)."""
+array parameters (PostgreSQL, ``unnest``) or as one JSON parameter (SQLite, ``json_each``;
+MySQL and MariaDB, ``JSON_TABLE``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from taskiq_beat.enums import RunStatus
-from taskiq_beat.models import UTCDateTime
+from taskiq_beat.models import UTCDateTime, is_mysql
 from taskiq_beat.store._common import _dialect_name, _Executor, _job, _run
 from taskiq_beat.store.values import Claims
 
@@ -42,31 +43,39 @@ _RUNNING_HERE = (
 )
 STARTED = f"{_RUNNING_HERE}, executions = executions + 1"
 """SQL: the ``SET`` of a first start (a new execution of the fire)."""
-_RESTART = sa.text(
-    f"UPDATE {_RUN} SET {_RUNNING_HERE}, retries = :retries,"
+RESTARTED = (
+    f"{_RUNNING_HERE}, retries = :retries,"
     " executions = CASE WHEN executions < 1 THEN 1 ELSE executions END"
-    " WHERE id = :id AND job_id = :job_id AND retries < :retries"
+)
+"""SQL: the ``SET`` of a start by Taskiq's retry middleware (see ``restart_run``)."""
+RESTARTABLE = (
+    "id = :id AND job_id = :job_id AND retries < :retries"
     f" AND (status IN ('{RunStatus.RUNNING.value}', '{RunStatus.FAILED.value}') OR {STARTABLE})"
-    " RETURNING id, executions"
+)
+"""SQL: the run ``:id`` may be started by a retry with ``:retries``."""
+_RESTART = sa.text(
+    f"UPDATE {_RUN} SET {RESTARTED} WHERE {RESTARTABLE} RETURNING id, executions"
 ).bindparams(sa.bindparam("now", type_=UTCDateTime()))
 
 
-def counted(new: str) -> str:
-    """SQL: the ``SET`` of a counters upsert, ``new`` naming the row that conflicted."""
+def counted(new: str | Callable[[str], str]) -> str:
+    """SQL: the ``SET`` of a counters upsert, ``new`` naming the row that conflicted (or
+    giving, for a column, the SQL of its value there: MySQL's ``VALUES(column)``)."""
     stats = _STATS
+    value = new if callable(new) else (lambda column: f"{new}.{column}")
 
     def latest(column: str) -> str:
         return (
-            f"{column} = CASE WHEN {stats}.{column} IS NULL OR {stats}.{column} < {new}.{column}"
-            f" THEN COALESCE({new}.{column}, {stats}.{column}) ELSE {stats}.{column} END"
+            f"{column} = CASE WHEN {stats}.{column} IS NULL OR {stats}.{column} < {value(column)}"
+            f" THEN COALESCE({value(column)}, {stats}.{column}) ELSE {stats}.{column} END"
         )
 
     return (
-        f"run_count = {stats}.run_count + {new}.run_count,"
-        f" success_count = {stats}.success_count + {new}.success_count,"
-        f" failure_count = {stats}.failure_count + {new}.failure_count,"
+        f"run_count = {stats}.run_count + {value('run_count')},"
+        f" success_count = {stats}.success_count + {value('success_count')},"
+        f" failure_count = {stats}.failure_count + {value('failure_count')},"
         f" {latest('last_success_at')}, {latest('last_failure_at')},"
-        f" last_duration_seconds = COALESCE({new}.last_duration_seconds,"
+        f" last_duration_seconds = COALESCE({value('last_duration_seconds')},"
         f" {stats}.last_duration_seconds)"
     )
 
@@ -209,6 +218,7 @@ def claims_at_once(dialect_name: str) -> bool:
 
 def batch_sql(session: _Executor) -> _BatchSql:
     """The statements of ``session``'s dialect."""
+    from taskiq_beat.store.dialects.mysql import MYSQL
     from taskiq_beat.store.dialects.postgresql import POSTGRESQL
     from taskiq_beat.store.dialects.sqlite import SQLITE
 
@@ -217,4 +227,8 @@ def batch_sql(session: _Executor) -> _BatchSql:
         return POSTGRESQL
     if name == "sqlite":
         return SQLITE
-    raise NotImplementedError(f"taskiq-beat supports SQLite and PostgreSQL, not {name!r}")
+    if is_mysql(name):
+        return MYSQL
+    raise NotImplementedError(
+        f"taskiq-beat supports SQLite, PostgreSQL, MySQL and MariaDB, not {name!r}"
+    )
