@@ -63,10 +63,6 @@ _LARGEST_GROWN_BATCH = 8192
 # slowly than the broker takes a batch (PostgreSQL: ~100 ms for 2,048 claims, as long as
 # sending them) still has the next claim ready.
 _CLAIMS_IN_FLIGHT = 2
-# Fires due for a further attempt (delayed, buffered, backfilled, failed sends) go first in a
-# pass, a batch at a time; while more wait, the batch doubles up to this many times
-# dispatch_batch_size. Larger would hold up the fires due on time for longer.
-_RETRY_GROWTH = 4
 _SYNC_SPACING = 10  # the next sync waits at least 10x as long as the last one took
 # start() loads the jobs due first, at most this many, and starts sending them while the
 # first pass loads the rest of the window: a scheduler that starts behind (100k due) sends
@@ -174,7 +170,6 @@ class SchedulerEngine:
         self._grace = timedelta(seconds=config.misfire_grace_seconds)
         base = config.dispatch_batch_size
         self._batch_size = base
-        self._retry_batch = base
         self._delayed: list[datetime] = []  # due times of delayed fires claimed here (a heap)
         self._largest_batch = max(base, min(base * _BATCH_GROWTH, _LARGEST_GROWN_BATCH))
 
@@ -944,7 +939,7 @@ class SchedulerEngine:
     async def _send_retries(self) -> int:
         now = self._clock.now()
         self._next_retry_at = None
-        limit = self._retry_batch
+        limit = self._config.dispatch_batch_size
         fires = await self._store.claim_retries(
             now=now, lease_until=now + self._lease, owner=self.owner, limit=limit
         )
@@ -953,12 +948,10 @@ class SchedulerEngine:
             # were logged as they failed).
             logger.debug("sending %d fires due for a (further) attempt", len(fires))
         if len(fires) == limit:
-            # More are due: the next pass sends a larger batch, first (up to a few times a
-            # batch: the fires due on time wait for it), then the fires due on time.
+            # More are due: the next pass sends another batch of them first, then the fires
+            # due on time. (No larger batches: an overloaded scheduler's own leases run out
+            # before it records its sends, and each resend of those adds to the load.)
             self._next_retry_at = now
-            self._retry_batch = min(limit * 2, _RETRY_GROWTH * self._config.dispatch_batch_size)
-        else:
-            self._retry_batch = self._config.dispatch_batch_size
         # The next delayed (jittered) fire this engine claimed, to the microsecond; others'
         # and the rest are looked for at every sync.
         delayed = self._delayed
