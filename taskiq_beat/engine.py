@@ -683,9 +683,8 @@ class SchedulerEngine:
                 if limit is not None:
                     policies.limits[snapshot.id] = (limit, policy.overlap == "buffer_one")
                 if policy.jitter_seconds and send is not None:
-                    policies.jitter[snapshot.id] = jitter_of(
-                        snapshot.id, scheduled_for, policy.jitter_seconds
-                    )
+                    delay = jitter_of(snapshot.id, scheduled_for, policy.jitter_seconds)
+                    policies.jitter[snapshot.id] = (delay, scheduled_for + timedelta(seconds=delay))
             add(
                 snapshot.id,  # job_id
                 expected,  # expected_next_run_at

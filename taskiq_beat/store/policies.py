@@ -68,27 +68,17 @@ async def apply_policies(
                 )
             )
         held.update(skipped, waiting)
-    delayed_until: set[datetime] = set()
     jittered = {
-        job_id: seconds
-        for job_id, seconds in policies.jitter.items()
-        if job_id in inserted and job_id not in held and seconds > 0
+        job_id: delay
+        for job_id, delay in policies.jitter.items()
+        if job_id in inserted and job_id not in held and delay[0] > 0
     }
+    delayed_until = {due for _, due in jittered.values()}
     if jittered:
-        rows = (
-            await session.execute(
-                sa.select(_run.c.id, _run.c.scheduled_for).where(
-                    _run.c.id.in_([inserted[job_id] for job_id in jittered])
-                )
-            )
-        ).all()
-        scheduled = {run_id: when for run_id, when in rows}
-        params = []
-        for job_id, seconds in jittered.items():
-            run_id = inserted[job_id]
-            due = scheduled[run_id] + timedelta(seconds=seconds)
-            delayed_until.add(due)
-            params.append({"run": run_id, "due": due, "jitter": seconds})
+        params = [
+            {"run": inserted[job_id], "due": due, "jitter": seconds}
+            for job_id, (seconds, due) in jittered.items()
+        ]
         await session.execute(
             sa.update(_run)
             .where(_run.c.id == sa.bindparam("run"))

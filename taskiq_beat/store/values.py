@@ -79,13 +79,13 @@ class FirePolicies:
     ``missed``: stretches of missed fires before the fire sent, one row each
     ``(job_id, first missed fire, its task id, reason)``; ``limits``: jobs with an overlap
     policy, ``(most runs going at once, whether one more may wait)``; ``jitter``: jobs whose
-    fire is sent later, by this many seconds (the retries path sends it then).
+    fire is sent later, ``(by this many seconds, at this time)``: the retries path sends it.
     """
 
     unsent: dict[str, str] = dataclasses.field(default_factory=dict)
     missed: list[tuple[str, datetime, str, str]] = dataclasses.field(default_factory=list)
     limits: dict[str, tuple[int, bool]] = dataclasses.field(default_factory=dict)
-    jitter: dict[str, float] = dataclasses.field(default_factory=dict)
+    jitter: dict[str, tuple[float, datetime]] = dataclasses.field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.unsent or self.missed or self.limits or self.jitter)
