@@ -16,6 +16,7 @@ import heapq
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -75,6 +76,12 @@ _CHANGE_POLL_SECONDS = 0.5
 
 
 _LATENESS_SAMPLES_PER_BATCH = 32  # fires of a batch whose lateness is kept, evenly spaced
+# A scheduler renews its row of the registry of schedulers (see _renew) this often (at most a
+# third of its lease, after which the others count it out).
+_RENEW_EVERY_MAX = 1.0
+# The foreign heap is rebuilt without its stale entries once it holds more than this many
+# times as many entries as there are jobs held (plus a few), see _compact_foreign.
+_FOREIGN_SLACK = 2
 
 
 class JobSnapshot(NamedTuple):
@@ -145,6 +152,19 @@ class SchedulerEngine:
         # jobs instead of all claiming the same head of it (see _rank).
         self._heap: list[tuple[datetime, int, str]] = []
         self._salt = hash(self.owner)
+        # Sharing with other schedulers (see _renew): this one's slot among the live ones,
+        # and how many there are. A job is this scheduler's own when its slot (a stable hash
+        # of its id, see _slot) is this one's; the others' jobs wait in ``_foreign`` and are
+        # taken here only when this scheduler has nothing of its own due and they are
+        # overdue by ``_steal_after`` (their scheduler died, or is behind). Exactly-once
+        # never rests on this: every fire is still claimed by compare-and-set.
+        self._share = (0, 1)
+        self._foreign: list[tuple[datetime, int, str]] = []
+        self._steal_after = timedelta(seconds=config.sync_interval_seconds)
+        self._silent_after = timedelta(seconds=config.claim_lease_seconds)
+        self._renew_every = timedelta(seconds=min(_RENEW_EVERY_MAX, config.claim_lease_seconds / 3))
+        self._next_renew_at: datetime | None = None  # None: not registered
+        self._share_news = False  # a scheduler joined or left
         self._horizon: datetime | None = None
         self._next_sync_at: datetime | None = None
         # The sync under way (it runs while the pass sends what is due already), and the
@@ -223,6 +243,19 @@ class SchedulerEngine:
             if self._listener is not None:
                 await self._listener.close()
                 self._listener = None
+            await self._leave()
+
+    async def _leave(self) -> None:
+        """Leave the registry of schedulers: the others take this one's share at once (if
+        this fails, they do when its row ages out, see ``_renew``)."""
+        if self._next_renew_at is None:
+            return
+        self._next_renew_at = None
+        self._share = (0, 1)
+        try:
+            await self._store.remove_instance(self.owner)
+        except Exception as exc:
+            logger.warning("could not leave the registry of schedulers (%s)", exc)
 
     async def _run(self) -> None:
         failures = 0
@@ -276,6 +309,10 @@ class SchedulerEngine:
         deadlines = [now + timedelta(seconds=self._config.idle_sleep_seconds)]
         if self._heap:
             deadlines.append(self._heap[0][0])
+        if self._foreign:
+            deadlines.append(self._foreign[0][0] + self._steal_after)
+        if self._next_renew_at is not None:
+            deadlines.append(self._next_renew_at)
         if self._next_sync_at is not None and self._loading is None:
             deadlines.append(self._next_sync_at)
         if self._next_poll_at is not None:
@@ -298,7 +335,7 @@ class SchedulerEngine:
             self._listener = None
             self._changed_elsewhere = True  # changes may have been missed meanwhile
         try:
-            listener = await self._store.listen(self._heard_change)
+            listener = await self._store.listen(self._heard_change, self._heard_share_change)
         except Exception as exc:
             pause = max(5 * self._config.sync_interval_seconds, 1.0)
             self._listen_again_at = now + timedelta(seconds=pause)
@@ -311,6 +348,11 @@ class SchedulerEngine:
     def _heard_change(self) -> None:
         self._changed_elsewhere = True
         self._wakeup.set()
+
+    def _heard_share_change(self, instance_id: str) -> None:
+        if instance_id != self.owner:  # its own joining is no news
+            self._share_news = True
+            self._wakeup.set()
 
     def job_changed(
         self,
@@ -391,6 +433,8 @@ class SchedulerEngine:
             self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at
         ):
             self._begin_sync(now)
+        elif self._loading is None and self._renew_due(now):
+            await self._renew(now)
         sent = 0
         if self._next_retry_at is not None and now >= self._next_retry_at:
             sent += await self._send_retries()
@@ -446,6 +490,8 @@ class SchedulerEngine:
         try:
             if not self._can_listen:  # before the read: a change after it is polled for
                 self._change_mark = await self._store.last_change()
+            if self._renew_due(now):
+                await self._renew(now)
             records = await self._store.load_due(horizon, limit=limit)
             self._horizon = horizon
             added = self._merge(records, skip=self._touched)
@@ -486,6 +532,18 @@ class SchedulerEngine:
             del self._jobs[job_id]
         if gone:
             logger.debug("%d jobs held are no longer due here (taken or changed)", len(gone))
+        self._compact_foreign()
+
+    def _compact_foreign(self) -> None:
+        """Rebuild the heap of other schedulers' jobs without its stale entries once they
+        outnumber the live ones: its jobs move (their scheduler claims them) without this
+        one ever popping their old entries while it is busy with its own."""
+        foreign = self._foreign
+        if len(foreign) <= _FOREIGN_SLACK * len(self._due) + 1024:
+            return
+        due = self._due
+        self._foreign = [entry for entry in foreign if due.get(entry[2]) == entry[0]]
+        heapq.heapify(self._foreign)
 
     def _merge(self, records: list[JobRecord], *, skip: set[str] | None = None) -> int:
         with gc_paused():
@@ -528,21 +586,69 @@ class SchedulerEngine:
         """Hold ``snapshot``, due at ``when``."""
         self._jobs[snapshot.id] = snapshot
         self._due[snapshot.id] = when
-        heapq.heappush(self._heap, (when, self._rank(snapshot.id), snapshot.id))
+        job_id = snapshot.id
+        heap = self._heap if self._owns(job_id) else self._foreign
+        heapq.heappush(heap, (when, self._rank(job_id), job_id))
 
     def _push(self, added: list[tuple[datetime, str]]) -> None:
         """Put many jobs (already held, at these times) on the heap: a heap that grows by
         more than it holds is rebuilt in linear time instead of pushed to one entry at a
         time."""
-        heap = self._heap
         salt = self._salt
         entries = [(when, _mix(hash(job_id) ^ salt), job_id) for when, job_id in added]
+        index, count = self._share
+        if count == 1:
+            self._push_to(self._heap, entries)
+            return
+        own: list[tuple[datetime, int, str]] = []
+        foreign: list[tuple[datetime, int, str]] = []
+        for entry in entries:
+            (own if _slot(entry[2], count) == index else foreign).append(entry)
+        self._push_to(self._heap, own)
+        self._push_to(self._foreign, foreign)
+
+    @staticmethod
+    def _push_to(
+        heap: list[tuple[datetime, int, str]], entries: list[tuple[datetime, int, str]]
+    ) -> None:
         if len(entries) > len(heap):
             heap.extend(entries)
             heapq.heapify(heap)
         else:
             for entry in entries:
                 heapq.heappush(heap, entry)
+
+    def _owns(self, job_id: str) -> bool:
+        """Whether ``job_id`` is in this scheduler's share of the jobs."""
+        index, count = self._share
+        return count == 1 or _slot(job_id, count) == index
+
+    def _renew_due(self, now: datetime) -> bool:
+        return self._share_news or self._next_renew_at is None or now >= self._next_renew_at
+
+    async def _renew(self, now: datetime) -> None:
+        """Renew this scheduler's row of the registry and take its share of the jobs among
+        the live schedulers: its slot is its place among their ids, sorted. A change of the
+        share sorts the jobs held anew between this scheduler's heap and the others'."""
+        joining = self._next_renew_at is None
+        self._share_news = False
+        live = await self._store.renew_instance(
+            self.owner, now=now, silent_since=now - self._silent_after, joining=joining
+        )
+        self._next_renew_at = now + self._renew_every
+        count = max(1, len(live))
+        index = live.index(self.owner) if self.owner in live else 0
+        if (index, count) == self._share:
+            return
+        if count != self._share[1]:
+            if count == 1:
+                logger.info("this scheduler takes all the jobs (no other is running)")
+            else:
+                logger.info("%d schedulers share the jobs; this one takes 1/%d", count, count)
+        logger.debug("schedulers sharing the jobs: %s (this one: %s)", live, self.owner)
+        self._share = (index, count)
+        self._heap, self._foreign = [], []  # rebuilt from the jobs held, without stale entries
+        self._push([(when, job_id) for job_id, when in self._due.items()])
 
     def _rank(self, job_id: str) -> int:
         """Where ``job_id`` comes among the jobs due at the same time: a hash salted with
@@ -584,6 +690,20 @@ class SchedulerEngine:
                 del due[job_id]
                 batch.append(jobs.pop(job_id))
                 times.append(when)
+        foreign = self._foreign
+        if len(batch) < limit and foreign:
+            # Nothing more of its own is due: help with the others' jobs that their
+            # scheduler left overdue (it died, or is behind).
+            own = len(batch)
+            overdue = now - self._steal_after
+            while foreign and foreign[0][0] <= overdue and len(batch) < limit:
+                when, _, job_id = heapq.heappop(foreign)
+                if due.get(job_id) == when:
+                    del due[job_id]
+                    batch.append(jobs.pop(job_id))
+                    times.append(when)
+            if len(batch) > own:
+                logger.debug("taking %d overdue jobs of other schedulers", len(batch) - own)
         if len(batch) < limit:
             self._batch_size = self._config.dispatch_batch_size
         elif heap and heap[0][0] <= now:
@@ -636,12 +756,14 @@ class SchedulerEngine:
     def _claim_ahead(self, claims: collections.deque[asyncio.Task[Sequence[Fire]]]) -> None:
         """Start claiming due batches until ``_CLAIMS_IN_FLIGHT`` claims are under way.
 
-        None once a sync is due and none is under way: the pass then ends with the batches
-        under way, and the next one starts the sync (with jobs due all the time, a pass would
-        otherwise never end, and changes made elsewhere, retries and reloads would wait for a
-        gap)."""
+        None once a sync (or a renewal, see ``_renew``) is due and no sync is under way: the
+        pass then ends with the batches under way, and the next one starts it (with jobs due
+        all the time, a pass would otherwise never end, and changes made elsewhere, retries
+        and reloads would wait for a gap)."""
         now = self._clock.now()
-        if self._loading is None and self._next_sync_at is not None and now >= self._next_sync_at:
+        if self._loading is None and (
+            (self._next_sync_at is not None and now >= self._next_sync_at) or self._renew_due(now)
+        ):
             return
         while len(claims) < _CLAIMS_IN_FLIGHT:
             batch, times = self._pop_due(now)
@@ -999,6 +1121,13 @@ def _mix(value: int) -> int:
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
     return value ^ (value >> 31)
+
+
+def _slot(job_id: str, count: int) -> int:
+    """Which of ``count`` schedulers' share ``job_id`` is in: a hash of the id that every
+    process computes alike (Python's ``hash`` of a string differs from one process to the
+    next), mixed so that ids differing in one character spread evenly."""
+    return _mix(zlib.crc32(job_id.encode())) % count
 
 
 def _snapshot(record: JobRecord) -> JobSnapshot | None:

@@ -620,3 +620,24 @@ class SchedulerChainStep(SchedulerBase):
             f"SchedulerChainStep(run_id={self.run_id!r}, step={self.step!r}, "
             f"attempt={self.attempt!r}, status={self.status.value if self.status else None!r})"
         )
+
+
+class SchedulerInstance(SchedulerBase):
+    """A scheduler process running the scheduling loop, for as long as it renews its row.
+
+    Live schedulers (seen within their ``claim_lease_seconds``) share the due jobs: each
+    takes those whose stable hash of the id falls in its slot among the live ids, sorted
+    (see :mod:`taskiq_beat.engine`). A scheduler that stops cleanly deletes its row; one
+    that dies leaves it to age out. Only a hint for sharing the work: exactly-once rests on
+    the claims' compare-and-set, never on this table.
+    """
+
+    __tablename__ = "scheduler_instance"
+    __table_args__ = MYSQL_TABLE_OPTIONS
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:
+        return f"SchedulerInstance(id={self.id!r}, last_seen_at={self.last_seen_at!r})"

@@ -34,12 +34,13 @@ VERSION_TABLE = "taskiq_beat_alembic_version"
 SCHEDULER_TABLES = {
     "scheduler_chain",
     "scheduler_chain_step",
+    "scheduler_instance",
     "scheduler_job",
     "scheduler_job_stats",
     "scheduler_run",
     "scheduler_worker",
 }
-HEAD = "0005_chain_steps"
+HEAD = "0006_scheduler_instances"
 
 
 def _config(url: str | None = None, *, output: io.StringIO | None = None) -> Config:

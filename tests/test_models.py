@@ -143,6 +143,7 @@ def test_metadata_holds_exactly_the_scheduler_tables_with_named_constraints() ->
     assert set(SchedulerBase.metadata.tables) == {
         "scheduler_chain",
         "scheduler_chain_step",
+        "scheduler_instance",
         "scheduler_job",
         "scheduler_job_stats",
         "scheduler_run",

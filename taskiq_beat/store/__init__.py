@@ -11,6 +11,7 @@
 - :mod:`~taskiq_beat.store.chains`: durable chains, step attempt by step attempt (its own
   contract in its docstring);
 - :mod:`~taskiq_beat.store.declared`: applying the schedules declared in code;
+- :mod:`~taskiq_beat.store.instances`: the running schedulers, by which they share the jobs;
 - :mod:`~taskiq_beat.store.dialects`: the hot batch statements, one module per SQL dialect.
 
 The exactly-once contract:
@@ -44,6 +45,7 @@ from taskiq_beat.store.chains import (
 )
 from taskiq_beat.store.claims import ClaimOperations
 from taskiq_beat.store.declared import DeclaredOperations, DeclaredRow
+from taskiq_beat.store.instances import InstanceOperations
 from taskiq_beat.store.jobs import JobOperations
 from taskiq_beat.store.lifecycle import Finish, LifecycleOperations, RunStart
 from taskiq_beat.store.runs import RunOperations
@@ -93,6 +95,7 @@ class SchedulerStore(
     LifecycleOperations,
     DeclaredOperations,
     ChainOperations,
+    InstanceOperations,
 ):
     """The scheduler's database operations. See the module docstring for the contract.
 

@@ -214,6 +214,10 @@ def _dialect_name(session: _Executor) -> str:
 
 CHANGES_CHANNEL = "taskiq_beat_jobs"
 """PostgreSQL channel on which every committed job change is announced (once per commit)."""
+SHARE_CHANGED = "schedulers:"
+"""How the payload of an announcement on :data:`CHANGES_CHANNEL` that a scheduler joined or
+left begins, followed by that scheduler's id (see :mod:`taskiq_beat.store.instances`): no job
+changed, the share of each did."""
 
 
 async def _announce_change(session: AsyncSession) -> None:
@@ -227,11 +231,19 @@ class ChangeListener:
 
     ``on_change`` is called (on the event loop) once per committed change, and once more when
     the connection is lost: ``alive`` is then false and a new listener must be opened.
+    ``on_share_change``, where given, is called instead when a scheduler joined or left,
+    with its id.
     """
 
-    def __init__(self, connection: AsyncConnection, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        connection: AsyncConnection,
+        on_change: Callable[[], None],
+        on_share_change: Callable[[str], None] | None = None,
+    ) -> None:
         self._connection = connection
         self._on_change = on_change
+        self._on_share_change = on_share_change
         self.alive = True
 
     async def start(self) -> None:
@@ -241,7 +253,12 @@ class ChangeListener:
         driver.add_termination_listener(self._lost)
         await driver.add_listener(CHANGES_CHANNEL, self._heard)
 
-    def _heard(self, *_: Any) -> None:
+    def _heard(self, *args: Any) -> None:
+        payload = args[-1] if args else None  # (connection, pid, channel, payload)
+        if isinstance(payload, str) and payload.startswith(SHARE_CHANGED):
+            if self._on_share_change is not None:
+                self._on_share_change(payload[len(SHARE_CHANGED) :])
+            return
         self._on_change()
 
     def _lost(self, *_: Any) -> None:

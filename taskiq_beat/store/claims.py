@@ -44,13 +44,18 @@ class ClaimOperations(StoreCore):
     """What the scheduling loop asks of the database (see the package docstring)."""
 
     @_time_limited
-    async def listen(self, on_change: Callable[[], None]) -> ChangeListener | None:
-        """Start hearing other processes' job changes; ``None`` where the database cannot
-        announce them (SQLite: changes are seen at the next sync)."""
+    async def listen(
+        self,
+        on_change: Callable[[], None],
+        on_share_change: Callable[[str], None] | None = None,
+    ) -> ChangeListener | None:
+        """Start hearing other processes' job changes (and, with ``on_share_change``,
+        schedulers joining and leaving); ``None`` where the database cannot announce them
+        (SQLite: changes are seen at the next sync)."""
         if self._engine is None or self._engine.dialect.name != "postgresql":
             return None
         connection = await self._engine.connect()
-        listener = ChangeListener(connection, on_change)
+        listener = ChangeListener(connection, on_change, on_share_change)
         try:
             await listener.start()
         except BaseException:
