@@ -224,6 +224,7 @@ class SchedulerEngine:
         fires claimed but not started are released at once for the next scheduler."""
         task = self._task
         if task is None:
+            await self._leave()  # driven by tick() (tests, tools): leave the registry all the same
             return
         self._stopping = True
         self._dispatcher.halt()
@@ -429,12 +430,12 @@ class SchedulerEngine:
         now = self._clock.now()
         if not self._can_listen and (self._next_poll_at is None or now >= self._next_poll_at):
             await self._poll_changes(now)
+        if self._loading is None and self._renew_due(now):
+            await self._renew(now)  # first: what this pass claims is this scheduler's share
         if self._loading is None and (
             self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at
         ):
             self._begin_sync(now)
-        elif self._loading is None and self._renew_due(now):
-            await self._renew(now)
         sent = 0
         if self._next_retry_at is not None and now >= self._next_retry_at:
             sent += await self._send_retries()
@@ -490,9 +491,11 @@ class SchedulerEngine:
         try:
             if not self._can_listen:  # before the read: a change after it is polled for
                 self._change_mark = await self._store.last_change()
-            if self._renew_due(now):
-                await self._renew(now)
-            records = await self._store.load_due(horizon, limit=limit)
+            loading = self._store.load_due(horizon, limit=limit)
+            if self._renew_due(now):  # at start(), or a sync() of a tool: both at once
+                records, _ = await asyncio.gather(loading, self._renew(now))
+            else:
+                records = await loading
             self._horizon = horizon
             added = self._merge(records, skip=self._touched)
             if limit is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +24,8 @@ from taskiq_beat import (
     SchedulerJob,
     SchedulerRun,
 )
+from taskiq_beat.engine import _slot
+from taskiq_beat.models import SchedulerInstance
 from taskiq_beat.store import SchedulerStore
 from taskiq_beat.store._base import StatementTimeout
 from tests.test_engine import every
@@ -235,3 +238,167 @@ async def test_a_sync_drops_the_jobs_held_that_another_scheduler_took_meanwhile(
     await session.commit()
     await app.engine.sync()
     assert app.engine.loaded_jobs == 1
+
+
+# ---------------------------------------------------------------- sharing by slots
+
+
+def test_a_job_s_slot_is_the_same_in_every_process_and_spreads_evenly() -> None:
+    """The slot of a job comes from a hash every process computes alike (Python's ``hash`` of
+    a string changes with each process: schedulers would not agree on whose a job is)."""
+    assert [_slot(f"job-{index}", 3) for index in range(10)] == [2, 1, 2, 2, 1, 1, 1, 1, 0, 1]
+    assert _slot("a", 1000) == 47
+    counts = Counter(_slot(f"job-{index:05}", 3) for index in range(3000))
+    assert sorted(counts) == [0, 1, 2]
+    assert all(900 <= count <= 1100 for count in counts.values()), counts
+
+
+async def several_apps(
+    count: int,
+    session_factory: async_sessionmaker[AsyncSession],
+    clock: FakeClock,
+) -> tuple[list[SchedulerApp], list[RecordingBroker]]:
+    config = SchedulerConfig(sync_interval_seconds=1.0, record_lifecycle=False)
+    brokers = [await recording_broker() for _ in range(count)]
+    apps = [
+        SchedulerApp(broker=b, session_factory=session_factory, config=config, clock=clock)
+        for b in brokers
+    ]
+    return apps, brokers
+
+
+def share_of(scheduler: SchedulerApp, job_ids: list[str]) -> set[str]:
+    """The jobs of ``job_ids`` in ``scheduler``'s slot, as it takes them now."""
+    index, count = scheduler.engine._share
+    return {job_id for job_id in job_ids if _slot(job_id, count) == index}
+
+
+async def test_live_schedulers_each_claim_only_their_share(
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Three schedulers registered on one database each claim the due jobs of their slot,
+    and only those: no claim is spent on another's job. Together they send every job once,
+    each about a third; each says once at INFO how many share the jobs."""
+    apps, brokers = await several_apps(3, session_factory, clock)
+    due = clock.now() + timedelta(seconds=1)
+    job_ids = [f"job-{index:03}" for index in range(300)]
+    await apps[0].upsert_many(
+        session,
+        [
+            apps[0]
+            .single(task="tests.record")
+            .definition(trigger=OneOffSchedule(run_at=due), job_id=job_id)
+            for job_id in job_ids
+        ],
+    )
+    try:
+        for scheduler in apps:
+            await scheduler.engine.sync()  # each registers; the last one sees all three
+        assert [scheduler.engine._share[1] for scheduler in apps] == [1, 2, 3]
+        clock.advance(1)  # the renewals and syncs are due, and so are the jobs
+        with caplog.at_level(logging.INFO, logger="taskiq_beat.engine"):
+            sent = [await asyncio.wait_for(s.engine.tick(), _BOUND) for s in apps]
+        claimed_by_others = [s.engine.stats.fires_sent - len(share_of(s, job_ids)) for s in apps]
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    assert sorted(s.engine._share for s in apps) == [(0, 3), (1, 3), (2, 3)]
+    shares = [set(job_ids_sent(b)) for b in brokers]
+    for scheduler, share in zip(apps, shares, strict=True):
+        assert share == share_of(scheduler, job_ids)
+    assert claimed_by_others == [0, 0, 0]
+    assert sum(sent) == 300
+    assert set().union(*shares) == set(job_ids)
+    assert all(70 <= len(share) <= 130 for share in shares), [len(s) for s in shares]
+    lines = [r.getMessage() for r in caplog.records if "share the jobs" in r.getMessage()]
+    assert lines.count("3 schedulers share the jobs; this one takes 1/3") == 2, lines
+    runs = await session.execute(sa.select(SchedulerRun.job_id, SchedulerRun.claimed_by))
+    by_job = Counter(job_id for job_id, _ in runs)
+    assert set(by_job) == set(job_ids)
+    assert max(by_job.values()) == 1
+
+
+async def test_a_silent_scheduler_s_share_is_taken_over(
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Of two schedulers, one stops renewing its row (it died without a word). The other
+    goes on sending its own share on time, takes the silent one's jobs once they are overdue
+    by a sync interval, and once the silent one's lease has passed takes every job at its
+    time. Every fire is sent, once."""
+    (alive, silent), brokers = await several_apps(2, session_factory, clock)
+    start = clock.now()
+    job_ids = [f"job-{index:03}" for index in range(100)]
+    await alive.upsert_many(
+        session,
+        [
+            alive.single(task="tests.record").definition(trigger=every(10), job_id=job_id)
+            for job_id in job_ids
+        ],
+    )
+    try:
+        await alive.engine.sync()
+        await silent.engine.sync()
+        clock.advance(10)  # first fire: both alive
+        await alive.engine.tick()
+        await silent.engine.tick()
+        mine = share_of(alive, job_ids)
+        theirs = set(job_ids) - mine
+        assert alive.engine._share[1] == 2
+        assert set(job_ids_sent(brokers[0])) == mine
+        assert set(job_ids_sent(brokers[1])) == theirs
+        # From now on ``silent`` never runs again.
+        clock.advance(10)  # second fire, on time: only this one's share
+        assert await alive.engine.tick() == len(mine)
+        clock.advance(alive.config.sync_interval_seconds)  # the others' overdue by that
+        assert await alive.engine.tick() == len(theirs)
+        # Once the silent one's lease is over, this one takes every job on time.
+        for _ in range(3):
+            clock.advance(10)
+            await alive.engine.tick()
+        assert alive.engine._share == (0, 1)
+        clock.set(start + timedelta(seconds=60))
+        assert await alive.engine.tick() == 100
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    messages = [
+        (m.labels["taskiq_beat_job_id"], m.labels["taskiq_beat_scheduled_for"])
+        for b in brokers
+        for m in b.sent
+    ]
+    assert len(messages) == len(set(messages)), "nothing is sent twice"
+    fires = {(start + timedelta(seconds=10 * n)).isoformat() for n in range(1, 7)}
+    assert {(job, when) for job in job_ids for when in fires} == set(messages)
+    instances = await session.execute(sa.select(SchedulerInstance.id))
+    assert list(instances.scalars()) == [alive.engine.owner]
+
+
+async def test_a_scheduler_that_stops_leaves_its_share_at_once(
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """A scheduler that stops removes its row: the other takes every job at its next
+    renewal, not a lease later."""
+    (staying, leaving), brokers = await several_apps(2, session_factory, clock)
+    await staying.single(task="tests.record").upsert(session, trigger=every(10), job_id="job")
+    try:
+        await staying.engine.sync()
+        await leaving.engine.sync()
+        clock.advance(1)
+        await staying.engine.tick()
+        assert staying.engine._share[1] == 2
+        await leaving.engine.stop()
+        clock.advance(1)
+        await staying.engine.tick()
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    assert staying.engine._share == (0, 1)
+    instances = await session.execute(sa.select(SchedulerInstance.id))
+    assert list(instances.scalars()) == [staying.engine.owner]
