@@ -159,6 +159,7 @@ class SchedulerEngine:
         # overdue by ``_steal_after`` (their scheduler died, or is behind). Exactly-once
         # never rests on this: every fire is still claimed by compare-and-set.
         self._share = (0, 1)
+        self._slot_salts: list[int] = [0]
         self._foreign: list[tuple[datetime, int, str]] = []
         self._steal_after = timedelta(seconds=config.sync_interval_seconds)
         self._silent_after = timedelta(seconds=config.claim_lease_seconds)
@@ -252,7 +253,6 @@ class SchedulerEngine:
         if self._next_renew_at is None:
             return
         self._next_renew_at = None
-        self._share = (0, 1)
         try:
             await self._store.remove_instance(self.owner)
         except Exception as exc:
@@ -589,26 +589,45 @@ class SchedulerEngine:
         """Hold ``snapshot``, due at ``when``."""
         self._jobs[snapshot.id] = snapshot
         self._due[snapshot.id] = when
-        job_id = snapshot.id
-        heap = self._heap if self._owns(job_id) else self._foreign
-        heapq.heappush(heap, (when, self._rank(job_id), job_id))
+        own, entry = self._entry(when, snapshot.id)
+        heapq.heappush(self._heap if own else self._foreign, entry)
 
     def _push(self, added: list[tuple[datetime, str]]) -> None:
         """Put many jobs (already held, at these times) on the heap: a heap that grows by
         more than it holds is rebuilt in linear time instead of pushed to one entry at a
         time."""
-        salt = self._salt
-        entries = [(when, _mix(hash(job_id) ^ salt), job_id) for when, job_id in added]
-        index, count = self._share
-        if count == 1:
+        if self._share[1] == 1:
+            salt = self._salt
+            entries = [(when, _mix(hash(job_id) ^ salt), job_id) for when, job_id in added]
             self._push_to(self._heap, entries)
             return
         own: list[tuple[datetime, int, str]] = []
         foreign: list[tuple[datetime, int, str]] = []
-        for entry in entries:
-            (own if _slot(entry[2], count) == index else foreign).append(entry)
+        entry = self._entry
+        for when, job_id in added:
+            mine, item = entry(when, job_id)
+            (own if mine else foreign).append(item)
         self._push_to(self._heap, own)
         self._push_to(self._foreign, foreign)
+
+    def _entry(self, when: datetime, job_id: str) -> tuple[bool, tuple[datetime, int, str]]:
+        """Whether ``job_id`` is this scheduler's own, and its heap entry.
+
+        Alone, a scheduler takes the jobs due at one time in an order of its own (see
+        ``_rank``). Sharing, each takes its own jobs in the order of a hash salted with its
+        slot, which every scheduler can compute: another's jobs wait in ``_foreign`` in the
+        reverse of their owner's order, so a scheduler that helps with them starts at the
+        end its owner reaches last, and the two meet once instead of claiming the same
+        jobs all along."""
+        index, count = self._share
+        if count == 1:
+            return True, (when, self._rank(job_id), job_id)
+        key = zlib.crc32(job_id.encode())
+        slot = _mix(key) % count
+        rank = _mix(key ^ self._slot_salts[slot])
+        if slot == index:
+            return True, (when, rank, job_id)
+        return False, (when, -rank, job_id)
 
     @staticmethod
     def _push_to(
@@ -620,11 +639,6 @@ class SchedulerEngine:
         else:
             for entry in entries:
                 heapq.heappush(heap, entry)
-
-    def _owns(self, job_id: str) -> bool:
-        """Whether ``job_id`` is in this scheduler's share of the jobs."""
-        index, count = self._share
-        return count == 1 or _slot(job_id, count) == index
 
     def _renew_due(self, now: datetime) -> bool:
         return self._share_news or self._next_renew_at is None or now >= self._next_renew_at
@@ -650,6 +664,7 @@ class SchedulerEngine:
                 logger.info("%d schedulers share the jobs; this one takes 1/%d", count, count)
         logger.debug("schedulers sharing the jobs: %s (this one: %s)", live, self.owner)
         self._share = (index, count)
+        self._slot_salts = [_mix((count << 32) | slot) for slot in range(count)]
         self._heap, self._foreign = [], []  # rebuilt from the jobs held, without stale entries
         self._push([(when, job_id) for job_id, when in self._due.items()])
 
@@ -1129,7 +1144,8 @@ def _mix(value: int) -> int:
 def _slot(job_id: str, count: int) -> int:
     """Which of ``count`` schedulers' share ``job_id`` is in: a hash of the id that every
     process computes alike (Python's ``hash`` of a string differs from one process to the
-    next), mixed so that ids differing in one character spread evenly."""
+    next), mixed so that ids differing in one character spread evenly (see also
+    ``SchedulerEngine._entry``)."""
     return _mix(zlib.crc32(job_id.encode())) % count
 
 

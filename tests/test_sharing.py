@@ -402,3 +402,38 @@ async def test_a_scheduler_that_stops_leaves_its_share_at_once(
     assert staying.engine._share == (0, 1)
     instances = await session.execute(sa.select(SchedulerInstance.id))
     assert list(instances.scalars()) == [staying.engine.owner]
+
+
+async def test_a_scheduler_helps_with_another_s_jobs_from_the_end_its_owner_reaches_last(
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Two schedulers sharing 200 jobs due at one time: each holds the other's jobs in the
+    reverse of the order their owner takes them, so one that has done its own share and
+    helps with the rest starts where the owner will come last."""
+    (first, second), brokers = await several_apps(2, session_factory, clock)
+    due = clock.now() + timedelta(seconds=2)  # within the window, not due at the ticks
+    await first.upsert_many(
+        session,
+        [
+            first.single(task="tests.record").definition(
+                trigger=OneOffSchedule(run_at=due), job_id=f"job-{index:03}"
+            )
+            for index in range(200)
+        ],
+    )
+    try:
+        await first.engine.sync()
+        await second.engine.sync()
+        clock.advance(1)  # both renew, and see each other
+        await first.engine.tick()
+        await second.engine.tick()
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    for owner, helper in ((first, second), (second, first)):
+        taken = [job_id for _, _, job_id in sorted(owner.engine._heap)]
+        helped = [job_id for _, _, job_id in sorted(helper.engine._foreign)]
+        assert 60 <= len(taken) <= 140
+        assert helped == taken[::-1]
