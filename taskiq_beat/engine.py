@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import heapq
 import logging
 import time
 import uuid
-import zlib
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -491,7 +491,11 @@ class SchedulerEngine:
         try:
             if not self._can_listen:  # before the read: a change after it is polled for
                 self._change_mark = await self._store.last_change()
-            loading = self._store.load_due(horizon, limit=limit)
+            # Sharing, on PostgreSQL: this scheduler's jobs, and those of the others it may
+            # help with (overdue by _steal_after), not every job due.
+            loading = self._store.load_due(
+                horizon, limit=limit, share=self._share, others_before=now - self._steal_after
+            )
             if self._renew_due(now):  # at start(), or a sync() of a tool: both at once
                 records, _ = await asyncio.gather(loading, self._renew(now))
             else:
@@ -622,8 +626,8 @@ class SchedulerEngine:
         index, count = self._share
         if count == 1:
             return True, (when, self._rank(job_id), job_id)
-        key = zlib.crc32(job_id.encode())
-        slot = _mix(key) % count
+        key = _key(job_id)
+        slot = key % count
         rank = _mix(key ^ self._slot_salts[slot])
         if slot == index:
             return True, (when, rank, job_id)
@@ -1141,12 +1145,17 @@ def _mix(value: int) -> int:
     return value ^ (value >> 31)
 
 
+def _key(job_id: str) -> int:
+    """A hash of ``job_id`` that every process computes alike (Python's ``hash`` of a string
+    differs from one process to the next), and PostgreSQL too (see
+    ``store.dialects.postgresql.slot_of_job``): the first 28 bits of its MD5."""
+    return int(hashlib.md5(job_id.encode(), usedforsecurity=False).hexdigest()[:7], 16)
+
+
 def _slot(job_id: str, count: int) -> int:
-    """Which of ``count`` schedulers' share ``job_id`` is in: a hash of the id that every
-    process computes alike (Python's ``hash`` of a string differs from one process to the
-    next), mixed so that ids differing in one character spread evenly (see also
+    """Which of ``count`` schedulers' share ``job_id`` is in (see also
     ``SchedulerEngine._entry``)."""
-    return _mix(zlib.crc32(job_id.encode())) % count
+    return _key(job_id) % count
 
 
 def _snapshot(record: JobRecord) -> JobSnapshot | None:

@@ -28,6 +28,7 @@ from taskiq_beat.engine import _slot
 from taskiq_beat.models import SchedulerInstance
 from taskiq_beat.store import SchedulerStore
 from taskiq_beat.store._base import StatementTimeout
+from taskiq_beat.store.dialects.postgresql import slot_of_job
 from tests.test_engine import every
 from tests.utils import FakeClock, RecordingBroker
 
@@ -246,8 +247,8 @@ async def test_a_sync_drops_the_jobs_held_that_another_scheduler_took_meanwhile(
 def test_a_job_s_slot_is_the_same_in_every_process_and_spreads_evenly() -> None:
     """The slot of a job comes from a hash every process computes alike (Python's ``hash`` of
     a string changes with each process: schedulers would not agree on whose a job is)."""
-    assert [_slot(f"job-{index}", 3) for index in range(10)] == [2, 1, 2, 2, 1, 1, 1, 1, 0, 1]
-    assert _slot("a", 1000) == 47
+    assert [_slot(f"job-{index}", 3) for index in range(10)] == [2, 0, 1, 0, 1, 2, 1, 0, 1, 0]
+    assert _slot("a", 1000) == 323
     counts = Counter(_slot(f"job-{index:05}", 3) for index in range(3000))
     assert sorted(counts) == [0, 1, 2]
     assert all(900 <= count <= 1100 for count in counts.values()), counts
@@ -413,7 +414,7 @@ async def test_a_scheduler_helps_with_another_s_jobs_from_the_end_its_owner_reac
     reverse of the order their owner takes them, so one that has done its own share and
     helps with the rest starts where the owner will come last."""
     (first, second), brokers = await several_apps(2, session_factory, clock)
-    due = clock.now() + timedelta(seconds=2)  # within the window, not due at the ticks
+    due = clock.now() - timedelta(seconds=5)  # overdue: each loads the other's jobs too
     await first.upsert_many(
         session,
         [
@@ -427,8 +428,8 @@ async def test_a_scheduler_helps_with_another_s_jobs_from_the_end_its_owner_reac
         await first.engine.sync()
         await second.engine.sync()
         clock.advance(1)  # both renew, and see each other
-        await first.engine.tick()
-        await second.engine.tick()
+        await first.engine.sync()
+        await second.engine.sync()
     finally:
         for b in brokers:
             await b.shutdown()
@@ -437,3 +438,57 @@ async def test_a_scheduler_helps_with_another_s_jobs_from_the_end_its_owner_reac
         helped = [job_id for _, _, job_id in sorted(helper.engine._foreign)]
         assert 60 <= len(taken) <= 140
         assert helped == taken[::-1]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_postgresql_computes_each_job_s_slot_as_the_engine_does(
+    backend: str, session: AsyncSession
+) -> None:
+    """On PostgreSQL a sync loads only this scheduler's share (and the others' jobs it may
+    help with): the database's slot of a job must be the engine's."""
+    ids = [f"job-{index}" for index in range(50)] + ["a", "ü-ß", "x" * 64]
+    for count in (2, 3, 7):
+        column = sa.literal_column("id", sa.String())
+        values = sa.values(sa.column("id", sa.String()), name="ids").data([(i,) for i in ids])
+        rows = await session.execute(
+            sa.select(column, slot_of_job(column, count)).select_from(values)
+        )
+        assert dict(rows.all()) == {job_id: _slot(job_id, count) for job_id in ids}
+
+
+async def test_a_sync_loads_this_scheduler_s_share_on_postgresql(
+    backend: str,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Sharing with another, a scheduler on PostgreSQL reads only its own jobs due within
+    the window (and the other's overdue ones, none here); on SQLite it reads all of them
+    and keeps the other's aside."""
+    (first, second), brokers = await several_apps(2, session_factory, clock)
+    due = clock.now() + timedelta(seconds=2)
+    job_ids = [f"job-{index:03}" for index in range(200)]
+    await first.upsert_many(
+        session,
+        [
+            first.single(task="tests.record").definition(
+                trigger=OneOffSchedule(run_at=due), job_id=job_id
+            )
+            for job_id in job_ids
+        ],
+    )
+    try:
+        await first.engine.sync()
+        await second.engine.sync()
+        clock.advance(1)
+        await first.engine.sync()  # renews (two schedulers), then loads the window
+        await first.engine.sync()
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    mine = share_of(first, job_ids)
+    assert first.engine._share[1] == 2
+    assert 60 <= len(mine) <= 140
+    expected = len(mine) if backend == "postgresql" else len(job_ids)
+    assert first.engine.loaded_jobs == expected
+    assert {job_id for _, _, job_id in first.engine._heap} == mine
