@@ -492,9 +492,13 @@ class SchedulerEngine:
             if not self._can_listen:  # before the read: a change after it is polled for
                 self._change_mark = await self._store.last_change()
             # Sharing, on PostgreSQL: this scheduler's jobs, and those of the others it may
-            # help with (overdue by _steal_after), not every job due.
+            # soon help with (overdue by half of _steal_after: held when the time comes, a
+            # sync interval later at most), not every job due.
             loading = self._store.load_due(
-                horizon, limit=limit, share=self._share, others_before=now - self._steal_after
+                horizon,
+                limit=limit,
+                share=self._share,
+                others_before=now - self._steal_after / 2,
             )
             if self._renew_due(now):  # at start(), or a sync() of a tool: both at once
                 records, _ = await asyncio.gather(loading, self._renew(now))
