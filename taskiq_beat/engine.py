@@ -166,6 +166,7 @@ class SchedulerEngine:
         self._renew_every = timedelta(seconds=min(_RENEW_EVERY_MAX, config.claim_lease_seconds / 3))
         self._next_renew_at: datetime | None = None  # None: not registered
         self._share_news = False  # a scheduler joined or left
+        self._renewing = False
         self._horizon: datetime | None = None
         self._next_sync_at: datetime | None = None
         # The sync under way (it runs while the pass sends what is due already), and the
@@ -430,7 +431,7 @@ class SchedulerEngine:
         now = self._clock.now()
         if not self._can_listen and (self._next_poll_at is None or now >= self._next_poll_at):
             await self._poll_changes(now)
-        if self._loading is None and self._renew_due(now):
+        if self._loading is None and self._renew_due(now) and not self._renewing:
             await self._renew(now)  # first: what this pass claims is this scheduler's share
         if self._loading is None and (
             self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at
@@ -494,16 +495,14 @@ class SchedulerEngine:
             # Sharing, on PostgreSQL: this scheduler's jobs, and those of the others it may
             # soon help with (overdue by half of _steal_after: held when the time comes, a
             # sync interval later at most), not every job due.
-            loading = self._store.load_due(
+            if self._renew_due(now) and not self._renewing:  # start(), or a tool's sync()
+                await self._renew(now)
+            records = await self._store.load_due(
                 horizon,
                 limit=limit,
                 share=self._share,
                 others_before=now - self._steal_after / 2,
             )
-            if self._renew_due(now):  # at start(), or a sync() of a tool: both at once
-                records, _ = await asyncio.gather(loading, self._renew(now))
-            else:
-                records = await loading
             self._horizon = horizon
             added = self._merge(records, skip=self._touched)
             if limit is None:
@@ -657,9 +656,13 @@ class SchedulerEngine:
         share sorts the jobs held anew between this scheduler's heap and the others'."""
         joining = self._next_renew_at is None
         self._share_news = False
-        live = await self._store.renew_instance(
-            self.owner, now=now, silent_since=now - self._silent_after, joining=joining
-        )
+        self._renewing = True
+        try:
+            live = await self._store.renew_instance(
+                self.owner, now=now, silent_since=now - self._silent_after, joining=joining
+            )
+        finally:
+            self._renewing = False
         self._next_renew_at = now + self._renew_every
         count = max(1, len(live))
         index = live.index(self.owner) if self.owner in live else 0
@@ -754,6 +757,10 @@ class SchedulerEngine:
                     self._claim_ahead(claims)
                     continue
                 fires = await claims.popleft()
+                if self._share_news and not self._renewing:
+                    # Another scheduler joined or left: take the new share before claiming
+                    # more (this pass may go on for long, a sync under way included).
+                    await self._renew(self._clock.now())
                 if not self._stopping:
                     self._claim_ahead(claims)
                 if not fires:
