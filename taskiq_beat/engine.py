@@ -497,12 +497,15 @@ class SchedulerEngine:
             # sync interval later at most), not every job due.
             if self._renew_due(now) and not self._renewing:  # start(), or a tool's sync()
                 await self._renew(now)
-            records = await self._store.load_due(
-                horizon,
-                limit=limit,
-                share=self._share,
-                others_before=now - self._steal_after / 2,
-            )
+            if self._share[1] == 1:
+                records = await self._store.load_due(horizon, limit=limit)
+            else:
+                records = await self._store.load_due(
+                    horizon,
+                    limit=limit,
+                    share=self._share,
+                    others_before=now - self._steal_after / 2,
+                )
             self._horizon = horizon
             added = self._merge(records, skip=self._touched)
             if limit is None:
