@@ -637,7 +637,11 @@ class SchedulerEngine:
         rank = _mix(key ^ self._slot_salts[slot])
         if slot == index:
             return True, (when, rank, job_id)
-        return False, (when, -rank, job_id)
+        # Of the K - 1 schedulers that may help the owner, the p-th starts at p/(K - 1) of
+        # the way down from the owner's last job: two helpers do not take the same jobs.
+        helper = index if index < slot else index - 1
+        start = (_RANKS - helper * _RANKS // (count - 1)) % _RANKS
+        return False, (when, (start - rank) % _RANKS, job_id)
 
     @staticmethod
     def _push_to(
@@ -725,10 +729,13 @@ class SchedulerEngine:
         foreign = self._foreign
         if len(batch) < limit and foreign:
             # Nothing more of its own is due: help with the others' jobs that their
-            # scheduler left overdue (it died, or is behind).
+            # scheduler left overdue (it died, or is behind), a batch of the base size at
+            # most (an owner that is only behind claims some of them meanwhile: small
+            # claims lose little to each other).
             own = len(batch)
             overdue = now - self._steal_after
-            while foreign and foreign[0][0] <= overdue and len(batch) < limit:
+            most = min(limit, max(own, self._config.dispatch_batch_size))
+            while foreign and foreign[0][0] <= overdue and len(batch) < most:
                 when, _, job_id = heapq.heappop(foreign)
                 if due.get(job_id) == when:
                     del due[job_id]
@@ -1147,6 +1154,7 @@ class SchedulerEngine:
 
 
 _MASK64 = (1 << 64) - 1
+_RANKS = 1 << 64  # ranks are 64-bit (see _mix)
 
 
 def _mix(value: int) -> int:

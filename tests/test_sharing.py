@@ -492,3 +492,46 @@ async def test_a_sync_loads_this_scheduler_s_share_on_postgresql(
     expected = len(mine) if backend == "postgresql" else len(job_ids)
     assert first.engine.loaded_jobs == expected
     assert {job_id for _, _, job_id in first.engine._heap} == mine
+
+
+async def test_two_helpers_start_on_different_jobs_of_a_third_scheduler(
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Of three schedulers, the two that may help with the third one's overdue jobs start
+    at different places in them: one where the owner comes last, the other halfway."""
+    apps, brokers = await several_apps(3, session_factory, clock)
+    due = clock.now() - timedelta(seconds=5)
+    await apps[0].upsert_many(
+        session,
+        [
+            apps[0]
+            .single(task="tests.record")
+            .definition(trigger=OneOffSchedule(run_at=due), job_id=f"job-{index:03}")
+            for index in range(600)
+        ],
+    )
+    try:
+        for scheduler in apps:
+            await scheduler.engine.sync()
+        clock.advance(1)
+        for scheduler in apps:
+            await scheduler.engine.sync()
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    by_slot = {s.engine._share[0]: s.engine for s in apps}
+    owner = by_slot[2]
+    taken = [job_id for _, _, job_id in sorted(owner._heap)]
+    first, second = (
+        [job_id for _, _, job_id in sorted(by_slot[slot]._foreign) if job_id in set(taken)]
+        for slot in (0, 1)
+    )
+    assert first == taken[::-1]
+    ranks = {job_id: rank for _, rank, job_id in owner._heap}
+    lower = [job_id for job_id in taken if ranks[job_id] < 1 << 63]
+    upper = taken[len(lower) :]
+    assert 0.3 < len(lower) / len(taken) < 0.7
+    assert second == lower[::-1] + upper[::-1]  # from halfway down, then from the end
+    assert not set(first[:50]) & set(second[:50])
