@@ -21,7 +21,6 @@ from taskiq_beat.store._common import (
     SHARE_CHANGED,
     _dialect_name,
     _Executor,
-    _insert_for,
 )
 
 __all__ = ["InstanceOperations"]
@@ -48,14 +47,15 @@ class InstanceOperations(StoreCore):
         and that is announced too (they died, or lost their database; one that comes back
         registers again)."""
         async with self._transaction() as executor:
-            insert = _insert_for(_dialect_name(executor))(_instance).values(
-                id=instance_id, started_at=now, last_seen_at=now
+            # An update, then an insert where there was no row: the same on every database
+            # (no other process writes this scheduler's row).
+            renewed = await executor.execute(
+                sa.update(_instance).where(_instance.c.id == instance_id).values(last_seen_at=now)
             )
-            await executor.execute(
-                insert.on_conflict_do_update(
-                    index_elements=[_instance.c.id], set_={"last_seen_at": now}
+            if not getattr(renewed, "rowcount", 0):
+                await executor.execute(
+                    sa.insert(_instance).values(id=instance_id, started_at=now, last_seen_at=now)
                 )
-            )
             rows = await executor.execute(
                 sa.select(_instance.c.id, _instance.c.last_seen_at).order_by(_instance.c.id)
             )
