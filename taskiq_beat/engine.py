@@ -492,7 +492,7 @@ class SchedulerEngine:
         try:
             if not self._can_listen:  # before the read: a change after it is polled for
                 self._change_mark = await self._store.last_change()
-            # Sharing, on PostgreSQL: this scheduler's jobs, and those of the others it may
+            # Sharing (not on SQLite): this scheduler's jobs, and those of the others it may
             # soon help with (overdue by half of _steal_after: held when the time comes, a
             # sync interval later at most), not every job due.
             if self._renew_due(now) and not self._renewing:  # start(), or a tool's sync()

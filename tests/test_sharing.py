@@ -28,7 +28,7 @@ from taskiq_beat.engine import _slot
 from taskiq_beat.models import SchedulerInstance
 from taskiq_beat.store import SchedulerStore
 from taskiq_beat.store._base import StatementTimeout
-from taskiq_beat.store.dialects.postgresql import slot_of_job
+from taskiq_beat.store.dialects import sql_of_dialect
 from tests.test_engine import every
 from tests.utils import FakeClock, RecordingBroker
 
@@ -440,31 +440,32 @@ async def test_a_scheduler_helps_with_another_s_jobs_from_the_end_its_owner_reac
         assert helped == taken[::-1]
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
-async def test_postgresql_computes_each_job_s_slot_as_the_engine_does(
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+async def test_the_database_computes_each_job_s_slot_as_the_engine_does(
     backend: str, session: AsyncSession
 ) -> None:
-    """On PostgreSQL a sync loads only this scheduler's share (and the others' jobs it may
-    help with): the database's slot of a job must be the engine's."""
-    ids = [f"job-{index}" for index in range(50)] + ["a", "ü-ß", "x" * 64]
+    """On PostgreSQL, MySQL and MariaDB a sync loads only this scheduler's share (and the
+    others' jobs it may help with): the database's slot of a job must be the engine's."""
+    ids = [f"job-{index}" for index in range(50)] + ["a", "ü-ß", "x" * 64, "日本-job"]
+    sql = sql_of_dialect(session.bind.dialect.name)
     for count in (2, 3, 7):
-        column = sa.literal_column("id", sa.String())
-        values = sa.values(sa.column("id", sa.String()), name="ids").data([(i,) for i in ids])
-        rows = await session.execute(
-            sa.select(column, slot_of_job(column, count)).select_from(values)
-        )
-        assert dict(rows.all()) == {job_id: _slot(job_id, count) for job_id in ids}
+        slots = {}
+        for job_id in ids:
+            slot = sql.slot_of_job(sa.literal(job_id, sa.String()), count)
+            assert slot is not None
+            slots[job_id] = (await session.execute(sa.select(slot))).scalar_one()
+        assert slots == {job_id: _slot(job_id, count) for job_id in ids}
 
 
-async def test_a_sync_loads_this_scheduler_s_share_on_postgresql(
+async def test_a_sync_loads_only_this_scheduler_s_share_where_the_database_can(
     backend: str,
     session: AsyncSession,
     clock: FakeClock,
     session_factory: async_sessionmaker[AsyncSession],
 ) -> None:
-    """Sharing with another, a scheduler on PostgreSQL reads only its own jobs due within
-    the window (and the other's overdue ones, none here); on SQLite it reads all of them
-    and keeps the other's aside."""
+    """Sharing with another, a scheduler on PostgreSQL or MariaDB reads only its own jobs
+    due within the window (and the other's overdue ones, none here); on SQLite it reads all
+    of them and keeps the other's aside."""
     (first, second), brokers = await several_apps(2, session_factory, clock)
     due = clock.now() + timedelta(seconds=2)
     job_ids = [f"job-{index:03}" for index in range(200)]
@@ -489,7 +490,7 @@ async def test_a_sync_loads_this_scheduler_s_share_on_postgresql(
     mine = share_of(first, job_ids)
     assert first.engine._share[1] == 2
     assert 60 <= len(mine) <= 140
-    expected = len(mine) if backend == "postgresql" else len(job_ids)
+    expected = len(job_ids) if backend == "sqlite" else len(mine)
     assert first.engine.loaded_jobs == expected
     assert {job_id for _, _, job_id in first.engine._heap} == mine
 

@@ -76,10 +76,6 @@ class StoreCore:
         serial = self._engine is not None and self._engine.dialect.name == "sqlite"
         self._turns: asyncio.Lock | None = asyncio.Lock() if serial else None
 
-    def _dialect_is(self, name: str) -> bool:
-        """Whether the factory's engine speaks ``name`` (false where it has no engine)."""
-        return self._engine is not None and self._engine.dialect.name == name
-
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_Executor]:
         """A connection (or session) in a transaction, committed at the end of the block.

@@ -26,7 +26,7 @@ from taskiq_beat.store._common import (
     _select_records,
 )
 from taskiq_beat.store.dialects import batch_sql as _batch_sql
-from taskiq_beat.store.dialects.postgresql import slot_of_job
+from taskiq_beat.store.dialects import sql_of_dialect
 from taskiq_beat.store.policies import apply_policies, limits_of, release_waiting
 from taskiq_beat.store.values import (
     ClaimedFires,
@@ -77,20 +77,22 @@ class ClaimOperations(StoreCore):
 
         With ``limit``, only the ``limit`` due first (read in the index's order, so no more
         rows than that are read whatever the number due). With ``share`` (this scheduler's
-        slot, and the number of schedulers), on PostgreSQL only the jobs of that slot, and
-        the others' due at or before ``others_before``; elsewhere every job (the engine
-        sorts them out)."""
+        slot, and the number of schedulers), on PostgreSQL, MySQL and MariaDB only the jobs
+        of that slot, and the others' due at or before ``others_before``; on SQLite every
+        job (the engine sorts them out)."""
         statement = _select_records().where(
             _job.c.is_enabled.is_(True),
             _job.c.next_run_at.is_not(None),
             _job.c.next_run_at <= horizon,
         )
-        if share is not None and share[1] > 1 and self._dialect_is("postgresql"):
+        if share is not None and share[1] > 1 and self._engine is not None:
             index, count = share
-            mine = slot_of_job(_job.c.id, count) == index
-            if others_before is not None:
-                mine = sa.or_(mine, _job.c.next_run_at <= others_before)
-            statement = statement.where(mine)
+            slot = sql_of_dialect(self._engine.dialect.name).slot_of_job(_job.c.id, count)
+            if slot is not None:
+                mine = slot == index
+                if others_before is not None:
+                    mine = sa.or_(mine, _job.c.next_run_at <= others_before)
+                statement = statement.where(mine)
         if limit is not None:
             statement = statement.order_by(_job.c.next_run_at).limit(limit)
         return await self._fetch(statement)

@@ -132,6 +132,14 @@ class _BatchSql:
     def id_params(self, ids: Sequence[int]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def slot_of_job(
+        self, job_id: sa.ColumnElement[str], count: int
+    ) -> sa.ColumnElement[int] | None:
+        """SQL: the slot of a job among ``count`` schedulers, as ``taskiq_beat.engine._slot``
+        computes it (the first 28 bits of the MD5 of the id, modulo ``count``), or ``None``
+        where the dialect has no MD5 (SQLite: one writer, which loads every due job)."""
+        return None
+
     async def start_runs(
         self,
         session: _Executor,
@@ -218,11 +226,15 @@ def claims_at_once(dialect_name: str) -> bool:
 
 def batch_sql(session: _Executor) -> _BatchSql:
     """The statements of ``session``'s dialect."""
+    return sql_of_dialect(_dialect_name(session))
+
+
+def sql_of_dialect(name: str) -> _BatchSql:
+    """The statements of the dialect called ``name`` (SQLAlchemy's name)."""
     from taskiq_beat.store.dialects.mysql import MYSQL
     from taskiq_beat.store.dialects.postgresql import POSTGRESQL
     from taskiq_beat.store.dialects.sqlite import SQLITE
 
-    name = _dialect_name(session)
     if name == "postgresql":
         return POSTGRESQL
     if name == "sqlite":

@@ -298,5 +298,9 @@ class _MysqlBatchSql(_BatchSql):
             await session.execute(self.outcomes, {"rows": rows})
         return written
 
+    def slot_of_job(self, job_id: sa.ColumnElement[str], count: int) -> sa.ColumnElement[int]:
+        prefix = sa.func.substr(sa.func.md5(job_id), 1, 7)
+        return sa.cast(sa.func.conv(prefix, 16, 10), sa.Integer()) % count
+
 
 MYSQL = _MysqlBatchSql()

@@ -212,12 +212,9 @@ class _PostgresBatchSql(_BatchSql):
         result = await session.execute(self.outcomes, {"rows": json.dumps(rows)})
         return [(run_id, job_id) for run_id, job_id in result]
 
-
-def slot_of_job(job_id: sa.ColumnElement[str], count: int) -> sa.ColumnElement[int]:
-    """The slot of a job among ``count`` schedulers, as ``taskiq_beat.engine._slot``
-    computes it: the first 28 bits of the MD5 of the id, modulo ``count``."""
-    hexed = sa.literal("x", sa.String()) + sa.func.substr(sa.func.md5(job_id), 1, 7)
-    return sa.cast(sa.cast(hexed, postgresql.BIT(28)), sa.Integer()) % count
+    def slot_of_job(self, job_id: sa.ColumnElement[str], count: int) -> sa.ColumnElement[int]:
+        hexed = sa.literal("x", sa.String()) + sa.func.substr(sa.func.md5(job_id), 1, 7)
+        return sa.cast(sa.cast(hexed, postgresql.BIT(28)), sa.Integer()) % count
 
 
 POSTGRESQL = _PostgresBatchSql()
