@@ -237,6 +237,7 @@ class Plan:
     switch_interval: float | None = None
     schedulers: list[int] | None = None
     send_cost_us: float = 0.0
+    cpu_quota: float | None = None
 
 
 def _run_child(
@@ -306,6 +307,7 @@ def run_one(
     if schedulers is not None:
         row["schedulers"] = schedulers
         row["send_cost_us"] = plan.send_cost_us
+        row["cpu_quota"] = plan.cpu_quota
     python = _python_for(system, plan)
     if python is None:
         row["error"] = "skipped: no Python >= 3.12 for taskiq-beat 1.4.0"
@@ -347,7 +349,12 @@ def run_one(
             result, error = _run_child(python, measure_args, timeout)
         else:
             result, error = several.measure(
-                [python, str(BENCH), "_run", *measure_args], schedulers, scenario, timeout, ROOT
+                [python, str(BENCH), "_run", *measure_args],
+                schedulers,
+                scenario,
+                timeout,
+                ROOT,
+                cpu_quota=plan.cpu_quota,
             )
         row["stolen"] = _stolen_share(before, _cpu_times())
     if result is None:
@@ -549,6 +556,8 @@ def format_row(row: dict[str, Any]) -> str:
         system += f" x {row['schedulers']} schedulers"
         if row.get("send_cost_us"):
             system += f", {row['send_cost_us']:g} µs CPU a send"
+        if row.get("cpu_quota"):
+            system += f", {row['cpu_quota']:g} core each"
     jobs = _n(row["jobs"])
     if row.get("seconds") and row["scenario"] in DEFAULT_SECONDS:
         jobs += f" x {row['seconds']:g} s"
@@ -782,6 +791,15 @@ def _parser() -> argparse.ArgumentParser:
         help="CPU each send of the no-op broker burns, busy-waiting (a broker that costs CPU)",
     )
     parser.add_argument(
+        "--cpu-quota",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with --schedulers: each scheduler process limited to F of one core (a control "
+        "group each; needs a writable cgroup hierarchy), so that the schedulers' CPU is the "
+        "limit rather than the machine's",
+    )
+    parser.add_argument(
         "--inline-setup",
         action="store_true",
         help="load the jobs in the measuring process, not in one of its own (faster; for "
@@ -853,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         switch_interval=args.switch_interval,
         schedulers=[int(k) for k in args.schedulers.split(",")] if args.schedulers else None,
         send_cost_us=args.send_cost_us,
+        cpu_quota=args.cpu_quota,
     )
     began = datetime.now(timezone.utc)
     wall = time.perf_counter()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_support.common import RESULT_MARK, percentiles
+from bench_support.cpulimit import CpuQuota
 
 SCENARIOS = ("burst", "interval", "interval-spread")
 """The scenarios that run with several schedulers."""
@@ -29,10 +30,17 @@ _STARTUP_PER_PROCESS_S = 0.7
 
 
 def measure(
-    command: list[str], schedulers: int, scenario: str, timeout: float, cwd: Path
+    command: list[str],
+    schedulers: int,
+    scenario: str,
+    timeout: float,
+    cwd: Path,
+    cpu_quota: float | None = None,
 ) -> tuple[dict[str, Any] | None, str | None]:
-    """Run ``command`` (one measuring process) ``schedulers`` times at once; merge."""
+    """Run ``command`` (one measuring process) ``schedulers`` times at once; merge. With
+    ``cpu_quota``, each process gets that share of one core (see ``cpulimit``)."""
     start_at = time.time() + _STARTUP_S + _STARTUP_PER_PROCESS_S * schedulers
+    quota = CpuQuota(cpu_quota) if cpu_quota else None
     with tempfile.TemporaryDirectory(prefix="taskiq_beat_bench_sends_") as folder:
         paths = [os.path.join(folder, f"{index}.jsonl") for index in range(schedulers)]
         children = [
@@ -44,6 +52,9 @@ def measure(
             )
             for path in paths
         ]
+        if quota is not None:
+            for child in children:
+                quota.place(child.pid)
         results: list[dict[str, Any]] = []
         errors: list[str] = []
         for child in children:
@@ -59,6 +70,8 @@ def measure(
                 errors.append(f"exit status {child.returncode}; output: {out[-500:]}")
             else:
                 results.append(result)
+        if quota is not None:
+            quota.close()
         if errors:
             return None, "; ".join(errors)
         sends = [_read_sends(path) for path in paths]
