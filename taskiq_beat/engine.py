@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import heapq
 import logging
 import time
@@ -28,6 +27,7 @@ from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.models import encode_json
 from taskiq_beat.policy import FirePlan, JobPolicy, jitter_of, plan_fire, policy_from_text
+from taskiq_beat.sharing import HeapEntry, Sharing
 from taskiq_beat.stats import SUMMARY_EVERY, EngineStats
 from taskiq_beat.store import (
     RELEASED,
@@ -76,9 +76,6 @@ _CHANGE_POLL_SECONDS = 0.5
 
 
 _LATENESS_SAMPLES_PER_BATCH = 32  # fires of a batch whose lateness is kept, evenly spaced
-# A scheduler renews its row of the registry of schedulers (see _renew) this often (at most a
-# third of its lease, after which the others count it out).
-_RENEW_EVERY_MAX = 1.0
 # The foreign heap is rebuilt without its stale entries once it holds more than this many
 # times as many entries as there are jobs held (plus a few), see _compact_foreign.
 _FOREIGN_SLACK = 2
@@ -150,23 +147,15 @@ class SchedulerEngine:
         # the order of their rank, which differs from one scheduler to the next (salted by
         # its owner id): several schedulers holding the same backlog start on different
         # jobs instead of all claiming the same head of it (see _rank).
-        self._heap: list[tuple[datetime, int, str]] = []
-        self._salt = hash(self.owner)
-        # Sharing with other schedulers (see _renew): this one's slot among the live ones,
-        # and how many there are. A job is this scheduler's own when its slot (a stable hash
-        # of its id, see _slot) is this one's; the others' jobs wait in ``_foreign`` and are
+        self._heap: list[HeapEntry] = []
+        # Sharing with other schedulers (see taskiq_beat.sharing): a job is this scheduler's
+        # own when its slot is this one's; the others' jobs wait in ``_foreign`` and are
         # taken here only when this scheduler has nothing of its own due and they are
         # overdue by ``_steal_after`` (their scheduler died, or is behind). Exactly-once
         # never rests on this: every fire is still claimed by compare-and-set.
-        self._share = (0, 1)
-        self._slot_salts: list[int] = [0]
-        self._foreign: list[tuple[datetime, int, str]] = []
+        self._sharing = Sharing(self.owner, lease_seconds=config.claim_lease_seconds)
+        self._foreign: list[HeapEntry] = []
         self._steal_after = timedelta(seconds=config.sync_interval_seconds)
-        self._silent_after = timedelta(seconds=config.claim_lease_seconds)
-        self._renew_every = timedelta(seconds=min(_RENEW_EVERY_MAX, config.claim_lease_seconds / 3))
-        self._next_renew_at: datetime | None = None  # None: not registered
-        self._share_news = False  # a scheduler joined or left
-        self._renewing = False
         self._horizon: datetime | None = None
         self._next_sync_at: datetime | None = None
         # The sync under way (it runs while the pass sends what is due already), and the
@@ -249,15 +238,13 @@ class SchedulerEngine:
             await self._leave()
 
     async def _leave(self) -> None:
-        """Leave the registry of schedulers: the others take this one's share at once (if
-        this fails, they do when its row ages out, see ``_renew``)."""
-        if self._next_renew_at is None:
-            return
-        self._next_renew_at = None
-        try:
-            await self._store.remove_instance(self.owner)
-        except Exception as exc:
-            logger.warning("could not leave the registry of schedulers (%s)", exc)
+        """Leave the registry of schedulers: the others take this one's share at once."""
+        await self._sharing.leave(self._store)
+
+    @property
+    def share(self) -> tuple[int, int]:
+        """This scheduler's slot among the live schedulers, and how many there are."""
+        return self._sharing.share
 
     async def _run(self) -> None:
         failures = 0
@@ -313,8 +300,8 @@ class SchedulerEngine:
             deadlines.append(self._heap[0][0])
         if self._foreign:
             deadlines.append(self._foreign[0][0] + self._steal_after)
-        if self._next_renew_at is not None:
-            deadlines.append(self._next_renew_at)
+        if self._sharing.next_renew_at is not None:
+            deadlines.append(self._sharing.next_renew_at)
         if self._next_sync_at is not None and self._loading is None:
             deadlines.append(self._next_sync_at)
         if self._next_poll_at is not None:
@@ -352,8 +339,7 @@ class SchedulerEngine:
         self._wakeup.set()
 
     def _heard_share_change(self, instance_id: str) -> None:
-        if instance_id != self.owner:  # its own joining is no news
-            self._share_news = True
+        if self._sharing.heard(instance_id):
             self._wakeup.set()
 
     def job_changed(
@@ -431,7 +417,7 @@ class SchedulerEngine:
         now = self._clock.now()
         if not self._can_listen and (self._next_poll_at is None or now >= self._next_poll_at):
             await self._poll_changes(now)
-        if self._loading is None and self._renew_due(now) and not self._renewing:
+        if self._loading is None and self._sharing.renew_due(now):
             await self._renew(now)  # first: what this pass claims is this scheduler's share
         if self._loading is None and (
             self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at
@@ -495,15 +481,15 @@ class SchedulerEngine:
             # Sharing (not on SQLite): this scheduler's jobs, and those of the others it may
             # soon help with (overdue by half of _steal_after: held when the time comes, a
             # sync interval later at most), not every job due.
-            if self._renew_due(now) and not self._renewing:  # start(), or a tool's sync()
+            if self._sharing.renew_due(now):  # start(), or a tool's sync()
                 await self._renew(now)
-            if self._share[1] == 1:
+            if self._sharing.alone:
                 records = await self._store.load_due(horizon, limit=limit)
             else:
                 records = await self._store.load_due(
                     horizon,
                     limit=limit,
-                    share=self._share,
+                    share=self._sharing.share,
                     others_before=now - self._steal_after / 2,
                 )
             self._horizon = horizon
@@ -599,54 +585,28 @@ class SchedulerEngine:
         """Hold ``snapshot``, due at ``when``."""
         self._jobs[snapshot.id] = snapshot
         self._due[snapshot.id] = when
-        own, entry = self._entry(when, snapshot.id)
+        own, entry = self._sharing.entry(when, snapshot.id)
         heapq.heappush(self._heap if own else self._foreign, entry)
 
     def _push(self, added: list[tuple[datetime, str]]) -> None:
         """Put many jobs (already held, at these times) on the heap: a heap that grows by
         more than it holds is rebuilt in linear time instead of pushed to one entry at a
         time."""
-        if self._share[1] == 1:
-            salt = self._salt
-            entries = [(when, _mix(hash(job_id) ^ salt), job_id) for when, job_id in added]
-            self._push_to(self._heap, entries)
+        if self._sharing.alone:
+            rank = self._sharing.rank
+            self._push_to(self._heap, [(when, rank(job_id), job_id) for when, job_id in added])
             return
-        own: list[tuple[datetime, int, str]] = []
-        foreign: list[tuple[datetime, int, str]] = []
-        entry = self._entry
+        own: list[HeapEntry] = []
+        foreign: list[HeapEntry] = []
+        entry = self._sharing.entry
         for when, job_id in added:
             mine, item = entry(when, job_id)
             (own if mine else foreign).append(item)
         self._push_to(self._heap, own)
         self._push_to(self._foreign, foreign)
 
-    def _entry(self, when: datetime, job_id: str) -> tuple[bool, tuple[datetime, int, str]]:
-        """Whether ``job_id`` is this scheduler's own, and its heap entry.
-
-        Alone, a scheduler takes the jobs due at one time in an order of its own (see
-        ``_rank``). Sharing, each takes its own jobs in the order of a hash salted with its
-        slot, which every scheduler can compute: another's jobs wait in ``_foreign`` in the
-        reverse of their owner's order, so a scheduler that helps with them starts at the
-        end its owner reaches last, and the two meet once instead of claiming the same
-        jobs all along."""
-        index, count = self._share
-        if count == 1:
-            return True, (when, self._rank(job_id), job_id)
-        key = _key(job_id)
-        slot = key % count
-        rank = _mix(key ^ self._slot_salts[slot])
-        if slot == index:
-            return True, (when, rank, job_id)
-        # Of the K - 1 schedulers that may help the owner, the p-th starts at p/(K - 1) of
-        # the way down from the owner's last job: two helpers do not take the same jobs.
-        helper = index if index < slot else index - 1
-        start = (_RANKS - helper * _RANKS // (count - 1)) % _RANKS
-        return False, (when, (start - rank) % _RANKS, job_id)
-
     @staticmethod
-    def _push_to(
-        heap: list[tuple[datetime, int, str]], entries: list[tuple[datetime, int, str]]
-    ) -> None:
+    def _push_to(heap: list[HeapEntry], entries: list[HeapEntry]) -> None:
         if len(entries) > len(heap):
             heap.extend(entries)
             heapq.heapify(heap)
@@ -654,45 +614,12 @@ class SchedulerEngine:
             for entry in entries:
                 heapq.heappush(heap, entry)
 
-    def _renew_due(self, now: datetime) -> bool:
-        return self._share_news or self._next_renew_at is None or now >= self._next_renew_at
-
     async def _renew(self, now: datetime) -> None:
-        """Renew this scheduler's row of the registry and take its share of the jobs among
-        the live schedulers: its slot is its place among their ids, sorted. A change of the
-        share sorts the jobs held anew between this scheduler's heap and the others'."""
-        joining = self._next_renew_at is None
-        self._share_news = False
-        self._renewing = True
-        try:
-            live = await self._store.renew_instance(
-                self.owner, now=now, silent_since=now - self._silent_after, joining=joining
-            )
-        finally:
-            self._renewing = False
-        self._next_renew_at = now + self._renew_every
-        count = max(1, len(live))
-        index = live.index(self.owner) if self.owner in live else 0
-        if (index, count) == self._share:
-            return
-        if count != self._share[1]:
-            if count == 1:
-                logger.info("this scheduler takes all the jobs (no other is running)")
-            else:
-                logger.info("%d schedulers share the jobs; this one takes 1/%d", count, count)
-        logger.debug("schedulers sharing the jobs: %s (this one: %s)", live, self.owner)
-        self._share = (index, count)
-        self._slot_salts = [_mix((count << 32) | slot) for slot in range(count)]
-        self._heap, self._foreign = [], []  # rebuilt from the jobs held, without stale entries
-        self._push([(when, job_id) for job_id, when in self._due.items()])
-
-    def _rank(self, job_id: str) -> int:
-        """Where ``job_id`` comes among the jobs due at the same time: a hash salted with
-        this scheduler's owner id, so each scheduler takes a backlog in an order of its own
-        (two with the same order would claim the same batches at the same time, and split
-        each between them row by row; with orders of their own most of their batches are
-        disjoint)."""
-        return _mix(hash(job_id) ^ self._salt)
+        """Renew this scheduler's place among the live ones; a change of its share sorts
+        the jobs held anew between its heap and the others'."""
+        if await self._sharing.renew(self._store, now):
+            self._heap, self._foreign = [], []  # rebuilt without stale entries
+            self._push([(when, job_id) for job_id, when in self._due.items()])
 
     def _held_until(self) -> datetime | None:
         """The latest fire time of a job the heap holds: the end of the last sync's window,
@@ -767,7 +694,7 @@ class SchedulerEngine:
                     self._claim_ahead(claims)
                     continue
                 fires = await claims.popleft()
-                if self._share_news and not self._renewing:
+                if self._sharing.news and not self._sharing.renewing:
                     # Another scheduler joined or left: take the new share before claiming
                     # more (this pass may go on for long, a sync under way included).
                     await self._renew(self._clock.now())
@@ -805,7 +732,8 @@ class SchedulerEngine:
         and reloads would wait for a gap)."""
         now = self._clock.now()
         if self._loading is None and (
-            (self._next_sync_at is not None and now >= self._next_sync_at) or self._renew_due(now)
+            (self._next_sync_at is not None and now >= self._next_sync_at)
+            or self._sharing.renew_due(now)
         ):
             return
         while len(claims) < _CLAIMS_IN_FLIGHT:
@@ -1151,33 +1079,6 @@ class SchedulerEngine:
                 and self._within_horizon(r.next_run_at)
             ]
         )
-
-
-_MASK64 = (1 << 64) - 1
-_RANKS = 1 << 64  # ranks are 64-bit (see _mix)
-
-
-def _mix(value: int) -> int:
-    """SplitMix64's finaliser: every bit of ``value`` moves every bit of the result, so the
-    order of ``_mix(h ^ salt)`` for one salt says nothing of the order for another (a
-    tuple's hash, or ``h ^ salt`` alone, keep much of one order in the other)."""
-    value &= _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def _key(job_id: str) -> int:
-    """A hash of ``job_id`` that every process computes alike (Python's ``hash`` of a string
-    differs from one process to the next), and PostgreSQL too (see
-    ``store.dialects.postgresql.slot_of_job``): the first 28 bits of its MD5."""
-    return int(hashlib.md5(job_id.encode(), usedforsecurity=False).hexdigest()[:7], 16)
-
-
-def _slot(job_id: str, count: int) -> int:
-    """Which of ``count`` schedulers' share ``job_id`` is in (see also
-    ``SchedulerEngine._entry``)."""
-    return _key(job_id) % count
 
 
 def _snapshot(record: JobRecord) -> JobSnapshot | None:

@@ -24,8 +24,8 @@ from taskiq_beat import (
     SchedulerJob,
     SchedulerRun,
 )
-from taskiq_beat.engine import _slot
 from taskiq_beat.models import SchedulerInstance
+from taskiq_beat.sharing import slot_of
 from taskiq_beat.store import SchedulerStore
 from taskiq_beat.store._base import StatementTimeout
 from taskiq_beat.store.dialects import sql_of_dialect
@@ -247,9 +247,9 @@ async def test_a_sync_drops_the_jobs_held_that_another_scheduler_took_meanwhile(
 def test_a_job_s_slot_is_the_same_in_every_process_and_spreads_evenly() -> None:
     """The slot of a job comes from a hash every process computes alike (Python's ``hash`` of
     a string changes with each process: schedulers would not agree on whose a job is)."""
-    assert [_slot(f"job-{index}", 3) for index in range(10)] == [2, 0, 1, 0, 1, 2, 1, 0, 1, 0]
-    assert _slot("a", 1000) == 323
-    counts = Counter(_slot(f"job-{index:05}", 3) for index in range(3000))
+    assert [slot_of(f"job-{index}", 3) for index in range(10)] == [2, 0, 1, 0, 1, 2, 1, 0, 1, 0]
+    assert slot_of("a", 1000) == 323
+    counts = Counter(slot_of(f"job-{index:05}", 3) for index in range(3000))
     assert sorted(counts) == [0, 1, 2]
     assert all(900 <= count <= 1100 for count in counts.values()), counts
 
@@ -270,8 +270,8 @@ async def several_apps(
 
 def share_of(scheduler: SchedulerApp, job_ids: list[str]) -> set[str]:
     """The jobs of ``job_ids`` in ``scheduler``'s slot, as it takes them now."""
-    index, count = scheduler.engine._share
-    return {job_id for job_id in job_ids if _slot(job_id, count) == index}
+    index, count = scheduler.engine.share
+    return {job_id for job_id in job_ids if slot_of(job_id, count) == index}
 
 
 async def test_live_schedulers_each_claim_only_their_share(
@@ -298,15 +298,15 @@ async def test_live_schedulers_each_claim_only_their_share(
     try:
         for scheduler in apps:
             await scheduler.engine.sync()  # each registers; the last one sees all three
-        assert [scheduler.engine._share[1] for scheduler in apps] == [1, 2, 3]
+        assert [scheduler.engine.share[1] for scheduler in apps] == [1, 2, 3]
         clock.advance(1)  # the renewals and syncs are due, and so are the jobs
-        with caplog.at_level(logging.INFO, logger="taskiq_beat.engine"):
+        with caplog.at_level(logging.INFO, logger="taskiq_beat.sharing"):
             sent = [await asyncio.wait_for(s.engine.tick(), _BOUND) for s in apps]
         claimed_by_others = [s.engine.stats.fires_sent - len(share_of(s, job_ids)) for s in apps]
     finally:
         for b in brokers:
             await b.shutdown()
-    assert sorted(s.engine._share for s in apps) == [(0, 3), (1, 3), (2, 3)]
+    assert sorted(s.engine.share for s in apps) == [(0, 3), (1, 3), (2, 3)]
     shares = [set(job_ids_sent(b)) for b in brokers]
     for scheduler, share in zip(apps, shares, strict=True):
         assert share == share_of(scheduler, job_ids)
@@ -349,7 +349,7 @@ async def test_a_silent_scheduler_s_share_is_taken_over(
         await silent.engine.tick()
         mine = share_of(alive, job_ids)
         theirs = set(job_ids) - mine
-        assert alive.engine._share[1] == 2
+        assert alive.engine.share[1] == 2
         assert set(job_ids_sent(brokers[0])) == mine
         assert set(job_ids_sent(brokers[1])) == theirs
         # From now on ``silent`` never runs again.
@@ -361,7 +361,7 @@ async def test_a_silent_scheduler_s_share_is_taken_over(
         for _ in range(3):
             clock.advance(10)
             await alive.engine.tick()
-        assert alive.engine._share == (0, 1)
+        assert alive.engine.share == (0, 1)
         clock.set(start + timedelta(seconds=60))
         assert await alive.engine.tick() == 100
     finally:
@@ -393,14 +393,14 @@ async def test_a_scheduler_that_stops_leaves_its_share_at_once(
         await leaving.engine.sync()
         clock.advance(1)
         await staying.engine.tick()
-        assert staying.engine._share[1] == 2
+        assert staying.engine.share[1] == 2
         await leaving.engine.stop()
         clock.advance(1)
         await staying.engine.tick()
     finally:
         for b in brokers:
             await b.shutdown()
-    assert staying.engine._share == (0, 1)
+    assert staying.engine.share == (0, 1)
     instances = await session.execute(sa.select(SchedulerInstance.id))
     assert list(instances.scalars()) == [staying.engine.owner]
 
@@ -454,7 +454,7 @@ async def test_the_database_computes_each_job_s_slot_as_the_engine_does(
             slot = sql.slot_of_job(sa.literal(job_id, sa.String()), count)
             assert slot is not None
             slots[job_id] = (await session.execute(sa.select(slot))).scalar_one()
-        assert slots == {job_id: _slot(job_id, count) for job_id in ids}
+        assert slots == {job_id: slot_of(job_id, count) for job_id in ids}
 
 
 async def test_a_sync_loads_only_this_scheduler_s_share_where_the_database_can(
@@ -488,7 +488,7 @@ async def test_a_sync_loads_only_this_scheduler_s_share_where_the_database_can(
         for b in brokers:
             await b.shutdown()
     mine = share_of(first, job_ids)
-    assert first.engine._share[1] == 2
+    assert first.engine.share[1] == 2
     assert 60 <= len(mine) <= 140
     expected = len(job_ids) if backend == "sqlite" else len(mine)
     assert first.engine.loaded_jobs == expected
@@ -522,7 +522,7 @@ async def test_two_helpers_start_on_different_jobs_of_a_third_scheduler(
     finally:
         for b in brokers:
             await b.shutdown()
-    by_slot = {s.engine._share[0]: s.engine for s in apps}
+    by_slot = {s.engine.share[0]: s.engine for s in apps}
     owner = by_slot[2]
     taken = [job_id for _, _, job_id in sorted(owner._heap)]
     first, second = (

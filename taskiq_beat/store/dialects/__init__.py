@@ -135,7 +135,7 @@ class _BatchSql:
     def slot_of_job(
         self, job_id: sa.ColumnElement[str], count: int
     ) -> sa.ColumnElement[int] | None:
-        """SQL: the slot of a job among ``count`` schedulers, as ``taskiq_beat.engine._slot``
+        """SQL: the slot of a job among ``count`` schedulers, as ``taskiq_beat.sharing.slot_of``
         computes it (the first 28 bits of the MD5 of the id, modulo ``count``), or ``None``
         where the dialect has no MD5 (SQLite: one writer, which loads every due job)."""
         return None
