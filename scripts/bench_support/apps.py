@@ -151,17 +151,23 @@ async def copy_rows(engine: AsyncEngine, table: Any, jobs: int, args_column: str
 
 
 async def wait_rows(
-    engine: AsyncEngine, sent: sa.Select[Any], expected: int, timeout: float
+    engine: AsyncEngine,
+    sent: sa.Select[Any],
+    expected: int,
+    timeout: float,
+    *,
+    every: float = 0.02,
 ) -> tuple[int, float]:
-    """Poll the run table until ``expected`` rows are sent; return their count and the latest
-    time (epoch) among them, or now if none. ``sent`` selects that count and that time."""
+    """Poll the run table every ``every`` seconds until ``expected`` rows are sent; return
+    their count and the latest time (epoch) among them, or now if none. ``sent`` selects
+    that count and that time (so the end of a run does not depend on ``every``)."""
     deadline = time.time() + timeout
     while True:
         async with engine.connect() as connection:
             count, latest = (await connection.execute(sent)).one()
         if count >= expected or time.time() > deadline:
             return int(count), (epoch(latest) if latest is not None else time.time())
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(every)
 
 
 async def burst(
@@ -188,7 +194,9 @@ async def burst(
     started = time.time()
     budget = opts.max_wait - (started - began)
     if several:
-        rows, last_row = await wait_rows(engine, sent, opts.jobs, budget)
+        # Every process waits for all the rows, K counts of the run table at a time: a
+        # slower poll, or they would cost the database more the more schedulers there are.
+        rows, last_row = await wait_rows(engine, sent, opts.jobs, budget, every=0.25)
         complete = rows >= opts.jobs
     else:
         wait = max(1.0, budget) if by_sends_when_partial else budget
