@@ -7,11 +7,12 @@ import hashlib
 import logging
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from taskiq_beat.models import decode_json
+from taskiq_beat.sending import JOB_ID_LABEL, RUN_ID_LABEL, SCHEDULED_FOR_LABEL, Batch, Sending
 from taskiq_beat.store import RELEASED, SENT, Fire, SendOutcome
 
 if TYPE_CHECKING:
@@ -23,12 +24,6 @@ logger = logging.getLogger(__name__)
 
 _LOOP_TURN_EVERY = 0.005  # seconds a batch's senders send before they let the event loop run
 _TASK_ID_NAMESPACE = uuid.UUID("6f1c3b7e-2a44-4d0e-9a55-3c1f0e8b7d21")
-JOB_ID_LABEL = "taskiq_beat_job_id"
-"""Label carrying the scheduler job id on every message the scheduler sends."""
-SCHEDULED_FOR_LABEL = "taskiq_beat_scheduled_for"
-"""Label carrying the fire's scheduled time (ISO 8601, UTC) on every message."""
-RUN_ID_LABEL = "taskiq_beat_run_id"
-"""Label carrying the id of the fire's ``scheduler_run`` row: the worker writes onto it."""
 
 
 def fire_task_id(job_id: str, scheduled_for: datetime) -> str:
@@ -63,6 +58,7 @@ class Dispatcher:
         self._timed_out = SendOutcome(error=timed_out)
         self._stalled = SendOutcome(error=f"not sent: {timed_out} (another send of the batch)")
         self._halted = False
+        self._sending = Sending()
 
     def halt(self) -> None:
         """Start no new sends: fires not yet started come back as ``released``."""
@@ -92,6 +88,7 @@ class Dispatcher:
 
         loop = asyncio.get_running_loop()
         turn = _SharedTurn(loop)
+        batch = self._sending.batch()
 
         async def sender() -> None:
             nonlocal stalled
@@ -101,7 +98,7 @@ class Dispatcher:
                     if stalled:
                         outcomes[index] = self._stalled
                         continue
-                    outcomes[index] = outcome = await self._send_one(fire, deadline, times)
+                    outcomes[index] = outcome = await self._send_one(fire, deadline, times, batch)
                     if outcome is self._timed_out:
                         stalled = True
                     if loop.time() >= turn.ends_at:
@@ -118,7 +115,7 @@ class Dispatcher:
         return [RELEASED if outcome is None else outcome for outcome in outcomes]
 
     async def _send_one(
-        self, fire: Fire, deadline: _Deadline | None, times: dict[datetime, str]
+        self, fire: Fire, deadline: _Deadline | None, times: dict[datetime, str], batch: Batch
     ) -> SendOutcome:
         if self._halted:
             return RELEASED
@@ -129,13 +126,26 @@ class Dispatcher:
                 final=True,
             )
         try:
-            args, kwargs, labels = _payload(fire, times)
+            args, kwargs = _arguments(fire)
+            template = self._sending.template(task, fire.metadata)
+            labels = None if template is not None else _labels(fire, times)
         except ValueError as exc:
             return SendOutcome(error=str(exc), final=True)
-        kicker = task.kicker().with_task_id(fire.task_id).with_labels(**labels)
+        sending: Coroutine[Any, Any, Any]
+        if template is None:
+            assert labels is not None
+            kicker = task.kicker().with_task_id(fire.task_id).with_labels(**labels)
+            sending = kicker.kiq(*args, **kwargs)
+        else:
+            scheduled_for = times.get(fire.scheduled_for)
+            if scheduled_for is None:
+                scheduled_for = times[fire.scheduled_for] = fire.scheduled_for.isoformat()
+            sending = batch.kiq(
+                template, fire.task_id, args, kwargs, fire.job_id, scheduled_for, fire.run_id
+            )
         if deadline is None:  # pragma: no cover - Python 3.10
             try:
-                await asyncio.wait_for(kicker.kiq(*args, **kwargs), self._timeout)
+                await asyncio.wait_for(sending, self._timeout)
             except asyncio.TimeoutError:
                 return self._timed_out
             except Exception as exc:
@@ -143,7 +153,7 @@ class Dispatcher:
             return SENT
         deadline.start()
         try:
-            await kicker.kiq(*args, **kwargs)
+            await sending
         except asyncio.CancelledError:
             if deadline.stop():
                 return self._timed_out
@@ -284,18 +294,18 @@ def describe_error(exc: BaseException) -> str:
     return text
 
 
-def _payload(
-    fire: Fire, times: dict[datetime, str]
-) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
-    args, kwargs, metadata = (
-        decode_json(fire.args),
-        decode_json(fire.kwargs),
-        decode_json(fire.metadata),
-    )
+def _arguments(fire: Fire) -> tuple[list[Any], dict[str, Any]]:
+    args, kwargs = decode_json(fire.args), decode_json(fire.kwargs)
     if not isinstance(args, list):
         raise ValueError(f"stored args are not a JSON list: {args!r:.200}")
     if not isinstance(kwargs, dict):
         raise ValueError(f"stored kwargs are not a JSON object: {kwargs!r:.200}")
+    return args, kwargs
+
+
+def _labels(fire: Fire, times: dict[datetime, str]) -> dict[str, Any]:
+    """The labels of a fire sent with ``kiq`` itself (a task whose kicker is its own)."""
+    metadata = decode_json(fire.metadata)
     if not isinstance(metadata, dict):
         raise ValueError(f"stored metadata is not a JSON object: {metadata!r:.200}")
     labels = dict(metadata)
@@ -305,4 +315,4 @@ def _payload(
         scheduled_for = times[fire.scheduled_for] = fire.scheduled_for.isoformat()
     labels[SCHEDULED_FOR_LABEL] = scheduled_for
     labels[RUN_ID_LABEL] = fire.run_id
-    return args, kwargs, labels
+    return labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import sys
 import time
@@ -13,10 +14,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from taskiq import AsyncTaskiqDecoratedTask, TaskiqFormatter, TaskiqMiddleware
+from taskiq.exceptions import SendTaskError
+from taskiq.kicker import AsyncKicker
+from taskiq.message import BrokerMessage, TaskiqMessage
 
 from taskiq_beat import fire_task_id
-from taskiq_beat.dispatch import _TASK_ID_NAMESPACE, Dispatcher, task_id_of
-from taskiq_beat.store import Fire
+from taskiq_beat.dispatch import _TASK_ID_NAMESPACE, Dispatcher, describe_error, task_id_of
+from taskiq_beat.store import SENT, Fire
 from tests.utils import RecordingBroker
 
 UTC = timezone.utc
@@ -158,3 +163,160 @@ async def test_senders_that_never_wait_share_short_turns_of_the_event_loop() -> 
     # A turn of 5 ms per sender would hold the loop 32 x 5 ms between two of its turns.
     assert len(gaps) > 20
     assert max(gaps) < 0.05
+
+
+class Seen(TaskiqMiddleware):
+    """Notes every message a middleware is handed, as it is then (a copy of its fields)."""
+
+    def __init__(self, name: str, notes: list[tuple[str, str, dict[str, Any]]]) -> None:
+        super().__init__()
+        self.name = name
+        self.notes = notes
+
+    def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        self.notes.append((self.name, "pre_send", copy.deepcopy(message.model_dump())))
+        if self.name == "first":  # a middleware that changes the message, as some do
+            message.labels["added_by_middleware"] = "yes"
+        return message
+
+    async def post_send(self, message: TaskiqMessage) -> None:
+        self.notes.append((self.name, "post_send", copy.deepcopy(message.model_dump())))
+
+
+class SeenFormatter(TaskiqFormatter):
+    """The broker's formatter, noting each message it turns into a broker message and what
+    it made of it."""
+
+    def __init__(self, inner: TaskiqFormatter, notes: list[Any]) -> None:
+        self.inner = inner
+        self.notes = notes
+
+    def dumps(self, message: TaskiqMessage) -> BrokerMessage:
+        dumped = self.inner.dumps(message)
+        self.notes.append(("formatter", type(message), copy.deepcopy(message.model_dump())))
+        self.notes.append(("kick", dumped.model_dump()))
+        return dumped
+
+    def loads(self, message: bytes) -> TaskiqMessage:
+        return self.inner.loads(message)
+
+
+class OwnKickerTask(AsyncTaskiqDecoratedTask[Any, Any]):
+    """A task class whose kicker is its own: its fires go through ``kiq`` itself."""
+
+    def kicker(self) -> AsyncKicker[Any, Any]:
+        return super().kicker().with_labels(from_own_kicker=1)
+
+
+def seen_fires(task_name: str) -> list[Fire]:
+    payloads = [
+        ('[1, "two", {"three": [3]}]', '{"k": {"nested": true}}', '{"tenant": "a", "n": 7}'),
+        ("[]", "{}", "{}"),
+        ("[null]", '{"x": 1.5}', '{"taskiq_beat_run_id": "overridden by the scheduler"}'),
+        ("[2]", "{}", '{"priority": 9, "flag": false, "tags": ["a", "b"]}'),
+    ]
+    return [
+        Fire(
+            run_id=1000 + index,
+            job_id=f"job-{index}",
+            scheduled_for=SCHEDULED + timedelta(seconds=index % 2),
+            task_id=uuid.uuid4().hex,
+            task_name=task_name,
+            args=args,
+            kwargs=kwargs,
+            metadata=metadata,
+        )
+        for index, (args, kwargs, metadata) in enumerate(payloads * 2)
+    ]
+
+
+@pytest.mark.parametrize("task_class", [None, OwnKickerTask], ids=["stock", "own-kicker"])
+async def test_middlewares_and_formatter_see_each_message_as_kiq_makes_it(
+    task_class: type[AsyncTaskiqDecoratedTask[Any, Any]] | None,
+) -> None:
+    """The dispatcher builds each fire's message without a kicker per fire (sending.py);
+    a user's middlewares (pre_send, post_send) and the broker's formatter see exactly what
+    ``task.kicker().with_task_id(...).with_labels(...).kiq(...)`` hands them, in the same
+    order, and the broker is sent the same bytes."""
+    notes: list[Any] = []
+    broker = RecordingBroker()
+    if task_class is not None:
+        broker.decorator_class = task_class
+    broker.add_middlewares(Seen("first", notes), Seen("second", notes))
+    broker.formatter = SeenFormatter(broker.formatter, notes)
+
+    @broker.task(task_name="tests.seen", retry_on_error=True, max_retries=2, team="red")
+    async def seen(*args: Any, **kwargs: Any) -> None:
+        pass
+
+    await broker.startup()
+    try:
+        batch = seen_fires("tests.seen")
+        outcomes = await Dispatcher(broker, concurrency=1, timeout=5).send(batch)
+        assert outcomes == [SENT] * len(batch)
+        by_dispatcher, notes[:] = list(notes), []
+        for fire in batch:  # what the dispatcher did before it had templates
+            labels = dict(json.loads(fire.metadata))
+            labels["taskiq_beat_job_id"] = fire.job_id
+            labels["taskiq_beat_scheduled_for"] = fire.scheduled_for.isoformat()
+            labels["taskiq_beat_run_id"] = fire.run_id
+            kicker = seen.kicker().with_task_id(fire.task_id).with_labels(**labels)
+            await kicker.kiq(*json.loads(fire.args), **json.loads(fire.kwargs))
+        by_kiq = notes
+    finally:
+        await broker.shutdown()
+    assert len(by_dispatcher) == 6 * len(batch)
+    assert by_dispatcher == by_kiq
+    first = by_dispatcher[0][2]
+    assert first["labels"]["team"] == "red"
+    assert first["labels"]["tenant"] == "a"
+    assert first["labels"]["taskiq_beat_run_id"] == "1000"
+    assert (task_class is not None) == ("from_own_kicker" in first["labels"])
+    sent = broker.sent
+    assert [m.task_id for m in sent] == [f.task_id for f in batch] * 2
+    assert sent[: len(batch)] == sent[len(batch) :]
+
+
+async def test_a_failing_kick_is_reported_as_kiq_reports_it() -> None:
+    broker = RecordingBroker()
+    task = broker.register_task(lambda *args, **kwargs: None, task_name="tests.seen")
+    broker.fail_sends = True
+    await broker.startup()
+    try:
+        [outcome] = await Dispatcher(broker, concurrency=1, timeout=5).send(
+            seen_fires("tests.seen")[:1]
+        )
+        with pytest.raises(SendTaskError) as raised:
+            await task.kiq()
+    finally:
+        await broker.shutdown()
+    assert outcome.error == describe_error(raised.value)
+    assert outcome.error.endswith("(caused by ConnectionError: broker unreachable (test))")
+    assert not outcome.final
+
+
+async def test_stored_payloads_that_cannot_be_sent_fail_for_good_naming_the_value() -> None:
+    broker = RecordingBroker()
+    broker.register_task(lambda *args, **kwargs: None, task_name="tests.seen")
+    await broker.startup()
+    good = seen_fires("tests.seen")[0]
+    try:
+        outcomes = await Dispatcher(broker, concurrency=1, timeout=5).send(
+            [
+                good._replace(args='{"a": 1}'),
+                good._replace(kwargs="[1]"),
+                good._replace(metadata='"text"'),
+                good._replace(metadata="not json"),
+                good,
+            ]
+        )
+    finally:
+        await broker.shutdown()
+    assert [(o.error, o.final) for o in outcomes] == [
+        ("stored args are not a JSON list: {'a': 1}", True),
+        ("stored kwargs are not a JSON object: [1]", True),
+        ("stored metadata is not a JSON object: 'text'", True),
+        ("stored metadata is not a JSON object: unreadable JSON 'not json'", True),
+        (None, False),
+    ]
+    assert len(broker.sent) == 1
