@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from taskiq import AsyncTaskiqDecoratedTask, TaskiqMessage, TaskiqMiddleware
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
+from taskiq.kicker import logger as _TASKIQ_LOGGER  # where kiq writes its debug line
 from taskiq.utils import maybe_awaitable
 
 from taskiq_beat.models import decode_json
@@ -45,7 +46,6 @@ RUN_ID_LABEL = "taskiq_beat_run_id"
 """Label carrying the id of the fire's ``scheduler_run`` row: the worker writes onto it."""
 
 _TEMPLATES_KEPT = 1024  # distinct (task, metadata) pairs; beyond, the cache starts afresh
-_TASKIQ_LOGGER = logging.getLogger("taskiq")  # the logger kiq writes its debug line to
 
 # What the templates stand for: the kicker of taskiq's decorated tasks, and its kiq.
 _STOCK_KICKER = AsyncTaskiqDecoratedTask.kicker
