@@ -133,7 +133,7 @@ class SchedulerEngine:
         self._events = events or EventHooks()
         self.stats = EngineStats()
         self._summary_at: datetime | None = None
-        self._summary_counts = (0, 0)  # fires sent and failed at the last summary
+        self._summary_counts = (0, 0, 0)  # fires sent, failed and missed at the last summary
         self._dispatcher = dispatcher
         self._config = config
         self._clock = clock
@@ -876,6 +876,7 @@ class SchedulerEngine:
                 )
         else:
             stretch = f"fires from {first.isoformat()} to {plan.missed_until.isoformat()}"
+        self.stats.fires_missed += 1
         policy = snapshot.policy
         mode = "latest" if policy is None else policy.catch_up
         reason = f"{stretch} missed: later than the misfire grace (catch_up={mode!r})"
@@ -984,25 +985,20 @@ class SchedulerEngine:
         last one (a line per batch would be a hundred a second under load)."""
         now = self._clock.now()
         if self._summary_at is None:
-            self._summary_at, self._summary_counts = now, (0, 0)
+            self._summary_at, self._summary_counts = now, (0, 0, 0)
             return
         if (now - self._summary_at).total_seconds() < SUMMARY_EVERY:
             return
-        sent = self.stats.fires_sent - self._summary_counts[0]
-        failed = self.stats.fires_failed - self._summary_counts[1]
-        if sent or failed:
-            p50, p99 = self.stats.lateness_percentiles(window=SUMMARY_EVERY)
-            logger.info(
-                "sent %d fires in the last %.0f s (%d sends failed); lateness p50 %.0f ms,"
-                " p99 %.0f ms",
-                sent,
-                (now - self._summary_at).total_seconds(),
-                failed,
-                p50 * 1000,
-                p99 * 1000,
-            )
+        stats = self.stats
+        counts = (stats.fires_sent, stats.fires_failed, stats.fires_missed)
+        last = self._summary_counts
+        since = (counts[0] - last[0], counts[1] - last[1], counts[2] - last[2])
+        if any(since):
+            seconds = (now - self._summary_at).total_seconds()
+            behind = [when for when in self._due.values() if when <= now]
+            logger.info(*stats.summary(seconds, since, behind, now))
         self._summary_at = now
-        self._summary_counts = (self.stats.fires_sent, self.stats.fires_failed)
+        self._summary_counts = counts
 
     def _sample_lateness(self, fires: Sequence[Fire], outcomes: list[SendOutcome]) -> None:
         """Keep the lateness of a few of a batch's fires sent (all of them, and a

@@ -34,6 +34,9 @@ class SchedulerHealthSnapshot(BaseModel):
     next_due_at: datetime | None
     fires_sent: int
     fires_failed: int
+    fires_missed: int
+    """Fires this scheduler skipped for being later than the misfire grace (a stretch of
+    one job's fires counts once)."""
     lateness_p50_seconds: float
     lateness_p99_seconds: float
     """Of the fires sent over the last minute (sampled)."""
@@ -91,6 +94,7 @@ async def read_health(
         next_due_at=engine.next_due_at,
         fires_sent=stats.fires_sent,
         fires_failed=stats.fires_failed,
+        fires_missed=stats.fires_missed,
         lateness_p50_seconds=p50,
         lateness_p99_seconds=p99,
         last_sync_at=stats.last_sync_at,

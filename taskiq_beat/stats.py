@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import time
 from datetime import datetime
+from typing import Any
 
 __all__ = ["SUMMARY_EVERY", "EngineStats"]
 
@@ -22,6 +23,9 @@ class EngineStats:
     fires_sent: int = 0
     fires_failed: int = 0
     """Sends that failed (each is retried, or its job disabled when it can never be sent)."""
+    fires_missed: int = 0
+    """Fires the misfire policy skipped because they were later than the misfire grace
+    (a stretch of skipped fires of one job counts once: it is one ``missed`` run)."""
     last_sync_at: datetime | None = None
     last_pass_at: datetime | None = None
     """When the loop last completed a pass without an error."""
@@ -31,6 +35,27 @@ class EngineStats:
         default_factory=lambda: collections.deque(maxlen=4096)
     )
     """(monotonic time, seconds late) of sampled fires sent."""
+
+    def summary(
+        self,
+        seconds: float,
+        counts: tuple[int, int, int],
+        behind: list[datetime],
+        now: datetime,
+    ) -> tuple[Any, ...]:
+        """The once-a-minute INFO line (format and arguments) on the fires sent, failed and
+        missed (``counts``) over the last ``seconds``, and the jobs whose fires, due at
+        ``behind``, wait here unclaimed: under more load than it can send, the line says
+        how far behind the scheduler is, and what the misfire policy dropped."""
+        sent, failed, missed = counts
+        p50, p99 = self.lateness_percentiles(window=SUMMARY_EVERY)
+        text = (
+            "sent %d fires in the last %.0f s (%d sends failed); lateness p50 %.0f ms,"
+            " p99 %.0f ms; %d jobs due and waiting (the oldest fire %.1f s late); %d missed"
+            " (later than the misfire grace)"
+        )
+        oldest = (now - min(behind)).total_seconds() if behind else 0.0
+        return (text, sent, seconds, failed, p50 * 1000, p99 * 1000, len(behind), oldest, missed)
 
     def lateness_percentiles(self, *, window: float = _LATENESS_WINDOW) -> tuple[float, float]:
         """p50 and p99 lateness (seconds) of the fires sampled within the last ``window`` s;

@@ -9,6 +9,7 @@ import asyncio
 import gc
 import json
 import logging
+import re
 import sqlite3
 import types
 from datetime import datetime, timedelta, timezone
@@ -1555,3 +1556,50 @@ async def test_info_logs_a_summary_a_minute_not_a_line_per_batch(
     # 60 s after the first batch: the 7 batches since, the first one included.
     [summary] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert summary.startswith("sent 21 fires in the last 60 s (0 sends failed)"), summary
+
+
+async def test_the_summary_says_how_far_behind_and_how_many_fires_were_missed(
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past what it can send, the once-a-minute line says how many fires wait here and how
+    late the oldest is, and how many stretches the misfire policy skipped (also counted for
+    the health snapshot)."""
+    app = SchedulerApp(
+        broker=broker,
+        session_factory=session_factory,
+        config=SchedulerConfig(misfire_grace_seconds=5, dispatch_batch_size=2),
+        clock=clock,
+    )
+    jobs = 30
+    await app.upsert_many(
+        session,
+        [
+            app.single("tests.record").definition(trigger=every(10), job_id=f"behind-{index}")
+            for index in range(jobs)
+        ],
+    )
+    with caplog.at_level(logging.INFO, logger="taskiq_beat.engine"):
+        clock.advance(10)
+        await app.engine.sync()
+        assert await app.engine.tick() == jobs  # the first summary's start
+        clock.advance(65)  # away for six fires: each job sends its latest, skips the rest
+        await app.engine.sync()
+        # The pass's first batch ends the minute; most jobs still wait at their fire of
+        # 55 s ago (each sends its latest, of 5 s ago, when claimed).
+        assert await app.engine.tick() == jobs
+    [summary] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    found = re.search(
+        r"; (\d+) jobs due and waiting \(the oldest fire 55\.0 s late\); (\d+) missed", summary
+    )
+    assert found is not None, summary
+    waiting, missed_then = int(found[1]), int(found[2])
+    assert 0 < waiting < jobs - 1, summary
+    assert 0 < missed_then <= jobs - waiting, summary  # counted as each batch is claimed
+    assert app.engine.stats.fires_missed == jobs
+    assert (await app.get_health_snapshot()).fires_missed == jobs
+    missed = [r for r in await runs_of(session, "behind-0") if r.status is RunStatus.MISSED]
+    assert len(missed) == 1
