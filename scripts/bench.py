@@ -491,6 +491,12 @@ def describe(row: dict[str, Any]) -> str:
         text = f"{_n(row['done'])} / {_n(row['due'])} fires done = {row['pct']:.1f} %"
         if row.get("sent") is not None:
             text += f" ({_n(row['sent'])} sends in all, also of fires due before the window)"
+        steady = row.get("dist_steady") or {}
+        if steady.get("n"):
+            text += (
+                f"; lateness in the window's second half p50 {steady['p50']:,.0f} ms,"
+                f" p99 {steady['p99']:,.0f} ms"
+            )
         return text + f"; CPU {row['cpu_pct']:.0f} %"
     if scenario == "idle":
         return (

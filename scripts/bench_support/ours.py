@@ -155,6 +155,7 @@ async def measure(opts: Options) -> dict[str, Any]:
 async def _interval(opts: Options) -> dict[str, Any]:
     """Jobs every second for ``seconds``: fires sent of those due, and their lateness."""
     run = await apps.interval(opts, _app)
+    steady: list[float] = []
     seen, lateness = fires_in_window(
         (
             (labels["taskiq_beat_job_id"], epoch(labels[SCHEDULED_FOR_LABEL]), at)
@@ -162,6 +163,7 @@ async def _interval(opts: Options) -> dict[str, Any]:
         ),
         run.first,
         run.end,
+        steady,
     )
     async with run.engine.connect() as connection:
         rows = await connection.scalar(
@@ -179,6 +181,7 @@ async def _interval(opts: Options) -> dict[str, Any]:
         rows=rows,
         busy=run.busy,
         dist_what="lateness: send - scheduled [ms]",
+        steady=steady,
         window=[run.first, run.end],
     )
 

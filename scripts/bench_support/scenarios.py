@@ -58,16 +58,27 @@ def burst_broker(opts: Options) -> str:
 
 
 def fires_in_window(
-    fires: Iterable[tuple[str, float, float]], first: float, end: float
+    fires: Iterable[tuple[str, float, float]],
+    first: float,
+    end: float,
+    steady: list[float] | None = None,
 ) -> tuple[set[tuple[str, float]], list[float]]:
     """The fires scheduled in ``[first, end)``, once per job and scheduled time, and the
-    lateness of each send of them in ms. ``fires``: ``(job, scheduled, sent)``, in epoch s."""
+    lateness of each send of them in ms. ``fires``: ``(job, scheduled, sent)``, in epoch s.
+
+    ``steady`` gets the lateness of the sends of fires scheduled in the window's second half:
+    the steady state, after what the start brought (ours starts with the fires due since the
+    setup process wrote the jobs, a few seconds' worth, to send first)."""
     seen: set[tuple[str, float]] = set()
     lateness: list[float] = []
+    half = first + (end - first) / 2
     for job, scheduled, sent in fires:
         if first <= scheduled < end:
             seen.add((job, scheduled))
-            lateness.append((sent - scheduled) * 1000)
+            late = (sent - scheduled) * 1000
+            lateness.append(late)
+            if steady is not None and scheduled >= half:
+                steady.append(late)
     return seen, lateness
 
 
@@ -79,10 +90,14 @@ def interval_result(
     rows: int | None,
     busy: float,
     dist_what: str,
+    steady: list[float] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The result of ``interval``: fires done of those due (jobs x whole seconds), lateness."""
+    """The result of ``interval``: fires done of those due (jobs x whole seconds), lateness
+    (and that of the window's second half, ``steady``, see :func:`fires_in_window`)."""
     due = opts.jobs * round(opts.seconds)
+    if steady is not None:
+        extra["dist_steady"] = percentiles(steady)
     return {
         "done": len(seen),
         "due": due,

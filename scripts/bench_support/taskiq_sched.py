@@ -263,6 +263,7 @@ async def _interval(opts: Options) -> dict[str, Any]:
     end = first + opts.seconds
     busy = await cpu_percent(end + grace(opts.seconds) - time.time())
     await _stop_loop(scheduler, runner)
+    steady: list[float] = []
     seen, lateness = fires_in_window(
         (
             (labels["schedule_id"], math.floor(labels["bench_tick"]), at)
@@ -271,6 +272,7 @@ async def _interval(opts: Options) -> dict[str, Any]:
         ),
         first,
         end,
+        steady,
     )
     return interval_result(
         opts,
@@ -279,6 +281,7 @@ async def _interval(opts: Options) -> dict[str, Any]:
         rows=None,
         busy=busy,
         dist_what="lateness: send - whole second of its tick [ms]",
+        steady=steady,
     )
 
 
