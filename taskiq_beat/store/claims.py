@@ -29,6 +29,7 @@ from taskiq_beat.store.dialects import batch_sql as _batch_sql
 from taskiq_beat.store.dialects import sql_of_dialect
 from taskiq_beat.store.policies import apply_policies, limits_of, release_waiting
 from taskiq_beat.store.values import (
+    SENT,
     ClaimedFires,
     Claims,
     Fire,
@@ -252,16 +253,23 @@ class ClaimOperations(StoreCore):
     ) -> None:
         """Close sent fires, schedule failed ones for ``retry_at`` and released ones for now
         (``outcomes[i]`` is what happened to ``fires[i]``)."""
+        # A claimed batch's run ids as they are: no Fire made per fire to read them again.
+        run_ids = fires.run_ids if isinstance(fires, ClaimedFires) else [f.run_id for f in fires]
+        if len(run_ids) != len(outcomes):
+            raise ValueError(f"{len(outcomes)} outcomes for {len(run_ids)} fires")
         sent: list[int] = []
         released: list[int] = []
-        failed: list[tuple[Fire, SendOutcome]] = []
-        for fire, outcome in zip(fires, outcomes, strict=True):
-            if outcome.released:
-                released.append(fire.run_id)
-            elif outcome.error is not None:
-                failed.append((fire, outcome))
-            else:
-                sent.append(fire.run_id)
+        failed: list[tuple[int, SendOutcome]] = []
+        if all(outcome is SENT for outcome in outcomes):  # the common case: all sent
+            sent = run_ids
+        else:
+            for run_id, outcome in zip(run_ids, outcomes, strict=True):
+                if outcome.released:
+                    released.append(run_id)
+                elif outcome.error is not None:
+                    failed.append((run_id, outcome))
+                else:
+                    sent.append(run_id)
         async with self._transaction() as session:
             batch = _batch_sql(session)
             if sent and keep_runs:
@@ -282,11 +290,11 @@ class ClaimOperations(StoreCore):
                     ),
                     [
                         {
-                            "run": f.run_id,
+                            "run": run_id,
                             "message": o.error,
                             "retry": None if o.final else retry_at,
                         }
-                        for f, o in failed
+                        for run_id, o in failed
                     ],
                 )
 
