@@ -2,7 +2,7 @@
 
 The tasks run in this process on Taskiq's in-memory broker, through the same middleware a
 ``taskiq worker`` process uses (``tests/e2e/test_lifecycle_workers.py`` runs real workers on
-Redis). Every test runs on SQLite and on PostgreSQL.
+Redis). Every test runs on SQLite, on PostgreSQL and on MariaDB.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from taskiq_beat import (
 from taskiq_beat.dispatch import JOB_ID_LABEL, RUN_ID_LABEL
 from taskiq_beat.housekeeping import Housekeeper
 from taskiq_beat.models import ERROR_MAX_LENGTH, SchedulerWorker
+from taskiq_beat.store.lifecycle import _count_on_jobs
 from taskiq_beat.worker import RunLifecycleMiddleware
 from tests.utils import FakeClock, RecordingBroker
 
@@ -437,6 +438,37 @@ async def test_an_upsert_keeps_the_counters(
     job = await job_row(session_factory, job_id)
     assert (job.run_count, job.success_count) == (1, 1)
     assert job.last_success_at is not None
+
+
+async def test_counters_add_up_over_batches_and_keep_the_latest_times(
+    broker: RecordingBroker, session_factory: async_sessionmaker[AsyncSession], clock: FakeClock
+) -> None:
+    """The counters' upsert when the job's row is there already (``EXCLUDED``; on MySQL and
+    MariaDB the SELECT's own columns): counts add up, an older time or a missing one (JSON
+    ``null`` in the batch) keeps the newer time stored, a batch without a duration keeps the
+    last one."""
+    app = lifecycle_app(broker, session_factory, clock)
+    async with session_factory() as session:
+        job = await app.single("tests.record").schedule(
+            session, trigger=OneOffSchedule(run_at=clock.now() + timedelta(hours=1))
+        )
+    at = clock.now()
+    second = timedelta(seconds=1)
+    batches = [
+        [(job.id, RunStatus.SUCCEEDED, at, 1.5)],
+        [
+            (job.id, RunStatus.FAILED, at + 2 * second, None),
+            (job.id, RunStatus.SUCCEEDED, at - 5 * second, 0.25),
+        ],
+        [(job.id, RunStatus.FAILED, at + second, None)],
+    ]
+    for batch in batches:
+        async with session_factory.begin() as session:
+            await _count_on_jobs(session, batch)
+    row = await job_row(session_factory, job.id)
+    assert (row.run_count, row.success_count, row.failure_count) == (4, 2, 2)
+    assert (row.last_success_at, row.last_failure_at) == (at, at + 2 * second)
+    assert row.last_duration_seconds == pytest.approx(0.25)
 
 
 async def test_list_runs_filters_by_status_and_time_and_pages_newest_first(

@@ -58,8 +58,9 @@ def _upsert(
 ) -> Any:
     """``INSERT`` into ``table`` that updates the row whose primary key it meets instead:
     ``update(new)`` is the ``SET``, ``new`` the columns of the row proposed (``EXCLUDED`` on
-    PostgreSQL and SQLite, ``ON DUPLICATE KEY UPDATE``'s ``VALUES()`` on MySQL, where only
-    the primary key may be unique: any unique key would count)."""
+    PostgreSQL and SQLite; on MySQL and MariaDB ``ON DUPLICATE KEY UPDATE``'s ``VALUES()``,
+    or the row alias SQLAlchemy writes instead for MySQL 8.0.20+, and there only the primary
+    key may be unique: any unique key would count)."""
     insert = _insert_for(dialect_name)(table)
     if values is not None:
         insert = insert.values(**values)

@@ -3,8 +3,8 @@
 The workers import :mod:`tests.e2e.lifecycle.app`, whose ``SchedulerApp`` adds the lifecycle
 middleware to their broker: nothing else is set up on the worker side. This process runs the
 scheduler (a ``SchedulerApp`` on the same database and stream) and reads the run rows and the
-executions the tasks logged in Redis. On SQLite (one file shared by three processes) and on
-PostgreSQL.
+executions the tasks logged in Redis. On SQLite (one file shared by three processes), on
+PostgreSQL and on MariaDB.
 """
 
 from __future__ import annotations
@@ -123,10 +123,12 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def lifecycle_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'lifecycle.sqlite3'}"
+    if request.param == "mariadb":
+        return str(request.getfixturevalue("mariadb_url"))
     return str(request.getfixturevalue("postgres_url"))
 
 

@@ -1,8 +1,8 @@
 """What the reliability tests share: a cluster of scheduler processes, and the ledger that
 checks what they sent.
 
-:func:`cluster` makes a fresh database (a PostgreSQL database of its own, or an SQLite file),
-a Redis list unique to the test, and starts ``taskiq-beat run`` processes on
+:func:`cluster` makes a fresh database (a PostgreSQL or MariaDB database of its own, or an
+SQLite file), a Redis list unique to the test, and starts ``taskiq-beat run`` processes on
 :mod:`tests.reliability.app` on demand. Nothing consumes the list, so it holds every message
 the broker received. :class:`Ledger` puts those messages beside the ``scheduler_run`` rows and
 checks the promise of the scheduler: every due fire sent, none twice, except a fire whose
@@ -45,7 +45,18 @@ from tests.processes import PYTHON, ManagedProcess, describe, wait_until
 from tests.reliability import names
 from tests.utils import temporary_mysql_database, temporary_postgres_database
 
-__all__ = ["Cluster", "Fire", "Ledger", "Message", "Run", "cluster", "read_runs", "utcnow"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Cluster",
+    "Fire",
+    "Ledger",
+    "Message",
+    "Run",
+    "cluster",
+    "read_runs",
+    "utcnow",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +66,11 @@ UTC = timezone.utc
 
 Fire = tuple[str, datetime]
 """One fire: a job id and its scheduled time."""
+
+Backend = Literal["sqlite", "postgresql", "mariadb"]
+"""The databases a cluster runs on."""
+BACKENDS: tuple[Backend, ...] = ("postgresql", "mariadb", "sqlite")
+"""Every backend, in the order the tests run them (``pytest.mark.parametrize``)."""
 
 
 def utcnow() -> datetime:
@@ -102,7 +118,7 @@ class Run:
 class Cluster:
     """The database, the Redis list and the scheduler processes of one test."""
 
-    backend: Literal["sqlite", "postgresql", "mariadb"]
+    backend: Backend
     database_url: str
     """The database as the test reaches it (directly)."""
     redis_url: str
@@ -463,9 +479,7 @@ async def _never_run(*args: Any) -> None:  # pragma: no cover - never executed
 
 
 @contextlib.asynccontextmanager
-async def cluster(
-    tmp_path: Path, backend: Literal["sqlite", "postgresql", "mariadb"], redis_url: str
-) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, backend: Backend, redis_url: str) -> AsyncIterator[Cluster]:
     """A fresh database with the tables, a Redis list of this test's own, cleaned up after;
     every scheduler process started is killed on the way out."""
     queue = f"taskiq_beat_reliability:{uuid.uuid4().hex[:12]}"

@@ -1,13 +1,13 @@
 """Schedulers killed with SIGKILL lose no fire, and send a fire twice only with its task id.
 
-- failover: of two schedulers, the one killed was slow to send, so it dies holding claimed
-  fires; the other sends every later fire at once and the dead one's claims when their lease
-  runs out;
-- crash anywhere: one scheduler, killed at random moments of its busy second 20 times and
-  started again each time; every fire is sent (those due while none ran a little late,
-  within the misfire grace), and a fire may reach the broker twice only when it was sent
-  again after its lease (``attempt`` > 1), with the same task id; a real ``taskiq worker``
-  then executes every message, and each fire once.
+- failover (PostgreSQL, MariaDB): of two schedulers, the one killed was slow to send, so it
+  dies holding claimed fires; the other sends every later fire at once and the dead one's
+  claims when their lease runs out;
+- crash anywhere (the three databases): one scheduler, killed at random moments of its busy
+  second 20 times and started again each time; every fire is sent (those due while none ran
+  a little late, within the misfire grace), and a fire may reach the broker twice only when
+  it was sent again after its lease (``attempt`` > 1), with the same task id; a real
+  ``taskiq worker`` then executes every message, and each fire once.
 """
 
 from __future__ import annotations
@@ -17,13 +17,21 @@ import random
 from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
 
 import pytest
 
 from taskiq_beat import RunStatus
 from tests.processes import wait_until
-from tests.reliability.harness import Ledger, Run, cluster, grid, utcnow, whole_second
+from tests.reliability.harness import (
+    BACKENDS,
+    Backend,
+    Ledger,
+    Run,
+    cluster,
+    grid,
+    utcnow,
+    whole_second,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +49,11 @@ async def sleep_until(moment: datetime) -> None:
     await asyncio.sleep(max(0.0, (moment - utcnow()).total_seconds()))
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
 async def test_the_surviving_scheduler_sends_the_killed_ones_fires(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, backend: Backend
 ) -> None:
-    async with cluster(tmp_path, "postgresql", redis_url) as c:
+    async with cluster(tmp_path, backend, redis_url) as c:
         # 100 fires a second at 0.1 s a send, 32 at a time: the slow one is always sending.
         slow, steady = await asyncio.gather(
             c.start_scheduler("slow", config=CONFIG, send_delay=0.1),
@@ -82,7 +91,7 @@ async def test_the_surviving_scheduler_sends_the_killed_ones_fires(
         assert orphans, "the fires the slow one held were sent again"
         orphans_sent_by = max(run.dispatched_at for run in orphans)  # type: ignore[type-var]
         print(
-            f"\nfailover: {report}; the dead one held {len(held)} claimed fires; "
+            f"\nfailover ({backend}): {report}; the dead one held {len(held)} claimed fires; "
             f"{len(orphans)} fires sent again, the last "
             f"{(orphans_sent_by - killed_at).total_seconds():.2f} s after the kill; "
             f"later fires at most {late.total_seconds():.3f} s late"
@@ -91,7 +100,9 @@ async def test_the_surviving_scheduler_sends_the_killed_ones_fires(
         assert late <= 2 * SYNC_INTERVAL * SECOND, "the survivor sends later fires in time"
         assert orphans_sent_by - killed_at <= (LEASE + 2 * SYNC_INTERVAL) * SECOND
         assert await steady.terminate(10) == 0, c.details()
-        assert_each_fire_executed_once(ledger, await c.execute_all(timeout=180), "failover")
+        assert_each_fire_executed_once(
+            ledger, await c.execute_all(timeout=180), f"failover ({backend})"
+        )
 
 
 def assert_each_fire_executed_once(ledger: Ledger, executed: list[str], label: str) -> None:
@@ -110,9 +121,9 @@ def assert_each_fire_executed_once(ledger: Ledger, executed: list[str], label: s
 CRASHES = 20
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_killed_anywhere_twenty_times_no_fire_is_lost(
-    tmp_path: Path, redis_url: str, backend: Literal["sqlite", "postgresql"]
+    tmp_path: Path, redis_url: str, backend: Backend
 ) -> None:
     rng = random.Random()
     seed = rng.randrange(2**32)

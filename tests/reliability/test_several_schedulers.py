@@ -1,6 +1,7 @@
 """Several scheduler processes on one database send every fire exactly once.
 
-Three ``taskiq-beat run`` processes share one database and one Redis queue; 200 jobs fire
+Three ``taskiq-beat run`` processes share one database (PostgreSQL, MariaDB or an SQLite
+file) and one Redis queue; 200 jobs fire
 every second for 30 s. The broker must receive each due fire once: the ledger compares the
 messages in the queue with the run rows (see :mod:`tests.reliability.harness`).
 """
@@ -11,11 +12,10 @@ import asyncio
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
 
 import pytest
 
-from tests.reliability.harness import cluster, grid, utcnow, whole_second
+from tests.reliability.harness import BACKENDS, Backend, cluster, grid, utcnow, whole_second
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +24,9 @@ SECONDS = 30
 SCHEDULERS = 3
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_three_schedulers_send_every_fire_exactly_once(
-    tmp_path: Path, redis_url: str, backend: Literal["sqlite", "postgresql"]
+    tmp_path: Path, redis_url: str, backend: Backend
 ) -> None:
     async with cluster(tmp_path, backend, redis_url) as c:
         schedulers = await asyncio.gather(

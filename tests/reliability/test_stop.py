@@ -6,13 +6,12 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Literal
 
 import pytest
 
 from taskiq_beat import RunStatus
 from tests.processes import wait_until
-from tests.reliability.harness import cluster, utcnow
+from tests.reliability.harness import BACKENDS, Backend, cluster, utcnow
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +22,12 @@ STOP_BOUND = 3.0
 rest is released in one statement; ``shutdown_timeout_seconds`` (10 s) is the hard cap."""
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 async def test_a_signal_mid_batch_exits_promptly_and_leaves_nothing_to_send_twice(
     tmp_path: Path,
     redis_url: str,
-    backend: Literal["sqlite", "postgresql"],
+    backend: Backend,
     signal_name: str,
 ) -> None:
     async with cluster(tmp_path, backend, redis_url) as c:

@@ -60,7 +60,7 @@ _RESTART = sa.text(
 
 def counted(new: str | Callable[[str], str]) -> str:
     """SQL: the ``SET`` of a counters upsert, ``new`` naming the row that conflicted (or
-    giving, for a column, the SQL of its value there: MySQL's ``VALUES(column)``)."""
+    giving, for a column, the SQL of its value there: on MySQL the SELECT's column)."""
     stats = _STATS
     value = new if callable(new) else (lambda column: f"{new}.{column}")
 

@@ -228,9 +228,19 @@ class _MysqlBatchSql(_BatchSql):
         await session.execute(self.restart, {**params, "worker": worker_id, "now": now})
         return (row[0], max(row[1], 1))
 
-    # In ``INSERT ... SELECT ... ON DUPLICATE KEY UPDATE``, ``VALUES(column)`` is the value
-    # the row would have had (MySQL 8.0.20+ calls it deprecated, and still has it; its
-    # replacement, a row alias, is not allowed with a SELECT, nor known to MariaDB).
+    # In ``INSERT ... SELECT ... ON DUPLICATE KEY UPDATE`` the row proposed is read from the
+    # SELECT's own columns (``v.v_runs``...), which MySQL and MariaDB both allow, not with
+    # ``VALUES(column)``: MySQL 8.0.20+ deprecates it (a warning, which asyncmy fetches and
+    # logs, on every statement), and its replacement, a row alias, is not allowed after a
+    # SELECT, nor known to MariaDB.
+    _proposed = {
+        "run_count": "v.v_runs",
+        "success_count": "v.v_ok",
+        "failure_count": "v.v_bad",
+        "last_success_at": "v.v_ok_at",
+        "last_failure_at": "v.v_bad_at",
+        "last_duration_seconds": "v.v_duration",
+    }
     counts = sa.text(
         f"{STATS_INSERT} SELECT v.v_job, v.v_runs, v.v_ok, v.v_bad, v.v_ok_at, v.v_bad_at,"
         " v.v_duration FROM "
