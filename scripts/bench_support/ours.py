@@ -140,10 +140,17 @@ async def setup(opts: Options) -> dict[str, Any]:
     return await apps.setup(opts, SchedulerBase.metadata, SETUP_KIND, _app, load)
 
 
-DISPATCHED = sa.select(sa.func.count(), sa.func.max(SchedulerRun.dispatched_at)).where(
-    SchedulerRun.status == RunStatus.DISPATCHED
+SENT = sa.or_(
+    SchedulerRun.status.in_([RunStatus.DISPATCHED, RunStatus.RUNNING, RunStatus.SUCCEEDED]),
+    sa.and_(SchedulerRun.status == RunStatus.FAILED, SchedulerRun.finished_at.is_not(None)),
 )
-"""How many run rows are ``dispatched``, and the latest ``dispatched_at``."""
+"""A run row that was sent: ``dispatched``, or moved on by a worker's lifecycle (which may
+start it before the scheduler records the send: its ``dispatched_at`` then stays empty)."""
+DISPATCHED = sa.select(
+    sa.func.count(),
+    sa.func.max(sa.func.coalesce(SchedulerRun.dispatched_at, SchedulerRun.started_at)),
+).where(SENT)
+"""How many run rows were sent, and the latest time one was (sent or started)."""
 
 
 async def measure(opts: Options) -> dict[str, Any]:
@@ -168,7 +175,7 @@ async def _interval(opts: Options) -> dict[str, Any]:
     async with run.engine.connect() as connection:
         rows = await connection.scalar(
             sa.select(sa.func.count()).where(
-                SchedulerRun.status == RunStatus.DISPATCHED,
+                SENT,
                 SchedulerRun.scheduled_for >= datetime.fromtimestamp(run.first, UTC),
                 SchedulerRun.scheduled_for < datetime.fromtimestamp(run.end, UTC),
             )
