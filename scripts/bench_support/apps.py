@@ -241,19 +241,22 @@ class IntervalRun:
 
 async def interval(opts: Options, open_app: OpenApp) -> IntervalRun:
     """Jobs every second: run the scheduler through ``opts.seconds`` whole seconds from the
-    first one 0.3 s after ``start()``, and a grace period after them for late fires.
+    first one 2 s after ``start()`` is called, and a grace period after them for late fires.
 
     One of several schedulers (``opts.sends_path``): ``start()`` at ``opts.start_at``, the
-    window from the first whole second 0.3 s after that (the same for all); its sends are
+    window from the first whole second 2 s after that (the same for all); its sends are
     written to ``opts.sends_path``."""
     broker = make_broker("noop", send_cost=opts.send_cost)
     engine, app = open_app(opts, broker)
     await broker.startup()
     if opts.sends_path:
         await sleep_until(opts.start_at)
+    began = opts.start_at if opts.sends_path else time.time()
     await app.start()
-    # the first whole second 0.3 s after start() (after the common start time, with several)
-    first = float(math.ceil((opts.start_at if opts.sends_path else time.time()) + 0.3))
+    # The window opens at the first whole second 2 s after start() was called (the common
+    # start time, with several), as for TaskiqScheduler (see taskiq_sched._interval): both
+    # get the same time to settle, ours to send the fires due since the setup.
+    first = math.ceil(began) + 2.0
     end = first + opts.seconds
     # CPU over the window and a grace period after it, for late fires.
     busy = await cpu_percent(end + grace(opts.seconds) - time.time())
