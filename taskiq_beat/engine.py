@@ -644,30 +644,16 @@ class SchedulerEngine:
         batch: list[JobSnapshot] = []
         times: list[datetime] = []
         heap = self._heap
-        jobs = self._jobs
-        due = self._due
         limit = self._batch_size
-        while heap and heap[0][0] <= now and len(batch) < limit:
-            when, _, job_id = heapq.heappop(heap)
-            if due.get(job_id) == when:
-                del due[job_id]
-                batch.append(jobs.pop(job_id))
-                times.append(when)
-        foreign = self._foreign
-        if len(batch) < limit and foreign:
+        self._take(heap, now, limit, batch, times)
+        if len(batch) < limit and self._foreign:
             # Nothing more of its own is due: help with the others' jobs that their
             # scheduler left overdue (it died, or is behind), a batch of the base size at
             # most (an owner that is only behind claims some of them meanwhile: small
             # claims lose little to each other).
             own = len(batch)
-            overdue = now - self._steal_after
             most = min(limit, max(own, self._config.dispatch_batch_size))
-            while foreign and foreign[0][0] <= overdue and len(batch) < most:
-                when, _, job_id = heapq.heappop(foreign)
-                if due.get(job_id) == when:
-                    del due[job_id]
-                    batch.append(jobs.pop(job_id))
-                    times.append(when)
+            self._take(self._foreign, now - self._steal_after, most, batch, times)
             if len(batch) > own:
                 logger.debug("taking %d overdue jobs of other schedulers", len(batch) - own)
         if len(batch) < limit:
@@ -675,6 +661,25 @@ class SchedulerEngine:
         elif heap and heap[0][0] <= now:
             self._batch_size = min(limit * 2, self._largest_batch)
         return batch, times
+
+    def _take(
+        self,
+        heap: list[HeapEntry],
+        until: datetime,
+        most: int,
+        batch: list[JobSnapshot],
+        times: list[datetime],
+    ) -> None:
+        """Move the jobs of ``heap`` due at or before ``until`` into ``batch`` (and their
+        fire times into ``times``) until it holds ``most``; stale entries are dropped."""
+        jobs = self._jobs
+        due = self._due
+        while heap and heap[0][0] <= until and len(batch) < most:
+            when, _, job_id = heapq.heappop(heap)
+            if due.get(job_id) == when:
+                del due[job_id]
+                batch.append(jobs.pop(job_id))
+                times.append(when)
 
     async def _dispatch_due(self) -> int:
         """Claim, send and record every due batch, overlapping the database with the broker:
