@@ -974,6 +974,9 @@ class SchedulerEngine:
                 failed_error,
                 retry_at,
             )
+            # Kept with the delayed fires' times: a look for resends before then (at a sync)
+            # must not forget when these are due.
+            heapq.heappush(self._delayed, retry_at)
             self.retry_at(retry_at)
         if final:
             self._disable_later(final)
