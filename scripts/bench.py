@@ -416,7 +416,15 @@ def run_plan(plan: Plan) -> list[dict[str, Any]]:
     if "execute" in scenarios and "ceiling-exec" in scenarios:
         scenarios.remove("ceiling-exec")  # each execute row comes after one of its own
     print(TABLE_HEADER, flush=True)
+    measured_ceiling = False
     for scenario in scenarios:
+        if measured_ceiling and not scenario.startswith("ceiling") and scenario != "execute":
+            # Each scenario's rows beside a ceiling measured just before them (as execute's
+            # beside ceiling-exec): the rows of one run can then be set against their own.
+            ceiling = run_one(plan, "kiq", "ceiling", "-")
+            results.append(ceiling)
+            print(format_row(ceiling), flush=True)
+        measured_ceiling = measured_ceiling or scenario == "ceiling"
         for system in _systems_for(scenario, plan.systems):
             for db in _dbs_for(system, scenario, plan.dbs):
                 if scenario == "execute":
@@ -434,21 +442,25 @@ def run_plan(plan: Plan) -> list[dict[str, Any]]:
 
 
 def _add_ratio(row: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
-    """An ``execute`` row's share of the ``ceiling-exec`` row measured last before it."""
-    if row["scenario"] != "execute" or "rate" not in row:
+    """The ceiling a row is set against: for ``execute`` the ``ceiling-exec`` row measured
+    last before it (and the row's share of it), for the others the last ``ceiling`` row's
+    labelled ``kiq`` rate, if the run measured one."""
+    if row["scenario"].startswith("ceiling"):
         return
+    wanted = "ceiling-exec" if row["scenario"] == "execute" else "ceiling"
     for other in reversed(earlier):
-        if other["scenario"] == "ceiling-exec" and other.get("rate"):
+        if other["scenario"] == wanted and other.get("rate"):
             row["ceiling_rate"] = other["rate"]
-            row["ratio"] = row["rate"] / other["rate"]
+            if "rate" in row:
+                row["ratio"] = row["rate"] / other["rate"]
             return
 
 
 # ---------------------------------------------------------------------- the table
 
 TABLE_HEADER = (
-    "| scenario | system | db | jobs | result | p50 | p99 | max | target | met |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "| scenario | system | db | jobs | result | p50 | p99 | max | ceiling | target | met |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -478,8 +490,10 @@ def describe(row: dict[str, Any]) -> str:
         return f"{_n(row['rate'])} kiq+execute/s"
     if scenario in ("burst", "execute"):
         text = f"{_n(row['rate'])} fires/s"
-        if scenario == "execute" and "ratio" in row:
-            text += f" = {100 * row['ratio']:.0f} % of ceiling-exec"
+        if "ratio" in row:
+            text += f" = {100 * row['ratio']:.0f} % of " + (
+                "ceiling-exec" if scenario == "execute" else "the ceiling"
+            )
         text += f" ({_n(row['fires'])} sent"
         if row.get("rows") is not None:
             text += f", {_n(row['rows'])} run rows"
@@ -489,6 +503,9 @@ def describe(row: dict[str, Any]) -> str:
         return text
     if scenario in ("interval", "interval-spread"):
         text = f"{_n(row['done'])} / {_n(row['due'])} fires done = {row['pct']:.1f} %"
+        if row.get("seconds") and row.get("ceiling_rate"):
+            rate = row["done"] / row["seconds"]
+            text += f" ({_n(rate)}/s = {100 * rate / row['ceiling_rate']:.0f} % of the ceiling)"
         if row.get("sent") is not None:
             text += f" ({_n(row['sent'])} sends in all, also of fires due before the window)"
         steady = row.get("dist_steady") or {}
@@ -583,7 +600,12 @@ def format_row(row: dict[str, Any]) -> str:
         if notes:
             result += " [" + "; ".join(notes) + "]"
         cells = [title, system, row["db"], jobs, result, *_dist(row)]
-    cells += [TARGETS[row["scenario"]], verdict(row)]
+    ceiling = row.get("ceiling_rate")
+    cells += [
+        "-" if ceiling is None else f"{_n(ceiling)}/s",
+        TARGETS[row["scenario"]],
+        verdict(row),
+    ]
     return "| " + " | ".join(cells) + " |"
 
 

@@ -67,7 +67,14 @@ from bench_support.common import (  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine  # noqa: E402
 
-from taskiq_beat import OneOffSchedule, RunStatus, SchedulerApp, SchedulerBase  # noqa: E402
+from taskiq_beat import (  # noqa: E402
+    IntervalTrigger,
+    OneOffSchedule,
+    PeriodicSchedule,
+    RunStatus,
+    SchedulerApp,
+    SchedulerBase,
+)
 from taskiq_beat.models import SchedulerRun  # noqa: E402
 
 WORKER_TARGET = "scripts.bench_support.lifecycle_worker:broker"
@@ -103,6 +110,14 @@ class Result:
     error: str | None = None
     calls: dict[str, float] = dataclasses.field(default_factory=dict)
     """With ``--count-statements``: ``start_runs`` / ``finish_runs`` calls, rows, seconds."""
+    # --interval: the fires of the window (jobs x seconds), those whose run row ends done
+    # (succeeded; with recording off, dispatched), and lateness in seconds: send
+    # (``dispatched_at``) and start on the worker (``started_at``, recording on) after
+    # ``scheduled_for``, as p50 / p99.
+    due: int | None = None
+    done: int | None = None
+    late_send: tuple[float | None, float | None] = (None, None)
+    late_start: tuple[float | None, float | None] = (None, None)
 
 
 # ---------------------------------------------------------------------- the worker process
@@ -292,7 +307,10 @@ async def measure(db: str, record: bool, round_: int, args: argparse.Namespace) 
                 await connection.run_sync(SchedulerBase.metadata.create_all)
             await broker.startup()  # the consumer group exists before anything is sent
             await worker.start()
-            await _measure_started(app, engine, redis, worker, stream, result, args)
+            if args.interval:
+                await _measure_interval(app, engine, worker, result, args)
+            else:
+                await _measure_started(app, engine, redis, worker, stream, result, args)
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"
             print(worker.tail(), file=sys.stderr)
@@ -408,6 +426,122 @@ async def _measure_started(
     result.executed = int(await redis.get(counter_key) or 0)
     calls = await redis.hgetall(worker_module.calls_key(stream))
     result.calls = {key.decode(): float(value) for key, value in calls.items()}
+
+
+async def _measure_interval(
+    app: SchedulerApp,
+    engine: AsyncEngine,
+    worker: WorkerProcess,
+    result: Result,
+    args: argparse.Namespace,
+) -> None:
+    """``--interval SECONDS``: jobs every second on the grid of whole seconds (as
+    ``bench.py interval``); the window opens at the first whole second 2 s after
+    ``start()`` is called and lasts SECONDS; then ``--settle`` plus up to ``--max-wait``
+    for the worker to finish the window's fires. Read from the run rows of the window."""
+    jobs = result.jobs
+    every = PeriodicSchedule(
+        interval=IntervalTrigger(seconds=1),
+        start_at=datetime.now(timezone.utc).replace(microsecond=0),
+    )
+    definitions = [
+        app.single(worker_module.TASK_NAME, args=[i]).definition(
+            trigger=every, job_id=f"bench-{i:07d}"
+        )
+        for i in range(jobs)
+    ]
+    for offset in range(0, jobs, UPSERT_CHUNK):
+        async with app.session_factory() as session:
+            await app.upsert_many(session, definitions[offset : offset + UPSERT_CHUNK])
+    executor = worker.executor_pid()
+    result.load_before = os.getloadavg()[0]
+    steal_before = cpu_times()
+    cpu_before = process_cpu_seconds(executor)
+    began = time.time()
+    await app.start()
+    first = math.ceil(began) + 2.0
+    end = first + args.interval
+    await asyncio.sleep(max(0.0, end - time.time()))
+    await app.stop()
+    result.due = jobs * round(args.interval)
+    window = (
+        SchedulerRun.scheduled_for >= datetime.fromtimestamp(first, timezone.utc),
+        SchedulerRun.scheduled_for < datetime.fromtimestamp(end, timezone.utc),
+    )
+    finished = RunStatus.SUCCEEDED if result.mode != "off" else RunStatus.DISPATCHED
+    deadline = time.time() + args.max_wait
+    while True:  # the worker finishes what was sent in the window
+        async with engine.connect() as connection:
+            done = int(
+                await connection.scalar(
+                    sa.select(sa.func.count()).where(*window, SchedulerRun.status == finished)
+                )
+                or 0
+            )
+        if done >= result.due or time.time() >= deadline:
+            break
+        await asyncio.sleep(args.poll)
+    await asyncio.sleep(args.settle)
+    cpu_after = process_cpu_seconds(executor)
+    result.stolen = stolen_share(steal_before, cpu_times())
+    if cpu_before is not None and cpu_after is not None:
+        result.worker_cpu = cpu_after - cpu_before
+    sends: list[float] = []
+    starts: list[float] = []
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            sa.select(
+                SchedulerRun.status,
+                SchedulerRun.scheduled_for,
+                SchedulerRun.dispatched_at,
+                SchedulerRun.started_at,
+                SchedulerRun.executions,
+            ).where(*window)
+        )
+        for status, scheduled, dispatched, started, executions in rows:
+            status = RunStatus(status)
+            result.statuses[status.value] = result.statuses.get(status.value, 0) + 1
+            result.executions_one += int(executions == 1)
+            if dispatched is not None:
+                sends.append((dispatched - scheduled).total_seconds())
+            if started is not None:
+                starts.append((started - scheduled).total_seconds())
+    result.done = result.statuses.get(finished.value, 0)
+    result.late_send = (nearest_rank(sends, 0.5), nearest_rank(sends, 0.99))
+    result.late_start = (nearest_rank(starts, 0.5), nearest_rank(starts, 0.99))
+
+
+INTERVAL_HEADER = (
+    "| db | mode | round | jobs x s | done | send lateness p50 / p99 ms"
+    " | start on the worker, lateness p50 / p99 ms | final statuses | executions == 1"
+    " | worker CPU ms/exec | load | steal |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_interval_row(row: Result, seconds: float) -> str:
+    if row.error and row.done is None:
+        return f"| {row.db} | {row.mode} | {row.round} | ERROR: {row.error} |"
+    statuses = ", ".join(f"{name} {count:,}" for name, count in sorted(row.statuses.items()))
+    done = f"{row.done or 0:,} / {row.due or 0:,} = {100 * (row.done or 0) / (row.due or 1):.1f} %"
+    executed = row.done or 0
+    cells = [
+        row.db,
+        row.mode,
+        str(row.round),
+        f"{row.jobs:,} x {seconds:g}",
+        done,
+        f"{_ms(row.late_send[0])} / {_ms(row.late_send[1])}",
+        "-" if row.mode == "off" else f"{_ms(row.late_start[0])} / {_ms(row.late_start[1])}",
+        statuses + (f" ({row.error})" if row.error else ""),
+        f"{row.executions_one:,}" if row.mode != "off" else "-",
+        "-"
+        if row.worker_cpu is None or not executed
+        else f"{1000 * row.worker_cpu / executed:.2f}",
+        _n(row.load_before, 1),
+        "-" if row.stolen is None else f"{100 * row.stolen:.0f} %",
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 # ---------------------------------------------------------------------- py-spy (optional)
@@ -569,6 +703,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--settle", type=float, default=0.5, help="wait before the final read")
     parser.add_argument("--py-spy", metavar="DIR", help="py-spy record the worker into DIR")
     parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="jobs every 1 s for SECONDS instead of one-off jobs due at start()",
+    )
+    parser.add_argument(
         "--count-statements",
         action="store_true",
         help="count the worker's start_runs / finish_runs calls (printed after the table)",
@@ -598,7 +739,8 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 if row is not off and off.rate_worker and row.rate_worker:
                     row.ratio = row.rate_worker / off.rate_worker
                 results.append(row)
-                print(format_row(row), file=sys.stderr, flush=True)
+                line = format_interval_row(row, args.interval) if args.interval else format_row(row)
+                print(line, file=sys.stderr, flush=True)
     return results
 
 
@@ -640,6 +782,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = f"taskiq_beat/ exported from {args.ref}"
     commit = os.environ.get(COMMIT_ENV) or _commit(args.ref)
     print(f"\n`{command}`: commit {commit} ({source}), {begun:%Y-%m-%d %H:%M} UTC")
+    if args.interval:
+        print(
+            f"{args.jobs:,} jobs every 1 s (on whole seconds) for {args.interval:g} s from the"
+            " first whole second 2 s after start(); 1 `taskiq worker` process"
+            f" (`{' '.join(WORKER_ARGS)}`), RedisStreamBroker; done = run rows of the window"
+            " `succeeded` (recording on) or `dispatched` (off). CPU of"
+            f" {os.cpu_count()} cores shared with other work: see load / steal.\n"
+        )
+        print(INTERVAL_HEADER)
+        for row in results:
+            print(format_interval_row(row, args.interval))
+        return 0 if all(row.error is None for row in results) else 1
     print(
         f"{args.jobs:,} one-off jobs due at start(); 1 `taskiq worker` process"
         f" (`{' '.join(WORKER_ARGS)}`), RedisStreamBroker; rates from the worker's first"

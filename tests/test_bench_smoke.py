@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import redis_url_or_skip
 from tests.utils import PG_HOST, PG_PORT, postgres_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +104,16 @@ def _check(value: list[tuple[list[str], subprocess.Popen[str]]] | str) -> list[s
                 assert "timed out" not in row, row
             if process is value[0][1]:
                 first += rows
+        if "ceiling" in scenarios:  # each other scenario beside a ceiling measured before it
+            others = [name for name in scenarios if not name.startswith("ceiling")]
+            ceilings = [line for line in lines if line.startswith("| ceiling: ")]
+            # the first, and one before each other scenario (execute has ceiling-exec's)
+            assert len(ceilings) == 1 + len([n for n in others if n != "execute"]), stdout
+            for name in ("bulk", "burst"):  # (execute: beside ceiling-exec's, below)
+                rows = [line for line in lines if line.startswith(f"| {name}: ")]
+                assert all(row.split(" | ")[-3].endswith("/s") for row in rows), stdout
+            bursts = [line for line in lines if line.startswith("| burst: ")]
+            assert all("% of the ceiling" in row for row in bursts), stdout
         executes = [line for line in lines if line.startswith("| execute: ")]
         ceilings = [line for line in lines if line.startswith("| ceiling-exec: ")]
         if executes:  # each with a ceiling of its own, measured just before it
@@ -122,3 +133,18 @@ def test_postgres_every_scenario_prints_its_row(runs: Runs) -> None:
     if isinstance(problem, str):
         postgres_unavailable(OSError(f"{PG_HOST}:{PG_PORT}: {problem}"))
     _check(problem)
+
+
+def test_lifecycle_interval_prints_its_rows() -> None:
+    """``bench_lifecycle.py --interval``: a real worker, recording off then on, one row each."""
+    redis_url = redis_url_or_skip()
+    command = [sys.executable, str(ROOT / "scripts" / "bench_lifecycle.py"), "--db", "sqlite"]
+    command += ["--jobs", "5", "--interval", "1", "--rounds", "1", "--max-wait", "20"]
+    command += ["--redis-url", redis_url, "--ref", "worktree"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=80)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| sqlite | ")]
+    assert [row.split(" | ")[1] for row in rows] == ["off", "on"], done.stdout
+    for row in rows:
+        assert "ERROR" not in row, row
+        assert "5 x 1" in row, row
