@@ -50,6 +50,16 @@ class SchedulerConfig(BaseModel):
     """How far ahead each sync loads jobs; defaults to twice ``sync_interval_seconds``."""
     claim_lease_seconds: float = Field(default=30.0, gt=0)
     """How long a claimed fire belongs to its scheduler before another one may send it."""
+    claim_ahead_seconds: float = Field(default=0.0, ge=0, le=60)
+    """Claim the fires of jobs without a policy up to this long before their time, and send
+    each on time: thousands of jobs due on one instant then leave as fast as the broker
+    takes them, their claims written beforehand. A change to such a job (an edit, a pause,
+    a deletion) made after its fire was claimed still stops or changes that fire if this
+    scheduler hears of it before the fire's time: at once in this process, by notification
+    on PostgreSQL, by reading the jobs' newest ``updated_at`` just before sending
+    elsewhere; a deletion made by another process is not heard on SQLite and MySQL, and that
+    fire is sent. ``0`` (the default): fires are claimed when due. Must be shorter than
+    the look-ahead window."""
     dispatch_timeout_seconds: float = Field(default=10.0, gt=0)
     """Longest wait for one ``kiq``; a send that takes longer counts as failed."""
     database_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -94,6 +104,16 @@ class SchedulerConfig(BaseModel):
             raise ValueError(
                 f"claim_lease_seconds={self.claim_lease_seconds} must be longer than "
                 f"dispatch_timeout_seconds={self.dispatch_timeout_seconds}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_claim_ahead(self) -> SchedulerConfig:
+        if self.claim_ahead_seconds and self.claim_ahead_seconds >= self.lookahead:
+            raise ValueError(
+                f"claim_ahead_seconds={self.claim_ahead_seconds} must be shorter than the"
+                f" look-ahead window ({self.lookahead} s: lookahead_seconds, or twice"
+                " sync_interval_seconds)"
             )
         return self
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from taskiq_beat._gc import gc_paused
 from taskiq_beat.dispatch import task_id_of
+from taskiq_beat.early import EarlyBatch, EarlyFires
 from taskiq_beat.enums import JobKind
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.exceptions import CorruptJobError
@@ -32,6 +33,7 @@ from taskiq_beat.stats import SUMMARY_EVERY, EngineStats
 from taskiq_beat.store import (
     RELEASED,
     ChangeListener,
+    ClaimedFires,
     Claims,
     FirePolicies,
     JobRecord,
@@ -182,6 +184,11 @@ class SchedulerEngine:
         base = config.dispatch_batch_size
         self._batch_size = base
         self._delayed: list[datetime] = []  # due times of delayed fires claimed here (a heap)
+        # Claims ahead of time (claim_ahead_seconds; see taskiq_beat.early): the fires
+        # waiting for their time, and the changes heard from other processes so far.
+        self._ahead = timedelta(seconds=config.claim_ahead_seconds)
+        self._early = EarlyFires()
+        self._changes_heard = 0
         self._largest_batch = max(base, min(base * _BATCH_GROWTH, _LARGEST_GROWN_BATCH))
 
     # ------------------------------------------------------------------ lifecycle
@@ -215,7 +222,9 @@ class SchedulerEngine:
         fires claimed but not started are released at once for the next scheduler."""
         task = self._task
         if task is None:
-            await self._leave()  # driven by tick() (tests, tools): leave the registry all the same
+            # Driven by tick() (tests, tools): give back and leave the registry all the same.
+            await self._give_back_early()
+            await self._leave()
             return
         self._stopping = True
         self._dispatcher.halt()
@@ -235,7 +244,25 @@ class SchedulerEngine:
             if self._listener is not None:
                 await self._listener.close()
                 self._listener = None
+            await self._give_back_early()
             await self._leave()
+
+    async def _give_back_early(self) -> None:
+        """Undo the claims of the fires claimed ahead and not sent: another scheduler (or
+        this one, started again) claims them when they are due."""
+        undo = self._early.drain()
+        if not undo:
+            return
+        try:
+            await self._store.unclaim(undo)
+        except Exception as exc:  # their leases run out, then another scheduler sends them
+            logger.warning(
+                "could not give back %d fires claimed ahead (%s: %s); they are sent once"
+                " their lease runs out",
+                len(undo),
+                type(exc).__name__,
+                exc,
+            )
 
     async def _leave(self) -> None:
         """Leave the registry of schedulers: the others take this one's share at once."""
@@ -297,7 +324,10 @@ class SchedulerEngine:
         now = self._clock.now()
         deadlines = [now + timedelta(seconds=self._config.idle_sleep_seconds)]
         if self._heap:
-            deadlines.append(self._heap[0][0])
+            deadlines.append(self._claim_time(self._heap[0]))
+        early = self._early.next_at
+        if early is not None:
+            deadlines.append(early)
         if self._foreign:
             deadlines.append(self._foreign[0][0] + self._steal_after)
         if self._sharing.next_renew_at is not None:
@@ -336,6 +366,7 @@ class SchedulerEngine:
 
     def _heard_change(self) -> None:
         self._changed_elsewhere = True
+        self._changes_heard += 1
         self._wakeup.set()
 
     def _heard_share_change(self, instance_id: str) -> None:
@@ -359,6 +390,7 @@ class SchedulerEngine:
     ) -> None:
         """Tell the engine a job was created, changed or paused in this process
         (with the values just committed; ``policy`` in its stored form)."""
+        self._early.cancel(job_id)
         self._drop(job_id)
         if is_enabled and next_run_at is not None and self._within_horizon(next_run_at):
             parsed = JobPolicy.from_json(policy, job_id=job_id)
@@ -384,6 +416,7 @@ class SchedulerEngine:
 
     def job_deleted(self, job_id: str) -> None:
         """Tell the engine a job was deleted in this process."""
+        self._early.cancel(job_id)
         self._drop(job_id)
 
     def _drop(self, job_id: str) -> None:
@@ -645,7 +678,7 @@ class SchedulerEngine:
         times: list[datetime] = []
         heap = self._heap
         limit = self._batch_size
-        self._take(heap, now, limit, batch, times)
+        self._take(heap, now, limit, batch, times, early_until=now + self._ahead)
         if len(batch) < limit and self._foreign:
             # Nothing more of its own is due: help with the others' jobs that their
             # scheduler left overdue (it died, or is behind), a batch of the base size at
@@ -669,17 +702,40 @@ class SchedulerEngine:
         most: int,
         batch: list[JobSnapshot],
         times: list[datetime],
+        *,
+        early_until: datetime | None = None,
     ) -> None:
         """Move the jobs of ``heap`` due at or before ``until`` into ``batch`` (and their
-        fire times into ``times``) until it holds ``most``; stale entries are dropped."""
+        fire times into ``times``) until it holds ``most``; stale entries are dropped.
+
+        With ``early_until`` later than ``until`` (claims ahead of time), also those due by
+        then that may be claimed ahead (see :meth:`_claim_time`), up to the first that may
+        not."""
         jobs = self._jobs
         due = self._due
-        while heap and heap[0][0] <= until and len(batch) < most:
-            when, _, job_id = heapq.heappop(heap)
+        last = until if early_until is None else max(until, early_until)
+        while heap and heap[0][0] <= last and len(batch) < most:
+            entry = heap[0]
+            when, _, job_id = entry
+            if when > until and due.get(job_id) == when and self._claim_time(entry) > until:
+                break  # claimed on time, and those behind it wait for it
+            heapq.heappop(heap)
             if due.get(job_id) == when:
                 del due[job_id]
                 batch.append(jobs.pop(job_id))
                 times.append(when)
+
+    def _claim_time(self, entry: HeapEntry) -> datetime:
+        """When the fire of a heap entry may be claimed: ``claim_ahead_seconds`` before its
+        time if its job has no policy (whose limits and jitter count at the fire's time)
+        and no fire waiting already, else at its time."""
+        when, _, job_id = entry
+        if not self._ahead or job_id in self._early:
+            return when
+        snapshot = self._jobs.get(job_id)
+        if snapshot is None or snapshot.policy is not None:
+            return when
+        return when - self._ahead
 
     async def _dispatch_due(self) -> int:
         """Claim, send and record every due batch, overlapping the database with the broker:
@@ -688,9 +744,26 @@ class SchedulerEngine:
         off the heap from its claim until the claim is done.)"""
         sent = 0
         claims: collections.deque[asyncio.Task[Sequence[Fire]]] = collections.deque()
-        self._claim_ahead(claims)
         recording: asyncio.Task[None] | None = None
+
+        async def send(fires: Sequence[Fire]) -> int:
+            nonlocal recording
+            outcomes = await self._dispatcher.send(fires)
+            retry_at = self._clock.now() + timedelta(seconds=self._config.dispatch_retry_seconds)
+            self._unrecorded.append((fires, outcomes, retry_at))
+            if any(outcome.error is not None for outcome in outcomes):
+                # A slow or failing broker: no more claims in flight than the default.
+                self._batch_size = self._config.dispatch_batch_size
+            if recording is not None:
+                await recording
+            recording = asyncio.create_task(self._record())
+            return self._report(fires, outcomes, retry_at)
+
         try:
+            if self._ahead:
+                for ready in await self._send_early():
+                    sent += await send(ready)
+            self._claim_ahead(claims)
             while True:
                 if not claims:
                     if self._loading is None or self._stopping:
@@ -703,22 +776,13 @@ class SchedulerEngine:
                     # Another scheduler joined or left: take the new share before claiming
                     # more (this pass may go on for long, a sync under way included).
                     await self._renew(self._clock.now())
+                if self._ahead:
+                    for early in await self._send_early():  # before what is claimed next
+                        sent += await send(early)
                 if not self._stopping:
                     self._claim_ahead(claims)
-                if not fires:
-                    continue
-                outcomes = await self._dispatcher.send(fires)
-                retry_at = self._clock.now() + timedelta(
-                    seconds=self._config.dispatch_retry_seconds
-                )
-                self._unrecorded.append((fires, outcomes, retry_at))
-                if any(outcome.error is not None for outcome in outcomes):
-                    # A slow or failing broker: no more claims in flight than the default.
-                    self._batch_size = self._config.dispatch_batch_size
-                if recording is not None:
-                    await recording
-                recording = asyncio.create_task(self._record())
-                sent += self._report(fires, outcomes, retry_at)
+                if fires:
+                    sent += await send(fires)
         finally:
             # Only after a failure: give back what the claims still in flight took, unsent.
             for claimed in await asyncio.gather(*claims, return_exceptions=True):
@@ -741,6 +805,8 @@ class SchedulerEngine:
             or self._sharing.renew_due(now)
         ):
             return
+        if self._early.has_cancelled:
+            return  # their claims are undone first (_send_early), then they may be claimed
         while len(claims) < _CLAIMS_IN_FLIGHT:
             batch, times = self._pop_due(now)
             if not batch:
@@ -796,10 +862,17 @@ class SchedulerEngine:
                 snapshot.metadata,
             )
         held_back = 0
+        # A fire claimed ahead is this scheduler's until a lease after its time.
+        latest = max(held_for)
+        lease_until = max(now, latest) + self._lease
+        early = latest > now
+        heard, mark = self._changes_heard, None
         try:
+            if early and not self._can_listen:  # read before the claim: see _send_early
+                mark = await self._store.last_change()
             if policies:
                 fires, lost, outcome = await self._store.claim_with_policies(
-                    claims, policies, now=now, lease_until=now + self._lease, owner=self.owner
+                    claims, policies, now=now, lease_until=lease_until, owner=self.owner
                 )
                 held_back = len(outcome.held_back)
                 if outcome.delayed_until:
@@ -810,7 +883,7 @@ class SchedulerEngine:
                     logger.debug("%d fires held back by their jobs' policies", held_back)
             else:
                 fires, lost = await self._store.claim(
-                    claims, now=now, lease_until=now + self._lease, owner=self.owner
+                    claims, now=now, lease_until=lease_until, owner=self.owner
                 )
         except BaseException:
             # Nothing was claimed: keep the batch due, unless the job changed meanwhile.
@@ -852,7 +925,69 @@ class SchedulerEngine:
             # backlog. Sync now (the pass ends with the batches under way): the load drops
             # what the others took meanwhile (see _forget_gone) instead of claiming it here.
             self._next_sync_at = now
+        if early and fires:
+            return self._hold_early(batch, held_for, following, fires, heard, mark)
         return fires
+
+    def _hold_early(
+        self,
+        batch: list[JobSnapshot],
+        held_for: list[datetime],
+        following: list[datetime | None],
+        fires: Sequence[Fire],
+        heard: int,
+        mark: Any,
+    ) -> Sequence[Fire]:
+        """Keep the fires of a claimed batch that are not due yet (see
+        :mod:`taskiq_beat.early`); return those to send now."""
+        assert isinstance(fires, ClaimedFires)
+        now = self._clock.now()
+        claimed = set(fires.job_ids)
+        for snapshot, expected, after in zip(batch, held_for, following, strict=True):
+            if expected > now and snapshot.id in claimed:
+                self._early.note(snapshot.id, snapshot.revision, after)
+        return self._early.hold(fires, now, heard=heard, mark=mark)
+
+    async def _send_early(self) -> list[ClaimedFires]:
+        """The fires claimed ahead whose time has come, less those whose job changed since
+        their claim (their claims undone, the jobs reloaded)."""
+        ready: list[ClaimedFires] = []
+        early = self._early
+        if early.has_cancelled:
+            undo, changed = early.drop_cancelled()
+            await self._undo_early(undo, changed)
+        if early.next_at is None or early.next_at > self._clock.now():
+            return ready
+        for batch in early.take_due(self._clock.now()):
+            ready_batch = await self._checked(batch)
+            early.forget(ready_batch.fires.job_ids)
+            if ready_batch.fires:
+                ready.append(ready_batch.fires)
+        return ready
+
+    async def _checked(self, batch: EarlyBatch) -> EarlyBatch:
+        """``batch`` less the fires whose job changed since it was claimed: changed in this
+        process, or, if another process changed any job since (heard, or seen in the
+        newest ``updated_at``), changed as its row now says."""
+        early = self._early
+        changed = early.cancelled_in(batch)
+        check = batch.heard != self._changes_heard
+        if not check and not self._can_listen:
+            check = await self._store.last_change() != batch.mark
+        if check:
+            changed |= early.stale(batch, await self._store.load_jobs(batch.fires.job_ids))
+        if not changed:
+            return batch
+        batch, undo = early.without(batch, changed)
+        await self._undo_early(undo, changed)
+        return batch
+
+    async def _undo_early(
+        self, undo: list[tuple[int, str, datetime, datetime | None]], changed: set[str]
+    ) -> None:
+        await self._store.unclaim(undo)
+        logger.debug("%d fires claimed ahead not sent: their jobs changed", len(undo))
+        self._reload.update(changed)
 
     def _plan(
         self, trigger: Trigger, policy: JobPolicy | None, expected: datetime, now: datetime

@@ -299,6 +299,47 @@ class ClaimOperations(StoreCore):
                 )
 
     @_time_limited
+    async def unclaim(self, fires: Sequence[tuple[int, str, datetime, datetime | None]]) -> None:
+        """Undo claims of fires never sent: each ``(run id, job id, fire time, the next fire
+        time the claim set)``. The run is deleted if still ``claimed``, and the job is due at
+        the fire's time again if its ``next_run_at`` is still the one the claim set (a
+        change made since, which moved it, is kept). What is left is what the claim found."""
+        if not fires:
+            return
+        async with self._transaction() as session:
+            await session.execute(
+                sa.delete(_run).where(
+                    _run.c.id.in_([run_id for run_id, *_ in fires]),
+                    _run.c.status == RunStatus.CLAIMED,
+                )
+            )
+            moved = [
+                {"job": job_id, "fire": fire, "set": after}
+                for _, job_id, fire, after in fires
+                if after is not None
+            ]
+            if moved:
+                await session.execute(
+                    sa.update(_job)
+                    .where(
+                        _job.c.id == sa.bindparam("job"),
+                        _job.c.next_run_at == sa.bindparam("set", type_=_job.c.next_run_at.type),
+                    )
+                    .values(next_run_at=sa.bindparam("fire", type_=_job.c.next_run_at.type)),
+                    moved,
+                )
+            ended = [
+                {"job": job_id, "fire": fire} for _, job_id, fire, after in fires if after is None
+            ]
+            if ended:  # the claim left no next fire (a one-off job)
+                await session.execute(
+                    sa.update(_job)
+                    .where(_job.c.id == sa.bindparam("job"), _job.c.next_run_at.is_(None))
+                    .values(next_run_at=sa.bindparam("fire", type_=_job.c.next_run_at.type)),
+                    ended,
+                )
+
+    @_time_limited
     async def disable_jobs(self, errors: dict[str, str], *, now: datetime) -> None:
         """Disable jobs that cannot fire, keeping the reason in ``last_error``."""
         if not errors:

@@ -242,6 +242,10 @@ class ClaimedFires(Sequence[Fire]):
     def __len__(self) -> int:
         return len(self.run_ids)
 
+    def pick(self, indexes: Sequence[int]) -> ClaimedFires:
+        """The fires at ``indexes``, in that order, as a batch of their own."""
+        return ClaimedFires(*([column[at] for at in indexes] for column in _columns(self)))
+
     @overload
     def __getitem__(self, index: int) -> Fire: ...
 

@@ -1,0 +1,315 @@
+"""Claims ahead of time (``SchedulerConfig.claim_ahead_seconds``): fires of jobs without a
+policy are claimed before they are due and sent on time; a change heard before then takes
+the fire back. On SQLite, PostgreSQL and MariaDB.
+
+Most tests drive time with a fake clock and ``engine.tick()``; those with another process's
+change run the scheduler's loop for real (a notification or a poll has to reach it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from taskiq_beat import (
+    IntervalTrigger,
+    OneOffSchedule,
+    PeriodicSchedule,
+    RunStatus,
+    SchedulerApp,
+    SchedulerConfig,
+    SchedulerJob,
+    SchedulerRun,
+)
+from taskiq_beat.exceptions import InvalidConfigError
+from tests.utils import FakeClock, RecordingBroker
+
+UTC = timezone.utc
+AHEAD = SchedulerConfig(claim_ahead_seconds=0.5)
+
+
+def every(seconds: float) -> PeriodicSchedule:
+    return PeriodicSchedule(interval=IntervalTrigger(seconds=seconds))
+
+
+@pytest.fixture
+def config() -> SchedulerConfig:
+    return AHEAD
+
+
+SENT = "sent"  # dispatched, or moved on by the in-memory worker's lifecycle
+_SENT = {RunStatus.DISPATCHED, RunStatus.RUNNING, RunStatus.SUCCEEDED}
+
+
+async def runs(session: AsyncSession, job_id: str) -> list[tuple[RunStatus | str, datetime]]:
+    result = await session.execute(
+        sa.select(SchedulerRun.status, SchedulerRun.scheduled_for)
+        .where(SchedulerRun.job_id == job_id)
+        .order_by(SchedulerRun.scheduled_for)
+    )
+    rows: list[tuple[RunStatus | str, datetime]] = [
+        (SENT if RunStatus(status) in _SENT else RunStatus(status), when) for status, when in result
+    ]
+    await session.commit()
+    return rows
+
+
+async def next_run_at(session: AsyncSession, job_id: str) -> datetime | None:
+    value = await session.scalar(
+        sa.select(SchedulerJob.next_run_at).where(SchedulerJob.id == job_id)
+    )
+    await session.commit()
+    return value
+
+
+async def claimed_ahead(
+    app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> tuple[str, datetime]:
+    """A job every 10 s, its first fire claimed 0.4 s ahead: its id and that fire's time."""
+    fire = clock.now() + timedelta(seconds=10)
+    job = await app.single(task="tests.record").schedule(session, trigger=every(10))
+    await app.engine.sync()
+    clock.advance(9.6)
+    assert await app.engine.tick() == 0
+    assert await runs(session, job.id) == [(RunStatus.CLAIMED, fire)]
+    return job.id, fire
+
+
+async def test_a_fire_is_claimed_ahead_and_sent_on_its_time(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    start = clock.now()
+    fire = start + timedelta(seconds=10)
+    job = await app.single(task="tests.record", args=[1]).schedule(session, trigger=every(10))
+    await app.engine.sync()
+
+    clock.advance(9.4)  # not yet within the half second
+    assert await app.engine.tick() == 0
+    assert await runs(session, job.id) == []
+
+    clock.advance(0.2)  # 0.4 s before the fire: claimed, not sent
+    assert await app.engine.tick() == 0
+    assert broker.sent == []
+    assert await runs(session, job.id) == [(RunStatus.CLAIMED, fire)]
+    assert await next_run_at(session, job.id) == fire + timedelta(seconds=10)
+    assert 0 < app.engine._idle_delay() <= 0.4  # it wakes by the fire's time
+
+    clock.advance(0.3)
+    assert await app.engine.tick() == 0  # still 0.1 s early
+    clock.advance(0.1)
+    assert await app.engine.tick() == 1
+    [message] = broker.sent
+    assert message.labels["taskiq_beat_scheduled_for"] == fire.isoformat()
+    assert await runs(session, job.id) == [(SENT, fire)]
+
+
+async def test_a_claim_ahead_holds_its_lease_from_the_fire_s_time(
+    app: SchedulerApp, session: AsyncSession, clock: FakeClock
+) -> None:
+    job = await app.single(task="tests.record").schedule(session, trigger=every(10))
+    await app.engine.sync()
+    clock.advance(9.6)
+    await app.engine.tick()
+    lease = await session.scalar(
+        sa.select(SchedulerRun.next_attempt_at).where(SchedulerRun.job_id == job.id)
+    )
+    await session.commit()
+    fire = clock.now() + timedelta(seconds=0.4)
+    assert lease == fire + timedelta(seconds=app.config.claim_lease_seconds)
+
+
+async def test_a_pause_in_this_process_after_the_claim_stops_the_fire(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    job_id, fire = await claimed_ahead(app, session, clock)
+
+    await app.pause(session, job_id)
+    clock.advance(0.4)
+    assert await app.engine.tick() == 0
+    clock.advance(5)
+    assert await app.engine.tick() == 0
+    assert broker.sent == []
+    # As if never claimed: no run, and the job stopped at the fire it did not send.
+    assert await runs(session, job_id) == []
+    assert await next_run_at(session, job_id) == fire
+
+
+async def test_an_edit_in_this_process_after_the_claim_sends_the_new_payload_on_time(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    fire = clock.now() + timedelta(seconds=10)
+    await app.single(task="tests.record", args=[1]).upsert(
+        session, trigger=every(10), job_id="edited"
+    )
+    await app.engine.sync()
+    clock.advance(9.6)
+    await app.engine.tick()
+    assert await runs(session, "edited") == [(RunStatus.CLAIMED, fire)]
+
+    await app.single(task="tests.record", args=[2]).upsert(
+        session, trigger=every(10), job_id="edited"
+    )
+    clock.advance(0.4)
+    sent = 0
+    for _ in range(3):  # the claim undone, the job reloaded, claimed again and sent
+        sent += await app.engine.tick()
+    assert sent == 1
+    [message] = broker.sent
+    assert message.args == [2]
+    assert message.labels["taskiq_beat_scheduled_for"] == fire.isoformat()
+    assert await runs(session, "edited") == [(SENT, fire)]
+
+
+async def test_a_deletion_in_this_process_after_the_claim_stops_the_fire(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    job_id, _ = await claimed_ahead(app, session, clock)
+    await app.delete(session, job_id)
+    clock.advance(0.4)
+    assert await app.engine.tick() == 0
+    assert broker.sent == []
+
+
+async def test_a_job_with_a_policy_is_claimed_on_time(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    """Its limits count the runs going at the fire's time, not half a second before."""
+    fire = clock.now() + timedelta(seconds=10)
+    job = await (
+        app.single(task="tests.record").policy(overlap="skip").schedule(session, trigger=every(10))
+    )
+    await app.engine.sync()
+    clock.advance(9.6)
+    assert await app.engine.tick() == 0
+    assert await runs(session, job.id) == []
+    assert app.engine._idle_delay() > 0  # no loop spinning until its time
+    clock.advance(0.4)
+    assert await app.engine.tick() == 1
+    assert await runs(session, job.id) == [(SENT, fire)]
+
+
+async def test_stop_gives_back_the_fires_claimed_ahead_to_the_next_scheduler(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    job_id, fire = await claimed_ahead(app, session, clock)
+    await app.engine.stop()
+    assert await runs(session, job_id) == []
+    assert await next_run_at(session, job_id) == fire
+
+    other_broker = RecordingBroker()
+
+    @other_broker.task(task_name="tests.record")
+    async def record() -> None: ...
+
+    other = SchedulerApp(
+        broker=other_broker, session_factory=session_factory, config=AHEAD, clock=clock
+    )
+    await other.engine.sync()
+    clock.advance(0.4)
+    assert await other.engine.tick() == 1
+    assert broker.sent == []
+    assert [m.labels["taskiq_beat_job_id"] for m in other_broker.sent] == [job_id]
+    assert await runs(session, job_id) == [(SENT, fire)]
+
+
+async def test_many_jobs_due_on_one_instant_are_all_claimed_before_it(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    fire = clock.now() + timedelta(seconds=10)
+    trigger = every(10)
+    definitions = [
+        app.single(task="tests.record", args=[i]).definition(trigger=trigger, job_id=f"j{i:04d}")
+        for i in range(600)  # more than two batches of the default size
+    ]
+    await app.upsert_many(session, definitions)
+    await app.engine.sync()
+    clock.advance(9.6)
+    assert await app.engine.tick() == 0
+    claimed = await session.scalar(
+        sa.select(sa.func.count()).where(SchedulerRun.status == RunStatus.CLAIMED)
+    )
+    await session.commit()
+    assert claimed == 600
+    clock.advance(0.4)
+    assert await app.engine.tick() == 600
+    assert {m.labels["taskiq_beat_scheduled_for"] for m in broker.sent} == {fire.isoformat()}
+    assert len({m.task_id for m in broker.sent}) == 600
+
+
+def test_claim_ahead_must_be_shorter_than_the_look_ahead_window() -> None:
+    with pytest.raises(InvalidConfigError, match=r"claim_ahead_seconds=2\.0"):
+        SchedulerConfig.from_env(claim_ahead_seconds=2.0)  # the window: 2 x 1 s
+    assert SchedulerConfig(claim_ahead_seconds=2.0, sync_interval_seconds=2).claim_ahead_seconds
+    with pytest.raises(ValueError, match="claim_ahead_seconds"):
+        SchedulerConfig(claim_ahead_seconds=-1)
+
+
+# ---------------------------------------------------------------------- other processes
+
+REAL = SchedulerConfig(claim_ahead_seconds=3, sync_interval_seconds=3, idle_sleep_seconds=0.1)
+
+
+async def wait_for_run(
+    session_factory: async_sessionmaker[AsyncSession], job_id: str, status: RunStatus
+) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while asyncio.get_running_loop().time() < deadline:
+        async with session_factory() as session:
+            found = await session.scalar(
+                sa.select(sa.func.count()).where(
+                    SchedulerRun.job_id == job_id, SchedulerRun.status == status
+                )
+            )
+        if found:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {status.value} run of {job_id} within 10 s")
+
+
+@pytest.mark.parametrize("change", ["edit", "pause"])
+async def test_a_change_from_another_process_after_the_claim_is_heard_before_the_fire(
+    change: str,
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Claimed 3 s ahead; another app (as another process would) edits or pauses the job
+    after the claim: the fire is sent with the new payload, or not at all."""
+    running = SchedulerApp(broker=broker, session_factory=session_factory, config=REAL)
+    elsewhere = SchedulerApp(broker=broker, session_factory=session_factory, config=REAL)
+    fire = (datetime.now(UTC) + timedelta(seconds=4)).replace(microsecond=0)
+    due = OneOffSchedule(run_at=fire)
+    async with session_factory() as session:
+        await running.single(task="tests.record", args=[1]).upsert(
+            session, trigger=due, job_id="far"
+        )
+    async with running:
+        await wait_for_run(session_factory, "far", RunStatus.CLAIMED)
+        assert datetime.now(UTC) < fire
+        async with session_factory() as session:
+            if change == "edit":
+                await elsewhere.single(task="tests.record", args=[2]).upsert(
+                    session, trigger=due, job_id="far"
+                )
+            else:
+                await elsewhere.pause(session, "far")
+        if change == "edit":
+            await broker.wait_sent(1, timeout=10)
+        else:
+            await asyncio.sleep(max(0.0, (fire - datetime.now(UTC)).total_seconds()) + 0.5)
+    if change == "edit":
+        [message] = broker.sent
+        assert message.args == [2]
+        assert message.labels["taskiq_beat_scheduled_for"] == fire.isoformat()
+        assert datetime.now(UTC) >= fire
+    else:
+        assert broker.sent == []
+        async with session_factory() as session:
+            assert await runs(session, "far") == []
