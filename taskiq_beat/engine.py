@@ -963,7 +963,9 @@ class SchedulerEngine:
             early.forget(ready_batch.fires.job_ids)
             if ready_batch.fires:
                 ready.append(ready_batch.fires)
-        return ready
+        # Sent as one batch: they were claimed in batches of the base size (nothing was
+        # due), and each batch sent waits for the last one's record to be written.
+        return [ClaimedFires.joined(ready)] if ready else []
 
     async def _checked(self, batch: EarlyBatch) -> EarlyBatch:
         """``batch`` less the fires whose job changed since it was claimed: changed in this

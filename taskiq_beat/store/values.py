@@ -242,6 +242,14 @@ class ClaimedFires(Sequence[Fire]):
     def __len__(self) -> int:
         return len(self.run_ids)
 
+    @classmethod
+    def joined(cls, batches: Sequence[ClaimedFires]) -> ClaimedFires:
+        """The fires of ``batches``, one after the other, as one batch."""
+        if len(batches) == 1:
+            return batches[0]
+        columns = zip(*map(_columns, batches), strict=True)  # each field, of every batch
+        return cls(*(list(itertools.chain(*field)) for field in columns))
+
     def pick(self, indexes: Sequence[int]) -> ClaimedFires:
         """The fires at ``indexes``, in that order, as a batch of their own."""
         return ClaimedFires(*([column[at] for at in indexes] for column in _columns(self)))
