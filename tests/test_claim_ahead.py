@@ -25,7 +25,9 @@ from taskiq_beat import (
     SchedulerJob,
     SchedulerRun,
 )
+from taskiq_beat.early import EarlyFires
 from taskiq_beat.exceptions import InvalidConfigError
+from taskiq_beat.store import ClaimedFires
 from tests.utils import FakeClock, RecordingBroker
 
 UTC = timezone.utc
@@ -313,3 +315,32 @@ async def test_a_change_from_another_process_after_the_claim_is_heard_before_the
         assert broker.sent == []
         async with session_factory() as session:
             assert await runs(session, "far") == []
+
+
+def test_fires_claimed_ahead_leave_each_at_its_own_time() -> None:
+    """A batch spans several fire times (phases spread over the second): each fire is
+    taken when its time comes, not before, and not all with the batch's first."""
+    base = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
+    at = [base + timedelta(milliseconds=ms) for ms in (0, 100, 100, 250)]
+    fires = ClaimedFires(
+        [1, 2, 3, 4], ["a", "b", "c", "d"], at, ["t1", "t2", "t3", "t4"], *([["x"] * 4] * 4)
+    )
+    early = EarlyFires()
+    for job_id, when in zip("abcd", at, strict=True):
+        early.note(job_id, 1, when + timedelta(seconds=1))
+    now = base - timedelta(milliseconds=1)
+    assert len(early.hold(fires, now, heard=0, mark=None)) == 0
+    assert early.next_at == base
+    assert early.take_due(now) == []
+    [first] = early.take_due(base)
+    assert first.fires.job_ids == ["a"]
+    early.forget(first.fires.job_ids)
+    [second] = early.take_due(base + timedelta(milliseconds=200))
+    assert second.fires.job_ids == ["b", "c"]
+    early.forget(second.fires.job_ids)
+    early.cancel("d")
+    undo, cancelled = early.drop_cancelled()
+    assert cancelled == {"d"}
+    assert undo == [(4, "d", at[3], at[3] + timedelta(seconds=1))]
+    assert early.next_at is None
+    assert len(early) == 0
