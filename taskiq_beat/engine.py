@@ -175,6 +175,7 @@ class SchedulerEngine:
         self._listen_again_at: datetime | None = None
         self._changed_elsewhere = False
         self._change_mark: object = None  # the newest updated_at when the last sync began
+        self._last_mark: object = None  # the newest updated_at as last read (a sync, a poll)
         self._next_poll_at: datetime | None = None
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -477,7 +478,8 @@ class SchedulerEngine:
         self._next_poll_at = now + timedelta(
             seconds=min(_CHANGE_POLL_SECONDS, self._config.sync_interval_seconds)
         )
-        if await self._store.last_change() != self._change_mark:
+        self._last_mark = await self._store.last_change()
+        if self._last_mark != self._change_mark:
             self._changed_elsewhere = True
 
     def _begin_sync(self, now: datetime) -> None:
@@ -510,7 +512,7 @@ class SchedulerEngine:
         horizon = now + timedelta(seconds=self._config.lookahead)
         try:
             if not self._can_listen:  # before the read: a change after it is polled for
-                self._change_mark = await self._store.last_change()
+                self._change_mark = self._last_mark = await self._store.last_change()
             # Sharing (not on SQLite): this scheduler's jobs, and those of the others it may
             # soon help with (overdue by half of _steal_after: held when the time comes, a
             # sync interval later at most), not every job due.
@@ -866,10 +868,10 @@ class SchedulerEngine:
         latest = max(held_for)
         lease_until = max(now, latest) + self._lease
         early = latest > now
-        heard, mark = self._changes_heard, None
+        # What was known of other processes' changes before the claim (see _checked): any
+        # change since is looked for before its fires are sent.
+        heard, mark = self._changes_heard, self._last_mark
         try:
-            if early and not self._can_listen:  # read before the claim: see _send_early
-                mark = await self._store.last_change()
             if policies:
                 fires, lost, outcome = await self._store.claim_with_policies(
                     claims, policies, now=now, lease_until=lease_until, owner=self.owner
@@ -958,8 +960,12 @@ class SchedulerEngine:
             await self._undo_early(undo, changed)
         if early.next_at is None or early.next_at > self._clock.now():
             return ready
-        for batch in early.take_due(self._clock.now()):
-            ready_batch = await self._checked(batch)
+        batches = early.take_due(self._clock.now())
+        mark = self._last_mark
+        if not self._can_listen:  # once for every batch due: what changed since their marks
+            mark = self._last_mark = await self._store.last_change()
+        for batch in batches:
+            ready_batch = await self._checked(batch, mark)
             early.forget(ready_batch.fires.job_ids)
             if ready_batch.fires:
                 ready.append(ready_batch.fires)
@@ -967,15 +973,15 @@ class SchedulerEngine:
         # due), and each batch sent waits for the last one's record to be written.
         return [ClaimedFires.joined(ready)] if ready else []
 
-    async def _checked(self, batch: EarlyBatch) -> EarlyBatch:
+    async def _checked(self, batch: EarlyBatch, mark: object) -> EarlyBatch:
         """``batch`` less the fires whose job changed since it was claimed: changed in this
         process, or, if another process changed any job since (heard, or seen in the
-        newest ``updated_at``), changed as its row now says."""
+        newest ``updated_at``, ``mark``, read now), changed as its row now says."""
         early = self._early
         changed = early.cancelled_in(batch)
         check = batch.heard != self._changes_heard
         if not check and not self._can_listen:
-            check = await self._store.last_change() != batch.mark
+            check = mark != batch.mark
         if check:
             changed |= early.stale(batch, await self._store.load_jobs(batch.fires.job_ids))
         if not changed:
