@@ -48,6 +48,8 @@ def other_value(field: str) -> tuple[str, Any]:
         return str(default * 2), default * 2
     if default is None:
         return "7.5", 7.5
+    if not default:  # a number whose default is 0 (off)
+        return "0.5", 0.5
     return str(float(default) * 2), float(default) * 2
 
 
