@@ -512,8 +512,9 @@ async def _measure_interval(
 
 
 INTERVAL_HEADER = (
-    "| db | mode | round | jobs x s | done | send lateness p50 / p99 ms"
-    " | start on the worker, lateness p50 / p99 ms | final statuses | executions == 1"
+    "| db | mode | round | jobs x s | done | `dispatched_at` (written after the send)"
+    " - scheduled, p50 / p99 ms | `started_at` (on the worker) - scheduled, p50 / p99 ms"
+    " | final statuses | executions == 1"
     " | worker CPU ms/exec | load | steal |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )

@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from taskiq_beat.store import ClaimedFires, JobRecord
 
+if TYPE_CHECKING:
+    from taskiq_beat.store import SchedulerStore
+
 __all__ = ["EarlyBatch", "EarlyFires", "Unclaim"]
+
+logger = logging.getLogger(__name__)
 
 Unclaim = tuple[int, str, datetime, datetime | None]
 """A claim to undo: run id, job id, fire time, the next fire time the claim set."""
@@ -182,3 +188,74 @@ class EarlyFires:
             after = None if held is None else held[1]
             undo.append((fires.run_ids[at], job_id, fires.scheduled_for[at], after))
         return undo
+
+    # ------------------------------------------------------------------ with the store
+
+    async def ready(
+        self, store: SchedulerStore, now: datetime, *, heard: int, listening: bool
+    ) -> tuple[list[ClaimedFires], set[str], Any]:
+        """Undo the claims of fires whose job changed in this process, then take the fires
+        due at ``now`` and check them (see :meth:`checked`): those to send, as one batch
+        (they were claimed in batches of the base size, nothing being due then, and each
+        batch sent would wait for the last one's record); the jobs whose claim was undone,
+        to reload; and, where changes are not ``heard`` (``listening`` is false), the
+        newest ``updated_at`` read to check them (``None`` if none was read)."""
+        changed: set[str] = set()
+        if self._cancelled:
+            undo, cancelled = self.drop_cancelled()
+            await self._unclaim(store, undo)
+            changed |= cancelled
+        batches = self.take_due(now)
+        if not batches:
+            return [], changed, None
+        mark = None if listening else await store.last_change()  # once for all of them
+        ready: list[ClaimedFires] = []
+        for batch in batches:
+            kept, undone = await self.checked(
+                store, batch, heard=heard, mark=mark, listening=listening
+            )
+            changed |= undone
+            self.forget(kept.fires.job_ids)
+            if kept.fires:
+                ready.append(kept.fires)
+        return ([ClaimedFires.joined(ready)] if ready else []), changed, mark
+
+    async def checked(
+        self, store: SchedulerStore, batch: EarlyBatch, *, heard: int, mark: Any, listening: bool
+    ) -> tuple[EarlyBatch, set[str]]:
+        """``batch`` less the fires whose job changed since it was claimed, and those
+        jobs: changed in this process, or, if another process changed any job since (the
+        count of changes ``heard`` moved, or the newest ``updated_at``, ``mark``, read now
+        where nothing is heard), changed as its row now says. Their claims are undone."""
+        changed = self.cancelled_in(batch)
+        check = batch.heard != heard or (not listening and mark != batch.mark)
+        if check:
+            changed |= self.stale(batch, await store.load_jobs(batch.fires.job_ids))
+        if not changed:
+            return batch, changed
+        batch, undo = self.without(batch, changed)
+        await self._unclaim(store, undo)
+        return batch, changed
+
+    async def give_back(self, store: SchedulerStore) -> None:
+        """Undo the claims of every fire waiting (the scheduler stops): the next scheduler
+        claims them when due. If the database fails, their leases run out instead."""
+        undo = self.drain()
+        if not undo:
+            return
+        try:
+            await store.unclaim(undo)
+        except Exception as exc:
+            logger.warning(
+                "could not give back %d fires claimed ahead (%s: %s); they are sent once"
+                " their lease runs out",
+                len(undo),
+                type(exc).__name__,
+                exc,
+            )
+
+    @staticmethod
+    async def _unclaim(store: SchedulerStore, undo: list[Unclaim]) -> None:
+        if undo:
+            await store.unclaim(undo)
+            logger.debug("%d fires claimed ahead not sent: their jobs changed", len(undo))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from taskiq_beat._gc import gc_paused
 from taskiq_beat.dispatch import task_id_of
-from taskiq_beat.early import EarlyBatch, EarlyFires
+from taskiq_beat.early import EarlyFires
 from taskiq_beat.enums import JobKind
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.exceptions import CorruptJobError
@@ -251,19 +251,7 @@ class SchedulerEngine:
     async def _give_back_early(self) -> None:
         """Undo the claims of the fires claimed ahead and not sent: another scheduler (or
         this one, started again) claims them when they are due."""
-        undo = self._early.drain()
-        if not undo:
-            return
-        try:
-            await self._store.unclaim(undo)
-        except Exception as exc:  # their leases run out, then another scheduler sends them
-            logger.warning(
-                "could not give back %d fires claimed ahead (%s: %s); they are sent once"
-                " their lease runs out",
-                len(undo),
-                type(exc).__name__,
-                exc,
-            )
+        await self._early.give_back(self._store)
 
     async def _leave(self) -> None:
         """Leave the registry of schedulers: the others take this one's share at once."""
@@ -951,51 +939,19 @@ class SchedulerEngine:
         return self._early.hold(fires, now, heard=heard, mark=mark)
 
     async def _send_early(self) -> list[ClaimedFires]:
-        """The fires claimed ahead whose time has come, less those whose job changed since
-        their claim (their claims undone, the jobs reloaded)."""
-        ready: list[ClaimedFires] = []
+        """The fires claimed ahead whose time has come, as one batch, less those whose job
+        changed since their claim (their claims undone, the jobs to reload)."""
         early = self._early
-        if early.has_cancelled:
-            undo, changed = early.drop_cancelled()
-            await self._undo_early(undo, changed)
-        if early.next_at is None or early.next_at > self._clock.now():
-            return ready
-        batches = early.take_due(self._clock.now())
-        mark = self._last_mark
-        if not self._can_listen:  # once for every batch due: what changed since their marks
-            mark = self._last_mark = await self._store.last_change()
-        for batch in batches:
-            ready_batch = await self._checked(batch, mark)
-            early.forget(ready_batch.fires.job_ids)
-            if ready_batch.fires:
-                ready.append(ready_batch.fires)
-        # Sent as one batch: they were claimed in batches of the base size (nothing was
-        # due), and each batch sent waits for the last one's record to be written.
-        return [ClaimedFires.joined(ready)] if ready else []
-
-    async def _checked(self, batch: EarlyBatch, mark: object) -> EarlyBatch:
-        """``batch`` less the fires whose job changed since it was claimed: changed in this
-        process, or, if another process changed any job since (heard, or seen in the
-        newest ``updated_at``, ``mark``, read now), changed as its row now says."""
-        early = self._early
-        changed = early.cancelled_in(batch)
-        check = batch.heard != self._changes_heard
-        if not check and not self._can_listen:
-            check = mark != batch.mark
-        if check:
-            changed |= early.stale(batch, await self._store.load_jobs(batch.fires.job_ids))
-        if not changed:
-            return batch
-        batch, undo = early.without(batch, changed)
-        await self._undo_early(undo, changed)
-        return batch
-
-    async def _undo_early(
-        self, undo: list[tuple[int, str, datetime, datetime | None]], changed: set[str]
-    ) -> None:
-        await self._store.unclaim(undo)
-        logger.debug("%d fires claimed ahead not sent: their jobs changed", len(undo))
+        now = self._clock.now()
+        if not early.has_cancelled and (early.next_at is None or early.next_at > now):
+            return []
+        ready, changed, mark = await early.ready(
+            self._store, now, heard=self._changes_heard, listening=self._can_listen
+        )
+        if mark is not None:
+            self._last_mark = mark
         self._reload.update(changed)
+        return ready
 
     def _plan(
         self, trigger: Trigger, policy: JobPolicy | None, expected: datetime, now: datetime
