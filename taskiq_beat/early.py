@@ -59,6 +59,9 @@ class EarlyFires:
         # time its claim set (to put back if the claim is undone).
         self._held: dict[str, tuple[int, datetime | None]] = {}
         self._cancelled: set[str] = set()
+        # Claims taken back whose undoing failed (the database was out): undone first at
+        # the next pass; their jobs stay held meanwhile (never claimed ahead again).
+        self._to_undo: list[Unclaim] = []
 
     def __len__(self) -> int:
         return len(self._held)
@@ -181,10 +184,12 @@ class EarlyFires:
         return undo
 
     def _undo(self, fires: ClaimedFires, indexes: Iterable[int]) -> list[Unclaim]:
+        """The claims of the fires at ``indexes`` to undo (their jobs stay held until it is
+        done: see :meth:`_unclaim`)."""
         undo: list[Unclaim] = []
         for at in indexes:
             job_id = fires.job_ids[at]
-            held = self._held.pop(job_id, None)
+            held = self._held.get(job_id)
             after = None if held is None else held[1]
             undo.append((fires.run_ids[at], job_id, fires.scheduled_for[at], after))
         return undo
@@ -203,18 +208,33 @@ class EarlyFires:
         changed: set[str] = set()
         if self._cancelled:
             undo, cancelled = self.drop_cancelled()
-            await self._unclaim(store, undo)
+            self._to_undo += undo
             changed |= cancelled
-        batches = self.take_due(now)
-        if not batches:
+        if self._to_undo:
+            undo, self._to_undo = self._to_undo, []
+            try:
+                await self._unclaim(store, undo)
+            except BaseException:
+                self._to_undo = undo + self._to_undo
+                raise
+        taken = self.take_due(now)
+        if not taken:
             return [], changed, None
-        mark = None if listening else await store.last_change()  # once for all of them
+        checked: list[EarlyBatch] = []
+        try:
+            mark = None if listening else await store.last_change()  # once for all of them
+            for batch in taken:
+                kept, undone = await self.checked(
+                    store, batch, heard=heard, mark=mark, listening=listening
+                )
+                changed |= undone
+                checked.append(kept)
+        except BaseException:
+            # Not sent: back in front, checked again at the next pass.
+            self._batches.extendleft(reversed(checked + taken[len(checked) :]))
+            raise
         ready: list[ClaimedFires] = []
-        for batch in batches:
-            kept, undone = await self.checked(
-                store, batch, heard=heard, mark=mark, listening=listening
-            )
-            changed |= undone
+        for kept in checked:
             self.forget(kept.fires.job_ids)
             if kept.fires:
                 ready.append(kept.fires)
@@ -240,11 +260,12 @@ class EarlyFires:
     async def give_back(self, store: SchedulerStore) -> None:
         """Undo the claims of every fire waiting (the scheduler stops): the next scheduler
         claims them when due. If the database fails, their leases run out instead."""
-        undo = self.drain()
+        undo = self._to_undo + self.drain()
+        self._to_undo = []
         if not undo:
             return
         try:
-            await store.unclaim(undo)
+            await self._unclaim(store, undo)
         except Exception as exc:
             logger.warning(
                 "could not give back %d fires claimed ahead (%s: %s); they are sent once"
@@ -253,9 +274,12 @@ class EarlyFires:
                 type(exc).__name__,
                 exc,
             )
+        finally:
+            self._held.clear()
 
-    @staticmethod
-    async def _unclaim(store: SchedulerStore, undo: list[Unclaim]) -> None:
+    async def _unclaim(self, store: SchedulerStore, undo: list[Unclaim]) -> None:
+        """Undo claims in the database; then their jobs are no longer held."""
         if undo:
             await store.unclaim(undo)
+            self.forget(job_id for _, job_id, _, _ in undo)
             logger.debug("%d fires claimed ahead not sent: their jobs changed", len(undo))

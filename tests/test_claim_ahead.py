@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -343,4 +344,46 @@ def test_fires_claimed_ahead_leave_each_at_its_own_time() -> None:
     assert cancelled == {"d"}
     assert undo == [(4, "d", at[3], at[3] + timedelta(seconds=1))]
     assert early.next_at is None
+    assert "d" in early  # held until its claim is undone: never claimed ahead meanwhile
+
+
+class _FailingStore:
+    """What ``EarlyFires`` asks of the store, failing the first ``failures`` undos (a
+    database out at that moment); the claims undone and the reads made are noted."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.undone: list[tuple[int, str, datetime, datetime | None]] = []
+
+    async def unclaim(self, fires: list[tuple[int, str, datetime, datetime | None]]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("database down (test)")
+        self.undone += fires
+
+    async def last_change(self) -> None:
+        return None
+
+    async def load_jobs(self, job_ids: list[str]) -> list[Any]:
+        return []
+
+
+async def test_a_change_taken_back_during_an_outage_is_undone_at_the_next_pass() -> None:
+    base = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
+    fires = ClaimedFires([1, 2], ["a", "b"], [base, base], ["t1", "t2"], *([["x"] * 2] * 4))
+    early = EarlyFires()
+    for job_id in "ab":
+        early.note(job_id, 1, base + timedelta(seconds=1))
+    early.hold(fires, base - timedelta(seconds=1), heard=0, mark=None)
+    early.cancel("a")
+    store = _FailingStore(failures=1)
+    with pytest.raises(ConnectionError):
+        await early.ready(store, base, heard=0, listening=True)  # type: ignore[arg-type]
+    assert store.undone == []
+    assert "a" in early  # its undo is owed
+    assert early.next_at == base  # b still waits
+    ready, changed, _ = await early.ready(store, base, heard=0, listening=True)  # type: ignore[arg-type]
+    assert store.undone == [(1, "a", base, base + timedelta(seconds=1))]
+    assert changed == set()  # reported with the first try
+    assert [batch.job_ids for batch in ready] == [["b"]]
     assert len(early) == 0
