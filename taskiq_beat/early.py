@@ -19,11 +19,11 @@ A job with a fire waiting is not claimed ahead again until that fire is sent.
 
 from __future__ import annotations
 
-import collections
+import bisect
 import dataclasses
 import logging
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from taskiq_beat.store import ClaimedFires, JobRecord
@@ -48,13 +48,24 @@ class EarlyBatch:
     fires: ClaimedFires
     heard: int
     mark: Any
+    lease_until: datetime
+    """The claim's lease: past it (less the time a send may take) the fires are left to
+    the retries path, which any scheduler may take them by."""
 
 
 class EarlyFires:
-    """The fires claimed ahead and not sent yet, in the order of their times."""
+    """The fires claimed ahead and not sent yet: batches, each in the order of its fires'
+    times (claims overlap in time: a sync brings jobs due earlier than the end of a batch
+    held already, so batches are not in order among themselves).
 
-    def __init__(self) -> None:
-        self._batches: collections.deque[EarlyBatch] = collections.deque()
+    ``send_time`` is the longest a send may take: a fire is sent only while its lease has
+    at least that long to run, so that it is never sent both here and by the retries path
+    of a scheduler that took it once its lease ran out."""
+
+    def __init__(self, owner: str, send_time: timedelta = timedelta(0)) -> None:
+        self.owner = owner
+        self._send_time = send_time
+        self._batches: list[EarlyBatch] = []
         # Per job with a fire waiting: the revision it was claimed at, and the next fire
         # time its claim set (to put back if the claim is undone).
         self._held: dict[str, tuple[int, datetime | None]] = {}
@@ -72,7 +83,7 @@ class EarlyFires:
     @property
     def next_at(self) -> datetime | None:
         """The time of the first fire waiting."""
-        return self._batches[0].fires.scheduled_for[0] if self._batches else None
+        return min((batch.fires.scheduled_for[0] for batch in self._batches), default=None)
 
     @property
     def has_cancelled(self) -> bool:
@@ -88,43 +99,61 @@ class EarlyFires:
         for job_id in job_ids:
             self._held.pop(job_id, None)
 
-    def hold(self, fires: ClaimedFires, now: datetime, *, heard: int, mark: Any) -> ClaimedFires:
-        """Keep the fires of a claimed batch that are not due at ``now``; return those that
-        are, to be sent now."""
+    def hold(
+        self,
+        fires: ClaimedFires,
+        now: datetime,
+        *,
+        heard: int,
+        mark: Any,
+        lease_until: datetime,
+    ) -> ClaimedFires:
+        """Keep the fires of a claimed batch that are not due at ``now`` (or whose job
+        changed in this process while it was claimed); return the others, to send now."""
         times = fires.scheduled_for
-        due = [at for at, when in enumerate(times) if when <= now]
+        cancelled = self._cancelled
+        due = [
+            at
+            for at, (when, job_id) in enumerate(zip(times, fires.job_ids, strict=True))
+            if when <= now and job_id not in cancelled
+        ]
         if len(due) == len(times):
             self.forget(fires.job_ids)
             return fires
-        later = [at for at, when in enumerate(times) if when > now]
+        chosen = set(due)
+        later = [at for at in range(len(times)) if at not in chosen]
         waiting = fires.pick(sorted(later, key=times.__getitem__))
-        self._batches.append(EarlyBatch(waiting, heard, mark))
-        if len(self._batches) > 1 and self._batches[-2].fires.scheduled_for[-1] > times[later[0]]:
-            # Claims end in the order they were popped, so batches come in time order; kept
-            # sorted all the same, should one ever not.
-            ordered = sorted(self._batches, key=lambda batch: batch.fires.scheduled_for[0])
-            self._batches = collections.deque(ordered)
+        self._batches.append(EarlyBatch(waiting, heard, mark, lease_until))
         now_due = fires.pick(due)
         self.forget(now_due.job_ids)
         return now_due
 
-    def take_due(self, now: datetime) -> list[EarlyBatch]:
-        """The waiting fires due at ``now``, taken off (their jobs still held: see
-        :meth:`sent`)."""
+    def take_due(self, now: datetime) -> tuple[list[EarlyBatch], int]:
+        """The waiting fires due at ``now``, taken off (their jobs still held until they
+        are sent or given back), and how many were dropped instead: their lease ends
+        within ``send_time`` (the database was out while they waited), and they are left
+        to the retries path."""
         taken: list[EarlyBatch] = []
-        batches = self._batches
-        while batches and batches[0].fires.scheduled_for[0] <= now:
-            batch = batches[0]
+        kept: list[EarlyBatch] = []
+        dropped = 0
+        for batch in self._batches:
             times = batch.fires.scheduled_for
-            if times[-1] <= now:
-                taken.append(batches.popleft())
+            if times[0] > now:
+                kept.append(batch)
                 continue
-            cut = next(at for at, when in enumerate(times) if when > now)
+            if now + self._send_time >= batch.lease_until:
+                dropped += len(batch.fires)
+                self.forget(batch.fires.job_ids)
+                continue
+            cut = bisect.bisect_right(times, now)
             fires = batch.fires
-            taken.append(EarlyBatch(fires.pick(range(cut)), batch.heard, batch.mark))
-            batch.fires = fires.pick(range(cut, len(fires)))
-            break
-        return taken
+            if cut == len(times):
+                taken.append(batch)
+                continue
+            taken.append(dataclasses.replace(batch, fires=fires.pick(range(cut))))
+            kept.append(dataclasses.replace(batch, fires=fires.pick(range(cut, len(fires)))))
+        self._batches = kept
+        return taken, dropped
 
     def cancel(self, job_id: str) -> None:
         """``job_id`` changed in this process: its waiting fire, if any, is not sent."""
@@ -132,12 +161,11 @@ class EarlyFires:
             self._cancelled.add(job_id)
 
     def cancelled_in(self, batch: EarlyBatch) -> set[str]:
-        """The jobs of ``batch`` (taken off already) changed in this process meanwhile."""
+        """The jobs of ``batch`` (taken off already) changed in this process meanwhile
+        (still marked: see :meth:`uncancel`)."""
         if not self._cancelled:
             return set()
-        found = self._cancelled.intersection(batch.fires.job_ids)
-        self._cancelled -= found
-        return found
+        return self._cancelled.intersection(batch.fires.job_ids)
 
     def stale(self, batch: EarlyBatch, records: list[JobRecord]) -> set[str]:
         """The jobs of ``batch`` whose rows (``records``, read now) are no longer the
@@ -157,14 +185,14 @@ class EarlyFires:
         fires = batch.fires
         keep = [at for at, job_id in enumerate(fires.job_ids) if job_id not in job_ids]
         undo = [at for at, job_id in enumerate(fires.job_ids) if job_id in job_ids]
-        return EarlyBatch(fires.pick(keep), batch.heard, batch.mark), self._undo(fires, undo)
+        return dataclasses.replace(batch, fires=fires.pick(keep)), self._undo(fires, undo)
 
     def drop_cancelled(self) -> tuple[list[Unclaim], set[str]]:
         """Take the fires of the jobs changed in this process off the batches waiting: the
         claims to undo, and those jobs."""
         cancelled, self._cancelled = self._cancelled, set()
         undo: list[Unclaim] = []
-        kept: collections.deque[EarlyBatch] = collections.deque()
+        kept: list[EarlyBatch] = []
         for batch in self._batches:
             if any(job_id in cancelled for job_id in batch.fires.job_ids):
                 batch, undone = self.without(batch, cancelled)
@@ -203,8 +231,9 @@ class EarlyFires:
         due at ``now`` and check them (see :meth:`checked`): those to send, as one batch
         (they were claimed in batches of the base size, nothing being due then, and each
         batch sent would wait for the last one's record); the jobs whose claim was undone,
-        to reload; and, where changes are not ``heard`` (``listening`` is false), the
-        newest ``updated_at`` read to check them (``None`` if none was read)."""
+        to reload; and, where changes are not heard (``listening`` false: SQLite, MySQL,
+        or PostgreSQL's listener down), the newest ``updated_at`` read to check them
+        (``None`` if none was read)."""
         changed: set[str] = set()
         if self._cancelled:
             undo, cancelled = self.drop_cancelled()
@@ -217,7 +246,12 @@ class EarlyFires:
             except BaseException:
                 self._to_undo = undo + self._to_undo
                 raise
-        taken = self.take_due(now)
+        taken, dropped = self.take_due(now)
+        if dropped:
+            logger.warning(
+                "%d fires claimed ahead waited past their lease; the retries path sends them",
+                dropped,
+            )
         if not taken:
             return [], changed, None
         checked: list[EarlyBatch] = []
@@ -230,8 +264,8 @@ class EarlyFires:
                 changed |= undone
                 checked.append(kept)
         except BaseException:
-            # Not sent: back in front, checked again at the next pass.
-            self._batches.extendleft(reversed(checked + taken[len(checked) :]))
+            # Not sent: waiting again, checked again at the next pass.
+            self._batches += [batch for batch in checked + taken[len(checked) :] if batch.fires]
             raise
         ready: list[ClaimedFires] = []
         for kept in checked:
@@ -253,9 +287,10 @@ class EarlyFires:
             changed |= self.stale(batch, await store.load_jobs(batch.fires.job_ids))
         if not changed:
             return batch, changed
-        batch, undo = self.without(batch, changed)
-        await self._unclaim(store, undo)
-        return batch, changed
+        kept, undo = self.without(batch, changed)
+        await self._unclaim(store, undo)  # on failure: the batch waits whole, and marked
+        self._cancelled -= changed
+        return kept, changed
 
     async def give_back(self, store: SchedulerStore) -> None:
         """Undo the claims of every fire waiting (the scheduler stops): the next scheduler
@@ -280,6 +315,6 @@ class EarlyFires:
     async def _unclaim(self, store: SchedulerStore, undo: list[Unclaim]) -> None:
         """Undo claims in the database; then their jobs are no longer held."""
         if undo:
-            await store.unclaim(undo)
+            await store.unclaim(undo, owner=self.owner)
             self.forget(job_id for _, job_id, _, _ in undo)
             logger.debug("%d fires claimed ahead not sent: their jobs changed", len(undo))

@@ -188,8 +188,14 @@ class SchedulerEngine:
         # Claims ahead of time (claim_ahead_seconds; see taskiq_beat.early): the fires
         # waiting for their time, and the changes heard from other processes so far.
         self._ahead = timedelta(seconds=config.claim_ahead_seconds)
-        self._early = EarlyFires()
+        self._early = EarlyFires(
+            self.owner, send_time=timedelta(seconds=config.dispatch_timeout_seconds)
+        )
         self._changes_heard = 0
+        # Jobs whose next fire comes within claim_ahead_seconds of the one before: claimed
+        # when due, never ahead (two of their fires would be claimed at once, here or in
+        # two schedulers, and undoing the first could no longer put it back).
+        self._on_time: set[str] = set()
         self._largest_batch = max(base, min(base * _BATCH_GROWTH, _LARGEST_GROWN_BATCH))
 
     # ------------------------------------------------------------------ lifecycle
@@ -342,6 +348,7 @@ class SchedulerEngine:
             await self._listener.close()
             self._listener = None
             self._changed_elsewhere = True  # changes may have been missed meanwhile
+            self._changes_heard += 1  # and fires claimed ahead are checked against them
         try:
             listener = await self._store.listen(self._heard_change, self._heard_share_change)
         except Exception as exc:
@@ -412,6 +419,7 @@ class SchedulerEngine:
         """Forget what the engine holds of a job: it changed, went or cannot fire."""
         self._jobs.pop(job_id, None)
         self._due.pop(job_id, None)
+        self._on_time.discard(job_id)
         self._touch(job_id)
 
     def _touch(self, job_id: str) -> None:
@@ -720,7 +728,7 @@ class SchedulerEngine:
         time if its job has no policy (whose limits and jitter count at the fire's time)
         and no fire waiting already, else at its time."""
         when, _, job_id = entry
-        if not self._ahead or job_id in self._early:
+        if not self._ahead or job_id in self._early or job_id in self._on_time:
             return when
         snapshot = self._jobs.get(job_id)
         if snapshot is None or snapshot.policy is not None:
@@ -809,6 +817,10 @@ class SchedulerEngine:
         self, batch: list[JobSnapshot], held_for: list[datetime], now: datetime
     ) -> Sequence[Fire]:
         """Claim the fires of ``batch`` (each job held for the time at the same index)."""
+        if self._ahead and max(held_for) > now:
+            batch, held_for = self._claimable_ahead(batch, held_for, now)
+            if not batch:
+                return []
         claims = Claims()
         add = claims.add
         following: list[datetime | None] = []
@@ -856,9 +868,13 @@ class SchedulerEngine:
         latest = max(held_for)
         lease_until = max(now, latest) + self._lease
         early = latest > now
-        # What was known of other processes' changes before the claim (see _checked): any
-        # change since is looked for before its fires are sent.
+        # What was known of other processes' changes before the claim (see
+        # taskiq_beat.early): any change since is looked for before its fires are sent.
         heard, mark = self._changes_heard, self._last_mark
+        if early:  # held from now on: a change heard while the claim runs takes them back
+            for snapshot, expected, after in zip(batch, held_for, following, strict=True):
+                if expected > now:
+                    self._early.note(snapshot.id, snapshot.revision, after)
         try:
             if policies:
                 fires, lost, outcome = await self._store.claim_with_policies(
@@ -877,6 +893,8 @@ class SchedulerEngine:
                 )
         except BaseException:
             # Nothing was claimed: keep the batch due, unless the job changed meanwhile.
+            if early:
+                self._early.forget(snapshot.id for snapshot in batch)
             for snapshot, expected in zip(batch, held_for, strict=True):
                 if snapshot.id not in self._jobs:
                     self._put(snapshot, expected)
@@ -915,28 +933,51 @@ class SchedulerEngine:
             # backlog. Sync now (the pass ends with the batches under way): the load drops
             # what the others took meanwhile (see _forget_gone) instead of claiming it here.
             self._next_sync_at = now
-        if early and fires:
-            return self._hold_early(batch, held_for, following, fires, heard, mark)
+        if early:
+            return self._hold_early(batch, fires, heard, mark, lease_until)
         return fires
+
+    def _claimable_ahead(
+        self, batch: list[JobSnapshot], held_for: list[datetime], now: datetime
+    ) -> tuple[list[JobSnapshot], list[datetime]]:
+        """``batch`` without the jobs due later than ``now`` whose next fire comes within
+        ``claim_ahead_seconds`` of this one: those go back to wait for their time."""
+        kept: list[JobSnapshot] = []
+        times: list[datetime] = []
+        following: dict[tuple[int, datetime], datetime | None] = {}  # once per schedule
+        for snapshot, expected in zip(batch, held_for, strict=True):
+            if expected > now:
+                key = (id(snapshot.trigger), expected)
+                if key not in following:
+                    following[key] = snapshot.trigger.get_next_run_at(expected)
+                after = following[key]
+                if after is not None and after - expected <= self._ahead:
+                    self._on_time.add(snapshot.id)
+                    self._put(snapshot, expected)
+                    continue
+            kept.append(snapshot)
+            times.append(expected)
+        return kept, times
 
     def _hold_early(
         self,
         batch: list[JobSnapshot],
-        held_for: list[datetime],
-        following: list[datetime | None],
         fires: Sequence[Fire],
         heard: int,
         mark: Any,
+        lease_until: datetime,
     ) -> Sequence[Fire]:
         """Keep the fires of a claimed batch that are not due yet (see
-        :mod:`taskiq_beat.early`); return those to send now."""
+        :mod:`taskiq_beat.early`); return those to send now. The jobs noted before the
+        claim whose fire was not claimed (lost, taken elsewhere) are no longer held."""
         assert isinstance(fires, ClaimedFires)
-        now = self._clock.now()
         claimed = set(fires.job_ids)
-        for snapshot, expected, after in zip(batch, held_for, following, strict=True):
-            if expected > now and snapshot.id in claimed:
-                self._early.note(snapshot.id, snapshot.revision, after)
-        return self._early.hold(fires, now, heard=heard, mark=mark)
+        self._early.forget(snapshot.id for snapshot in batch if snapshot.id not in claimed)
+        if not fires:
+            return fires
+        return self._early.hold(
+            fires, self._clock.now(), heard=heard, mark=mark, lease_until=lease_until
+        )
 
     async def _send_early(self) -> list[ClaimedFires]:
         """The fires claimed ahead whose time has come, as one batch, less those whose job
@@ -945,8 +986,9 @@ class SchedulerEngine:
         now = self._clock.now()
         if not early.has_cancelled and (early.next_at is None or early.next_at > now):
             return []
+        listening = self._listener is not None and self._listener.alive
         ready, changed, mark = await early.ready(
-            self._store, now, heard=self._changes_heard, listening=self._can_listen
+            self._store, now, heard=self._changes_heard, listening=listening
         )
         if mark is not None:
             self._last_mark = mark

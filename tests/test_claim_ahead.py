@@ -32,6 +32,7 @@ from taskiq_beat.store import ClaimedFires
 from tests.utils import FakeClock, RecordingBroker
 
 UTC = timezone.utc
+LEASE_END = datetime(2026, 1, 5, 13, 0, 0, tzinfo=UTC)  # of the unit tests' claims
 AHEAD = SchedulerConfig(claim_ahead_seconds=0.5)
 
 
@@ -326,17 +327,17 @@ def test_fires_claimed_ahead_leave_each_at_its_own_time() -> None:
     fires = ClaimedFires(
         [1, 2, 3, 4], ["a", "b", "c", "d"], at, ["t1", "t2", "t3", "t4"], *([["x"] * 4] * 4)
     )
-    early = EarlyFires()
+    early = EarlyFires("me")
     for job_id, when in zip("abcd", at, strict=True):
         early.note(job_id, 1, when + timedelta(seconds=1))
     now = base - timedelta(milliseconds=1)
-    assert len(early.hold(fires, now, heard=0, mark=None)) == 0
+    assert len(early.hold(fires, now, heard=0, mark=None, lease_until=LEASE_END)) == 0
     assert early.next_at == base
-    assert early.take_due(now) == []
-    [first] = early.take_due(base)
+    assert early.take_due(now) == ([], 0)
+    [first], _ = early.take_due(base)
     assert first.fires.job_ids == ["a"]
     early.forget(first.fires.job_ids)
-    [second] = early.take_due(base + timedelta(milliseconds=200))
+    [second], _ = early.take_due(base + timedelta(milliseconds=200))
     assert second.fires.job_ids == ["b", "c"]
     early.forget(second.fires.job_ids)
     early.cancel("d")
@@ -355,7 +356,9 @@ class _FailingStore:
         self.failures = failures
         self.undone: list[tuple[int, str, datetime, datetime | None]] = []
 
-    async def unclaim(self, fires: list[tuple[int, str, datetime, datetime | None]]) -> None:
+    async def unclaim(
+        self, fires: list[tuple[int, str, datetime, datetime | None]], *, owner: str
+    ) -> None:
         if self.failures:
             self.failures -= 1
             raise ConnectionError("database down (test)")
@@ -371,10 +374,10 @@ class _FailingStore:
 async def test_a_change_taken_back_during_an_outage_is_undone_at_the_next_pass() -> None:
     base = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
     fires = ClaimedFires([1, 2], ["a", "b"], [base, base], ["t1", "t2"], *([["x"] * 2] * 4))
-    early = EarlyFires()
+    early = EarlyFires("me")
     for job_id in "ab":
         early.note(job_id, 1, base + timedelta(seconds=1))
-    early.hold(fires, base - timedelta(seconds=1), heard=0, mark=None)
+    early.hold(fires, base - timedelta(seconds=1), heard=0, mark=None, lease_until=LEASE_END)
     early.cancel("a")
     store = _FailingStore(failures=1)
     with pytest.raises(ConnectionError):
@@ -387,3 +390,118 @@ async def test_a_change_taken_back_during_an_outage_is_undone_at_the_next_pass()
     assert changed == set()  # reported with the first try
     assert [batch.job_ids for batch in ready] == [["b"]]
     assert len(early) == 0
+
+
+def _fires(*fires: tuple[str, datetime]) -> ClaimedFires:
+    count = len(fires)
+    return ClaimedFires(
+        list(range(1, count + 1)),
+        [job_id for job_id, _ in fires],
+        [when for _, when in fires],
+        [f"t{at}" for at in range(count)],
+        *([["x"] * count] * 4),
+    )
+
+
+def test_batches_claimed_out_of_order_still_leave_each_fire_at_its_time() -> None:
+    """A sync brings a job due before the end of a batch already waiting: its batch comes
+    later but its fire is not held up by the first batch's later ones."""
+    base = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
+    early = EarlyFires("me")
+    for job_id in "axyz":
+        early.note(job_id, 1, None)
+    before = base - timedelta(seconds=1)
+    hold = {"heard": 0, "mark": None, "lease_until": LEASE_END}
+    early.hold(_fires(("a", base), ("y", base + timedelta(seconds=10))), before, **hold)
+    [first], _ = early.take_due(base)
+    assert first.fires.job_ids == ["a"]
+    early.forget(["a"])
+    early.hold(
+        _fires(("x", base + timedelta(seconds=3)), ("z", base + timedelta(seconds=11))),
+        base,
+        **hold,
+    )
+    assert early.next_at == base + timedelta(seconds=3)
+    [second], _ = early.take_due(base + timedelta(seconds=3))
+    assert second.fires.job_ids == ["x"]
+    taken, _ = early.take_due(base + timedelta(seconds=10))
+    assert [batch.fires.job_ids for batch in taken] == [["y"]]
+    taken, _ = early.take_due(base + timedelta(seconds=11))
+    assert [batch.fires.job_ids for batch in taken] == [["z"]]
+
+
+def test_a_fire_that_waited_past_its_lease_is_left_to_the_retries_path() -> None:
+    """The database was out while it waited: any scheduler may take it by its lease now,
+    so it is not sent from here as well."""
+    base = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
+    early = EarlyFires("me", send_time=timedelta(seconds=10))
+    early.note("a", 1, None)
+    early.hold(
+        _fires(("a", base)),
+        base - timedelta(seconds=1),
+        heard=0,
+        mark=None,
+        lease_until=base + timedelta(seconds=30),
+    )
+    assert early.take_due(base + timedelta(seconds=20)) == ([], 1)
+    assert "a" not in early
+    assert early.next_at is None
+
+
+async def test_a_job_firing_more_often_than_the_lead_is_claimed_on_time(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    """Every 0.4 s with a lead of 0.5 s: two of its fires would be claimed at once."""
+    job = await app.single(task="tests.record").schedule(session, trigger=every(0.4))
+    await app.engine.sync()
+    clock.advance(0.1)
+    assert await app.engine.tick() == 0
+    assert await runs(session, job.id) == []
+    assert app.engine._idle_delay() > 0
+    clock.advance(0.3)
+    assert await app.engine.tick() == 1
+    clock.advance(0.4)
+    assert await app.engine.tick() == 1
+    assert len(await runs(session, job.id)) == 2
+
+
+async def test_a_fire_taken_over_by_another_scheduler_is_not_given_back(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    """Its lease ran out and another scheduler resent it: stopping leaves its run and the
+    job's next fire as they are."""
+    job_id, fire = await claimed_ahead(app, session, clock)
+    await session.execute(
+        sa.update(SchedulerRun)
+        .where(SchedulerRun.job_id == job_id)
+        .values(claimed_by="another", attempt=2)
+    )
+    await session.commit()
+    await app.engine.stop()
+    assert await runs(session, job_id) == [(RunStatus.CLAIMED, fire)]
+    assert await next_run_at(session, job_id) == fire + timedelta(seconds=10)
+
+
+async def test_a_deletion_heard_while_the_claim_runs_stops_the_fire(
+    app: SchedulerApp, session: AsyncSession, broker: RecordingBroker, clock: FakeClock
+) -> None:
+    """The job is deleted in this process after the claim committed and before it
+    returned: the fire is held already, and not sent."""
+    job = await app.single(task="tests.record").schedule(session, trigger=every(10))
+    await app.engine.sync()
+    store = app.engine._store
+    claim = store.claim
+
+    async def claim_then_delete(*args: Any, **kwargs: Any) -> Any:
+        claimed = await claim(*args, **kwargs)
+        async with app.session_factory() as other:
+            await app.delete(other, job.id)
+        return claimed
+
+    store.claim = claim_then_delete  # type: ignore[method-assign]
+    clock.advance(9.6)
+    assert await app.engine.tick() == 0
+    store.claim = claim  # type: ignore[method-assign]
+    clock.advance(0.4)
+    assert await app.engine.tick() == 0
+    assert broker.sent == []

@@ -299,43 +299,55 @@ class ClaimOperations(StoreCore):
                 )
 
     @_time_limited
-    async def unclaim(self, fires: Sequence[tuple[int, str, datetime, datetime | None]]) -> None:
-        """Undo claims of fires never sent: each ``(run id, job id, fire time, the next fire
-        time the claim set)``. The run is deleted if still ``claimed``, and the job is due at
-        the fire's time again if its ``next_run_at`` is still the one the claim set (a
-        change made since, which moved it, is kept). What is left is what the claim found."""
+    async def unclaim(
+        self, fires: Sequence[tuple[int, str, datetime, datetime | None]], *, owner: str
+    ) -> None:
+        """Undo claims ``owner`` made of fires it never sent: each ``(run id, job id, fire
+        time, the next fire time the claim set)``. A run still ``claimed`` by ``owner`` at
+        its first attempt is deleted, and then only its job is due at the fire's time again,
+        if its ``next_run_at`` is still the one the claim set (a change made since, which
+        moved it, is kept). A run another scheduler took meanwhile (its lease ran out) is
+        left to it. What is left is what the claim found, ``last_run_at`` aside."""
         if not fires:
             return
         async with self._transaction() as session:
-            await session.execute(
-                sa.delete(_run).where(
-                    _run.c.id.in_([run_id for run_id, *_ in fires]),
-                    _run.c.status == RunStatus.CLAIMED,
-                )
+            mine = sa.select(_run.c.id).where(
+                _run.c.id.in_([run_id for run_id, *_ in fires]),
+                _run.c.status == RunStatus.CLAIMED,
+                _run.c.claimed_by == owner,
+                _run.c.attempt == 1,
             )
+            if _dialect_name(session) != "sqlite":
+                mine = mine.with_for_update()
+            found = set((await session.execute(mine)).scalars())
+            if not found:
+                return
+            await session.execute(sa.delete(_run).where(_run.c.id.in_(found)))
+            undone = [fire for fire in fires if fire[0] in found]
             moved = [
                 {"job": job_id, "fire": fire, "set": after}
-                for _, job_id, fire, after in fires
+                for _, job_id, fire, after in undone
                 if after is not None
             ]
+            time_type = _job.c.next_run_at.type
             if moved:
                 await session.execute(
                     sa.update(_job)
                     .where(
                         _job.c.id == sa.bindparam("job"),
-                        _job.c.next_run_at == sa.bindparam("set", type_=_job.c.next_run_at.type),
+                        _job.c.next_run_at == sa.bindparam("set", type_=time_type),
                     )
-                    .values(next_run_at=sa.bindparam("fire", type_=_job.c.next_run_at.type)),
+                    .values(next_run_at=sa.bindparam("fire", type_=time_type)),
                     moved,
                 )
             ended = [
-                {"job": job_id, "fire": fire} for _, job_id, fire, after in fires if after is None
+                {"job": job_id, "fire": fire} for _, job_id, fire, after in undone if after is None
             ]
             if ended:  # the claim left no next fire (a one-off job)
                 await session.execute(
                     sa.update(_job)
                     .where(_job.c.id == sa.bindparam("job"), _job.c.next_run_at.is_(None))
-                    .values(next_run_at=sa.bindparam("fire", type_=_job.c.next_run_at.type)),
+                    .values(next_run_at=sa.bindparam("fire", type_=time_type)),
                     ended,
                 )
 
