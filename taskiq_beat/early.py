@@ -87,7 +87,9 @@ class EarlyFires:
 
     @property
     def has_cancelled(self) -> bool:
-        return bool(self._cancelled)
+        """Claims to take back first: of jobs changed in this process, or owed (an undo
+        that failed). No claim ahead starts before they are done."""
+        return bool(self._cancelled or self._to_undo)
 
     def note(self, job_id: str, revision: int, after: datetime | None) -> None:
         """A fire of ``job_id`` is being claimed ahead at ``revision``; its claim sets the
@@ -96,8 +98,11 @@ class EarlyFires:
 
     def forget(self, job_ids: Iterable[str]) -> None:
         """These jobs' fires were not claimed, or are sent: nothing of them waits."""
+        held = self._held
+        cancelled = self._cancelled
         for job_id in job_ids:
-            self._held.pop(job_id, None)
+            held.pop(job_id, None)
+            cancelled.discard(job_id)
 
     def hold(
         self,
@@ -189,8 +194,9 @@ class EarlyFires:
 
     def drop_cancelled(self) -> tuple[list[Unclaim], set[str]]:
         """Take the fires of the jobs changed in this process off the batches waiting: the
-        claims to undo, and those jobs."""
-        cancelled, self._cancelled = self._cancelled, set()
+        claims to undo, and those jobs. A job whose claim is still under way stays marked
+        (its fire is kept waiting when the claim returns, then dropped here)."""
+        cancelled = self._cancelled
         undo: list[Unclaim] = []
         kept: list[EarlyBatch] = []
         for batch in self._batches:
@@ -200,7 +206,9 @@ class EarlyFires:
             if batch.fires:
                 kept.append(batch)
         self._batches = kept
-        return undo, cancelled
+        found = {job_id for _, job_id, _, _ in undo}
+        self._cancelled -= found
+        return undo, found
 
     def drain(self) -> list[Unclaim]:
         """Every fire waiting, taken off: the claims to undo (the scheduler stops)."""
@@ -236,9 +244,8 @@ class EarlyFires:
         (``None`` if none was read)."""
         changed: set[str] = set()
         if self._cancelled:
-            undo, cancelled = self.drop_cancelled()
+            undo, _ = self.drop_cancelled()
             self._to_undo += undo
-            changed |= cancelled
         if self._to_undo:
             undo, self._to_undo = self._to_undo, []
             try:
@@ -246,6 +253,7 @@ class EarlyFires:
             except BaseException:
                 self._to_undo = undo + self._to_undo
                 raise
+            changed |= {job_id for _, job_id, _, _ in undo}  # to reload, once undone
         taken, dropped = self.take_due(now)
         if dropped:
             logger.warning(

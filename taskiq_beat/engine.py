@@ -358,6 +358,9 @@ class SchedulerEngine:
             return
         if listener is None:
             self._can_listen = False  # e.g. SQLite: other processes' changes are polled for
+        else:
+            # Fires claimed ahead while nobody listened are checked against the rows.
+            self._changes_heard += 1
         self._listener = listener
 
     def _heard_change(self) -> None:
@@ -953,7 +956,8 @@ class SchedulerEngine:
                 after = following[key]
                 if after is not None and after - expected <= self._ahead:
                     self._on_time.add(snapshot.id)
-                    self._put(snapshot, expected)
+                    if snapshot.id not in self._jobs:  # unless it changed meanwhile
+                        self._put(snapshot, expected)
                     continue
             kept.append(snapshot)
             times.append(expected)

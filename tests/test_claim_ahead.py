@@ -387,7 +387,7 @@ async def test_a_change_taken_back_during_an_outage_is_undone_at_the_next_pass()
     assert early.next_at == base  # b still waits
     ready, changed, _ = await early.ready(store, base, heard=0, listening=True)  # type: ignore[arg-type]
     assert store.undone == [(1, "a", base, base + timedelta(seconds=1))]
-    assert changed == set()  # reported with the first try
+    assert changed == {"a"}  # to reload, now that its claim is undone
     assert [batch.job_ids for batch in ready] == [["b"]]
     assert len(early) == 0
 
@@ -505,3 +505,23 @@ async def test_a_deletion_heard_while_the_claim_runs_stops_the_fire(
     clock.advance(0.4)
     assert await app.engine.tick() == 0
     assert broker.sent == []
+
+
+def test_a_change_heard_while_its_claim_runs_survives_another_batch_s_check() -> None:
+    """Job j is changed in this process while its claim runs; another batch's fires are
+    checked meanwhile. j's mark is kept, so its fire, due when the claim returns, is not
+    sent but taken back."""
+    base = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
+    early = EarlyFires("me")
+    early.note("j", 1, base + timedelta(seconds=1))  # its claim is under way
+    early.cancel("j")
+    assert early.drop_cancelled() == ([], set())  # in no batch yet: still marked
+    assert early.has_cancelled
+    due = early.hold(
+        _fires(("j", base)), base, heard=0, mark=None, lease_until=LEASE_END
+    )  # the claim returns with the fire due
+    assert len(due) == 0
+    undo, changed = early.drop_cancelled()
+    assert undo == [(1, "j", base, base + timedelta(seconds=1))]
+    assert changed == {"j"}
+    assert not early.has_cancelled
