@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from taskiq_beat._gc import gc_paused
-from taskiq_beat.dispatch import task_id_of
+from taskiq_beat.dispatch import FailedSends, task_id_of
 from taskiq_beat.early import EarlyFires
 from taskiq_beat.enums import JobKind
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
@@ -137,6 +137,7 @@ class SchedulerEngine:
         self._summary_at: datetime | None = None
         self._summary_counts = (0, 0, 0)  # fires sent, failed and missed at the last summary
         self._dispatcher = dispatcher
+        self._failed_sends = FailedSends(logger)
         self._config = config
         self._clock = clock
         self.owner = owner or uuid.uuid4().hex
@@ -1110,19 +1111,13 @@ class SchedulerEngine:
                     outcome.error,
                 )
         if first_failed is not None:
-            failed_fire, failed_error = first_failed
-            logger.warning(
-                "dispatch of %d fires failed (job %s scheduled for %s: %s); retrying at %s",
-                failed,
-                failed_fire.job_id,
-                failed_fire.scheduled_for,
-                failed_error,
-                retry_at,
-            )
+            self._failed_sends.failed(failed, *first_failed, retry_at, self._clock.now())
             # Kept with the delayed fires' times: a look for resends before then (at a sync)
             # must not forget when these are due.
             heapq.heappush(self._delayed, retry_at)
             self.retry_at(retry_at)
+        elif sent:
+            self._failed_sends.sent(self._clock.now())  # says so if sends had been failing
         if final:
             self._disable_later(final)
         self.stats.fires_failed += failed + len(final)

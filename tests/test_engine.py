@@ -382,6 +382,49 @@ async def test_failed_send_is_retried_with_the_same_task_id(
     assert [m.task_id for m in broker.sent] == [fire_task_id(job.id, run.scheduled_for)]
 
 
+async def test_a_broker_down_for_long_is_logged_in_a_few_lines_then_one_every_5_s(
+    app: SchedulerApp,
+    session: AsyncSession,
+    broker: RecordingBroker,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every batch and every resend fails while the broker is down: the first three
+    batches are logged a line each, then one line every 5 s sums up the rest, and one INFO
+    line says when sends go through again. Nothing is lost from the counts."""
+    for index in range(3):
+        await app.single(task="tests.record", args=[index]).schedule(session, trigger=every(1))
+    await app.engine.sync()
+    broker.fail_sends = True
+    with caplog.at_level(logging.INFO, logger="taskiq_beat.engine"):
+        for _ in range(40):
+            clock.advance(0.5)
+            await app.engine.tick()
+            await app.engine.sync()
+        down = [r for r in caplog.records if r.levelno == logging.WARNING]
+        failed = app.engine.stats.fires_failed
+        broker.fail_sends = False
+        clock.advance(1)
+        await app.engine.tick()
+
+    assert failed >= 3 * 20, "each of the 3 jobs failed at least once a second for 20 s"
+    first, rest = down[:3], down[3:]
+    assert all(r.getMessage().startswith("dispatch of 3 fires failed (job ") for r in first)
+    assert all(r.getMessage().startswith("dispatch still failing: ") for r in rest)
+    assert 3 <= len(rest) <= 4, [r.getMessage() for r in down]  # 20 s, a line every 5 s
+    times = [r.created for r in rest]
+    assert all(r.exc_info is None for r in down)
+    logged = 3 * 3 + sum(int(r.getMessage().split()[3]) for r in rest)
+    batches = int(rest[-1].getMessage().split(", ")[1].split()[0])
+    assert logged <= failed
+    assert batches >= len(rest) + 3
+    [back] = [r for r in caplog.records if "working again" in r.getMessage()]
+    assert back.levelno == logging.INFO
+    assert f"({failed} fires)" in back.getMessage()
+    assert times == sorted(times)
+    assert len(broker.sent) >= 3, "the fires due were sent once the broker was back"
+
+
 async def test_task_unknown_at_dispatch_disables_the_job_once(
     app: SchedulerApp,
     session: AsyncSession,
