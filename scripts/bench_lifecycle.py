@@ -76,6 +76,7 @@ from taskiq_beat import (  # noqa: E402
     SchedulerBase,
 )
 from taskiq_beat.models import SchedulerRun  # noqa: E402
+from taskiq_beat.triggers import Trigger  # noqa: E402
 
 WORKER_TARGET = "scripts.bench_support.lifecycle_worker:broker"
 WORKER_ARGS = ["--workers", "1", "--max-async-tasks", "100"]
@@ -324,6 +325,20 @@ async def measure(db: str, record: bool, round_: int, args: argparse.Namespace) 
     return result
 
 
+async def write_jobs(app: SchedulerApp, trigger: Trigger, jobs: int) -> None:
+    """``jobs`` jobs of the worker's task with ``trigger``, ids ``bench-0000000``..., args
+    [i], written ``UPSERT_CHUNK`` at a time."""
+    definitions = [
+        app.single(worker_module.TASK_NAME, args=[i]).definition(
+            trigger=trigger, job_id=f"bench-{i:07d}"
+        )
+        for i in range(jobs)
+    ]
+    for offset in range(0, jobs, UPSERT_CHUNK):
+        async with app.session_factory() as session:
+            await app.upsert_many(session, definitions[offset : offset + UPSERT_CHUNK])
+
+
 async def _measure_started(
     app: SchedulerApp,
     engine: AsyncEngine,
@@ -334,16 +349,7 @@ async def _measure_started(
     args: argparse.Namespace,
 ) -> None:
     jobs = result.jobs
-    due = OneOffSchedule(run_at=datetime.now(timezone.utc))
-    definitions = [
-        app.single(worker_module.TASK_NAME, args=[i]).definition(
-            trigger=due, job_id=f"bench-{i:07d}"
-        )
-        for i in range(jobs)
-    ]
-    for offset in range(0, jobs, UPSERT_CHUNK):
-        async with app.session_factory() as session:
-            await app.upsert_many(session, definitions[offset : offset + UPSERT_CHUNK])
+    await write_jobs(app, OneOffSchedule(run_at=datetime.now(timezone.utc)), jobs)
     succeeded = (
         sa.select(sa.func.count())
         .select_from(SchedulerRun)
@@ -444,15 +450,7 @@ async def _measure_interval(
         interval=IntervalTrigger(seconds=1),
         start_at=datetime.now(timezone.utc).replace(microsecond=0),
     )
-    definitions = [
-        app.single(worker_module.TASK_NAME, args=[i]).definition(
-            trigger=every, job_id=f"bench-{i:07d}"
-        )
-        for i in range(jobs)
-    ]
-    for offset in range(0, jobs, UPSERT_CHUNK):
-        async with app.session_factory() as session:
-            await app.upsert_many(session, definitions[offset : offset + UPSERT_CHUNK])
+    await write_jobs(app, every, jobs)
     executor = worker.executor_pid()
     result.load_before = os.getloadavg()[0]
     steal_before = cpu_times()
