@@ -118,12 +118,14 @@ def _load_fixture(url: str, backend: str) -> None:
 
 
 def _make_with_package(url: str, python: str) -> None:
-    subprocess.run(
+    made = subprocess.run(
         [python, "-I", str(FIXTURES / "make_database.py"), url],
-        check=True,
         capture_output=True,
+        text=True,
         timeout=120,
     )
+    # What the 1.4.0 package printed, when it fails (captured, it would be lost).
+    assert made.returncode == 0, f"make_database.py exited {made.returncode}:\n{made.stderr}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
