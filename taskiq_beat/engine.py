@@ -18,28 +18,27 @@ import time
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from taskiq_beat._gc import gc_paused
-from taskiq_beat.dispatch import FailedSends, task_id_of
+from taskiq_beat.claiming import ClaimPlanner, JobSnapshot, snapshot_of
+from taskiq_beat.dispatch import FailedSends
 from taskiq_beat.early import EarlyFires
 from taskiq_beat.enums import JobKind
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.models import encode_json
-from taskiq_beat.policy import FirePlan, JobPolicy, jitter_of, plan_fire, policy_from_text
+from taskiq_beat.policy import JobPolicy
 from taskiq_beat.sharing import HeapEntry, Sharing
 from taskiq_beat.stats import SUMMARY_EVERY, EngineStats
 from taskiq_beat.store import (
     RELEASED,
     ChangeListener,
     ClaimedFires,
-    Claims,
-    FirePolicies,
     JobRecord,
     SendOutcome,
 )
-from taskiq_beat.triggers import Trigger, trigger_from_text
+from taskiq_beat.triggers import Trigger
 
 if TYPE_CHECKING:
     from taskiq_beat.clock import Clock
@@ -81,41 +80,6 @@ _LATENESS_SAMPLES_PER_BATCH = 32  # fires of a batch whose lateness is kept, eve
 # The foreign heap is rebuilt without its stale entries once it holds more than this many
 # times as many entries as there are jobs held (plus a few), see _compact_foreign.
 _FOREIGN_SLACK = 2
-
-
-class JobSnapshot(NamedTuple):
-    """A job as the engine holds it, as of one revision: its trigger parsed, and what a fire
-    sends (the task, and the stored JSON texts of the payload), which the claim's
-    compare-and-set on ``revision`` proves current.
-
-    The job's next fire time is not part of it (the engine keeps it beside, see
-    ``SchedulerEngine._due``): a fire of a periodic job moves that time and keeps the
-    snapshot. A snapshot lives as long as its revision, in the garbage collector's oldest
-    generation; one made per fire (10k jobs every second) would be promoted there and die
-    every second, and the collector would scan every object of the process each time that
-    generation grows by a quarter (~90 ms with 100k jobs loaded, every second or two)."""
-
-    id: str
-    kind: JobKind
-    trigger: Trigger
-    revision: int
-    task_name: str
-    args: str
-    kwargs: str
-    metadata: str
-    policy: JobPolicy | None = None
-    """The job's policy; ``None`` for the defaults (most jobs: their fires take no detour)."""
-
-    def holds(self, record: JobRecord) -> bool:
-        """Whether ``record`` (a row read later) is this revision of the job, with the same
-        payload (its fire time aside)."""
-        return (
-            self.revision == record.revision
-            and self.args == record.args
-            and self.kwargs == record.kwargs
-            and self.metadata == record.metadata
-            and self.task_name == record.task_name
-        )
 
 
 class SchedulerEngine:
@@ -182,7 +146,7 @@ class SchedulerEngine:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lease = timedelta(seconds=config.claim_lease_seconds)
-        self._grace = timedelta(seconds=config.misfire_grace_seconds)
+        self._planner = ClaimPlanner(config, self.stats, self._events)
         base = config.dispatch_batch_size
         self._batch_size = base
         self._delayed: list[datetime] = []  # due times of delayed fires claimed here (a heap)
@@ -600,7 +564,7 @@ class SchedulerEngine:
                     added.append((when, job_id))
                 continue
             try:
-                snapshot = _snapshot(record)
+                snapshot = snapshot_of(record)
             except CorruptJobError as exc:
                 broken[job_id] = str(exc)
                 continue
@@ -825,48 +789,7 @@ class SchedulerEngine:
             batch, held_for = self._claimable_ahead(batch, held_for, now)
             if not batch:
                 return []
-        claims = Claims()
-        add = claims.add
-        following: list[datetime | None] = []
-        times: dict[datetime, str] = {}  # ISO text of each fire time, once per batch
-        # The plan of each trigger, policy and time, once per batch: jobs that share a
-        # schedule (triggers are shared objects, see trigger_from_text) are due at the same
-        # times, and most have no policy.
-        plans: dict[tuple[int, int, datetime], FirePlan] = {}
-        policies = FirePolicies()
-        for snapshot, expected in zip(batch, held_for, strict=True):
-            policy = snapshot.policy
-            key = (id(snapshot.trigger), id(policy), expected)
-            plan = plans.get(key)
-            if plan is None:
-                plan = plans[key] = self._plan(snapshot.trigger, policy, expected, now)
-            send = plan.send
-            scheduled_for = expected if send is None else send
-            following.append(plan.after)
-            iso = times.get(scheduled_for)
-            if iso is None:
-                iso = times[scheduled_for] = scheduled_for.isoformat()
-            if plan.missed_from is not None:
-                self._missed(snapshot, plan, policies)
-            if policy is not None:
-                limit = policy.running_limit
-                if limit is not None:
-                    policies.limits[snapshot.id] = (limit, policy.overlap == "buffer_one")
-                if policy.jitter_seconds and send is not None:
-                    delay = jitter_of(snapshot.id, scheduled_for, policy.jitter_seconds)
-                    policies.jitter[snapshot.id] = (delay, scheduled_for + timedelta(seconds=delay))
-            add(
-                snapshot.id,  # job_id
-                expected,  # expected_next_run_at
-                snapshot.revision,  # expected_revision
-                scheduled_for,
-                plan.after,  # new_next_run_at
-                task_id_of(snapshot.id, iso),
-                snapshot.task_name,
-                snapshot.args,
-                snapshot.kwargs,
-                snapshot.metadata,
-            )
+        claims, policies, following = self._planner.plan(batch, held_for, now)
         held_back = 0
         # A fire claimed ahead is this scheduler's until a lease after its time.
         latest = max(held_for)
@@ -999,53 +922,6 @@ class SchedulerEngine:
             self._last_mark = mark
         self._reload.update(changed)
         return ready
-
-    def _plan(
-        self, trigger: Trigger, policy: JobPolicy | None, expected: datetime, now: datetime
-    ) -> FirePlan:
-        """What to send at ``now`` of a job due since ``expected`` (see ``plan_fire``)."""
-        if policy is None:
-            return plan_fire(trigger, expected, now, self._grace)
-        grace = (
-            self._grace
-            if policy.misfire_grace_seconds is None
-            else timedelta(seconds=policy.misfire_grace_seconds)
-        )
-        return plan_fire(trigger, expected, now, grace, policy.catch_up, policy.catch_up_limit)
-
-    def _missed(self, snapshot: JobSnapshot, plan: FirePlan, policies: FirePolicies) -> None:
-        """Note the fires a plan skips: a ``missed`` run for the stretch (the claimed run
-        itself where nothing is sent), and a ``FIRE_MISSED`` event."""
-        first = plan.missed_from
-        assert first is not None
-        if plan.missed_until is None or plan.missed_until == first:
-            stretch = f"the fire of {first.isoformat()}"
-            if plan.missed_until is None:
-                end = plan.send if plan.send is not None else plan.after
-                stretch = f"fires from {first.isoformat()}" + (
-                    f" until before {end.isoformat()}" if end is not None else ""
-                )
-        else:
-            stretch = f"fires from {first.isoformat()} to {plan.missed_until.isoformat()}"
-        self.stats.fires_missed += 1
-        policy = snapshot.policy
-        mode = "latest" if policy is None else policy.catch_up
-        reason = f"{stretch} missed: later than the misfire grace (catch_up={mode!r})"
-        if plan.send is None:
-            policies.unsent[snapshot.id] = reason
-        elif self._config.record_runs:
-            policies.missed.append(
-                (snapshot.id, first, task_id_of(snapshot.id, first.isoformat()), reason)
-            )
-        if self._events.wants(EventKind.FIRE_MISSED):
-            self._events.emit(
-                SchedulerEvent(
-                    EventKind.FIRE_MISSED,
-                    snapshot.id,
-                    scheduled_for=plan.send if plan.send is not None else first,
-                    detail=reason,
-                )
-            )
 
     async def _send(self, fires: Sequence[Fire]) -> int:
         if not fires:
@@ -1223,23 +1099,3 @@ class SchedulerEngine:
                 and self._within_horizon(r.next_run_at)
             ]
         )
-
-
-def _snapshot(record: JobRecord) -> JobSnapshot | None:
-    if record.next_run_at is None or not record.is_enabled:
-        return None
-    kind = record.kind
-    if not isinstance(kind, JobKind):
-        raise CorruptJobError(record.id, f"unknown kind {kind!r}")
-    trigger = trigger_from_text(record.trigger, job_id=record.id)
-    return JobSnapshot(
-        record.id,
-        kind,
-        trigger,
-        record.revision,
-        record.task_name,
-        record.args,
-        record.kwargs,
-        record.metadata,
-        policy_from_text(record.policy, job_id=record.id),
-    )

@@ -38,6 +38,7 @@ from taskiq_beat import (
     SchedulerRun,
     fire_task_id,
 )
+from taskiq_beat import claiming as claiming_module
 from taskiq_beat import engine as engine_module
 from taskiq_beat.policy import FirePlan
 from taskiq_beat.store import Claims, SchedulerStore
@@ -1169,7 +1170,7 @@ async def test_a_periodic_job_fires_again_and_again_from_the_object_loaded_once(
     await app.engine.sync()
 
     def snapshots() -> list[object]:
-        return [o for o in gc.get_objects() if isinstance(o, engine_module.JobSnapshot)]
+        return [o for o in gc.get_objects() if isinstance(o, claiming_module.JobSnapshot)]
 
     clock.advance(1)
     assert await app.engine.tick() == 3
@@ -1194,13 +1195,13 @@ async def test_jobs_sharing_a_schedule_have_their_next_fire_worked_out_once_per_
     jobs = await jobs_every_10s(app, session, 40)
     await app.engine.sync()
     computed: list[datetime] = []
-    real = engine_module.plan_fire
+    real = claiming_module.plan_fire
 
     def counting(*args: Any) -> FirePlan:
         computed.append(args[1])
         return real(*args)
 
-    monkeypatch.setattr(engine_module, "plan_fire", counting)
+    monkeypatch.setattr(claiming_module, "plan_fire", counting)
     due = clock.advance(10)
     assert await app.engine.tick() == 40
 
