@@ -18,14 +18,7 @@ from taskiq_beat.store import RELEASED, SENT, Fire, SendOutcome
 if TYPE_CHECKING:
     from taskiq import AsyncBroker
 
-__all__ = [
-    "JOB_ID_LABEL",
-    "RUN_ID_LABEL",
-    "SCHEDULED_FOR_LABEL",
-    "Dispatcher",
-    "FailedSends",
-    "fire_task_id",
-]
+__all__ = ["JOB_ID_LABEL", "RUN_ID_LABEL", "SCHEDULED_FOR_LABEL", "Dispatcher", "fire_task_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -290,82 +283,6 @@ class _Deadline:
             return
         self._fired = True
         self._task.cancel()
-
-
-class FailedSends:
-    """What a broker that refuses sends looks like in the log: the first few failed
-    batches a line each, then one line every ``every`` seconds while it lasts, and one
-    when a batch goes through again. (A broker outage fails every batch and every resend
-    of them, several a second: a line each would bury the rest of the log.)"""
-
-    def __init__(self, logger: logging.Logger, *, lines: int = 3, every: float = 5.0) -> None:
-        self._logger = logger
-        self._lines = lines
-        self._every = every
-        self._batches = 0  # failed batches since a batch last went through
-        self._fires = 0
-        self._since: datetime | None = None
-        self._quiet_batches = 0  # failed since the last line, not logged one by one
-        self._quiet_fires = 0
-        self._line_at: datetime | None = None
-
-    def failed(
-        self,
-        count: int,
-        fire: Fire,
-        error: str,
-        retry_at: datetime,
-        now: datetime,
-    ) -> None:
-        """``count`` fires of a batch failed (``fire``, the first, with ``error``)."""
-        self._batches += 1
-        self._fires += count
-        if self._since is None:
-            self._since = now
-        if self._batches <= self._lines:
-            self._line_at = now
-            self._logger.warning(
-                "dispatch of %d fires failed (job %s scheduled for %s: %s); retrying at %s",
-                count,
-                fire.job_id,
-                fire.scheduled_for,
-                error,
-                retry_at,
-            )
-            return
-        self._quiet_batches += 1
-        self._quiet_fires += count
-        assert self._line_at is not None
-        if (now - self._line_at).total_seconds() < self._every:
-            return
-        self._logger.warning(
-            "dispatch still failing: %d fires in %d batches since the last line, "
-            "%d batches since %s (last: job %s scheduled for %s: %s); retrying at %s",
-            self._quiet_fires,
-            self._quiet_batches,
-            self._batches,
-            self._since,
-            fire.job_id,
-            fire.scheduled_for,
-            error,
-            retry_at,
-        )
-        self._line_at = now
-        self._quiet_batches = self._quiet_fires = 0
-
-    def sent(self, now: datetime) -> None:
-        """A batch went through: if sends had been failing, say they work again."""
-        if not self._batches:
-            return
-        assert self._since is not None
-        self._logger.info(
-            "dispatch working again after %d failed batches (%d fires) in %.1f s",
-            self._batches,
-            self._fires,
-            (now - self._since).total_seconds(),
-        )
-        self._batches = self._fires = self._quiet_batches = self._quiet_fires = 0
-        self._since = self._line_at = None
 
 
 def describe_error(exc: BaseException) -> str:

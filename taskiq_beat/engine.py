@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from taskiq_beat._gc import gc_paused
 from taskiq_beat.claiming import ClaimPlanner, JobSnapshot, snapshot_of
-from taskiq_beat.dispatch import FailedSends
 from taskiq_beat.early import EarlyFires
 from taskiq_beat.enums import JobKind
 from taskiq_beat.events import EventHooks, EventKind, SchedulerEvent
 from taskiq_beat.exceptions import CorruptJobError
 from taskiq_beat.models import encode_json
 from taskiq_beat.policy import JobPolicy
+from taskiq_beat.reporting import SendReport
 from taskiq_beat.sharing import HeapEntry, Sharing
-from taskiq_beat.stats import SUMMARY_EVERY, EngineStats
+from taskiq_beat.stats import EngineStats
 from taskiq_beat.store import (
     RELEASED,
     ChangeListener,
@@ -76,7 +76,6 @@ _FIRST_LOAD = 16384
 _CHANGE_POLL_SECONDS = 0.5
 
 
-_LATENESS_SAMPLES_PER_BATCH = 32  # fires of a batch whose lateness is kept, evenly spaced
 # The foreign heap is rebuilt without its stale entries once it holds more than this many
 # times as many entries as there are jobs held (plus a few), see _compact_foreign.
 _FOREIGN_SLACK = 2
@@ -98,10 +97,7 @@ class SchedulerEngine:
         self._store = store
         self._events = events or EventHooks()
         self.stats = EngineStats()
-        self._summary_at: datetime | None = None
-        self._summary_counts = (0, 0, 0)  # fires sent, failed and missed at the last summary
         self._dispatcher = dispatcher
-        self._failed_sends = FailedSends(logger)
         self._config = config
         self._clock = clock
         self.owner = owner or uuid.uuid4().hex
@@ -110,6 +106,9 @@ class SchedulerEngine:
         # whose time is not the job's in ``_due`` are stale (the job changed) and skipped.
         self._jobs: dict[str, JobSnapshot] = {}
         self._due: dict[str, datetime] = {}
+        self._send_report = SendReport(
+            logger, stats=self.stats, events=self._events, clock=clock, due=self._due
+        )
         # Entries (fire time, rank, job id). Jobs due at the same time come off the heap in
         # the order of their rank, which differs from one scheduler to the next (salted by
         # its owner id): several schedulers holding the same backlog start on different
@@ -949,104 +948,17 @@ class SchedulerEngine:
     def _report(
         self, fires: Sequence[Fire], outcomes: list[SendOutcome], retry_at: datetime
     ) -> int:
-        """Log a batch's outcomes: each fire at DEBUG, the batch in one line at most per
-        kind; schedule the retry of failed sends; disable jobs that can never be sent."""
-        sent = 0
-        final: dict[str, str] = {}
-        failed = 0
-        first_failed: tuple[Fire, str] | None = None
-        debug = logger.isEnabledFor(logging.DEBUG)
-        for index, outcome in enumerate(outcomes):  # a fire is read only when it is logged
-            if outcome.released:
-                continue
-            if outcome.error is None:
-                sent += 1
-                if debug:
-                    fire = fires[index]
-                    logger.debug(
-                        "dispatched job %s (%s) scheduled for %s as task %s",
-                        fire.job_id,
-                        fire.task_name,
-                        fire.scheduled_for,
-                        fire.task_id,
-                    )
-                continue
-            fire = fires[index]
-            if outcome.final:
-                final[fire.job_id] = outcome.error
-                continue
-            failed += 1
-            if first_failed is None:
-                first_failed = (fire, outcome.error)
-            if debug:
-                logger.debug(
-                    "dispatch of job %s (%s) scheduled for %s failed: %s",
-                    fire.job_id,
-                    fire.task_name,
-                    fire.scheduled_for,
-                    outcome.error,
-                )
-        if first_failed is not None:
-            self._failed_sends.failed(failed, *first_failed, retry_at, self._clock.now())
+        """Log and count a batch's outcomes (see :class:`SendReport`); schedule the retry of
+        failed sends; disable jobs that can never be sent."""
+        sent, failed, final = self._send_report.batch(fires, outcomes, retry_at)
+        if failed:
             # Kept with the delayed fires' times: a look for resends before then (at a sync)
             # must not forget when these are due.
             heapq.heappush(self._delayed, retry_at)
             self.retry_at(retry_at)
-        elif sent:
-            self._failed_sends.sent(self._clock.now())  # says so if sends had been failing
         if final:
             self._disable_later(final)
-        self.stats.fires_failed += failed + len(final)
-        if sent:
-            self.stats.fires_sent += sent
-            self._sample_lateness(fires, outcomes)
-            logger.debug("dispatched %d fires", sent)
-        self._summarize()
         return sent
-
-    def _summarize(self) -> None:
-        """At most once per ``SUMMARY_EVERY``, one INFO line on what the loop sent since the
-        last one (a line per batch would be a hundred a second under load)."""
-        now = self._clock.now()
-        if self._summary_at is None:
-            self._summary_at, self._summary_counts = now, (0, 0, 0)
-            return
-        if (now - self._summary_at).total_seconds() < SUMMARY_EVERY:
-            return
-        stats = self.stats
-        counts = (stats.fires_sent, stats.fires_failed, stats.fires_missed)
-        last = self._summary_counts
-        since = (counts[0] - last[0], counts[1] - last[1], counts[2] - last[2])
-        if any(since):
-            seconds = (now - self._summary_at).total_seconds()
-            behind = [when for when in self._due.values() if when <= now]
-            logger.info(*stats.summary(seconds, since, behind, now))
-        self._summary_at = now
-        self._summary_counts = counts
-
-    def _sample_lateness(self, fires: Sequence[Fire], outcomes: list[SendOutcome]) -> None:
-        """Keep the lateness of a few of a batch's fires sent (all of them, and a
-        ``FIRE_SENT`` event each, when someone listens to those)."""
-        now = self._clock.now()
-        at = time.monotonic()
-        every = self._events.wants(EventKind.FIRE_SENT)
-        step = 1 if every else max(1, len(fires) // _LATENESS_SAMPLES_PER_BATCH)
-        samples = self.stats.lateness
-        for index in range(0, len(fires), step):
-            if outcomes[index].error is not None or outcomes[index].released:
-                continue
-            fire = fires[index]
-            samples.append((at, (now - fire.scheduled_for).total_seconds()))
-            if every:
-                self._events.emit(
-                    SchedulerEvent(
-                        EventKind.FIRE_SENT,
-                        fire.job_id,
-                        scheduled_for=fire.scheduled_for,
-                        task_id=fire.task_id,
-                        run_id=fire.run_id,
-                    )
-                )
 
     async def _send_retries(self) -> int:
         now = self._clock.now()
