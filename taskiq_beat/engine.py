@@ -614,10 +614,15 @@ class SchedulerEngine:
 
     async def _renew(self, now: datetime) -> None:
         """Renew this scheduler's place among the live ones; a change of its share sorts
-        the jobs held anew between its heap and the others'."""
+        the jobs held anew between its heap and the others'. A share that grew (another
+        scheduler stopped or went silent) is loaded at once: where a sync reads only this
+        scheduler's share, the jobs that joined it are not held yet."""
+        before = self._sharing.count
         if await self._sharing.renew(self._store, now):
             self._heap, self._foreign = [], []  # rebuilt without stale entries
             self._push([(when, job_id) for job_id, when in self._due.items()])
+            if self._sharing.count < before:
+                self._next_sync_at = now
 
     def _held_until(self) -> datetime | None:
         """The latest fire time of a job the heap holds: the end of the last sync's window,

@@ -258,8 +258,10 @@ async def several_apps(
     count: int,
     session_factory: async_sessionmaker[AsyncSession],
     clock: FakeClock,
+    *,
+    sync_interval: float = 1.0,
 ) -> tuple[list[SchedulerApp], list[RecordingBroker]]:
-    config = SchedulerConfig(sync_interval_seconds=1.0, record_lifecycle=False)
+    config = SchedulerConfig(sync_interval_seconds=sync_interval, record_lifecycle=False)
     brokers = [await recording_broker() for _ in range(count)]
     apps = [
         SchedulerApp(broker=b, session_factory=session_factory, config=config, clock=clock)
@@ -403,6 +405,46 @@ async def test_a_scheduler_that_stops_leaves_its_share_at_once(
     assert staying.engine.share == (0, 1)
     instances = await session.execute(sa.select(SchedulerInstance.id))
     assert list(instances.scalars()) == [staying.engine.owner]
+
+
+async def test_the_jobs_of_a_scheduler_that_stops_are_sent_on_time_by_the_other(
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Two schedulers syncing every 5 s, each holding its own share; one stops. The other
+    takes every job at its next renewal (a second later) and loads the jobs it did not
+    hold at once, not at its next sync: the stopped one's fires, due 3 s after the stop,
+    are sent on their time, once."""
+    (staying, leaving), brokers = await several_apps(2, session_factory, clock, sync_interval=5)
+    due = clock.now() + timedelta(seconds=3)
+    job_ids = [f"job-{index:03}" for index in range(100)]
+    await staying.upsert_many(
+        session,
+        [
+            staying.single(task="tests.record").definition(
+                trigger=OneOffSchedule(run_at=due), job_id=job_id
+            )
+            for job_id in job_ids
+        ],
+    )
+    try:
+        await leaving.engine.sync()
+        await staying.engine.sync()  # registered second: sees both, holds its own share
+        assert staying.engine.share[1] == 2
+        theirs = set(job_ids) - share_of(staying, job_ids)
+        await leaving.engine.stop()
+        clock.advance(1)
+        assert await staying.engine.tick() == 0  # renewed: alone now
+        assert staying.engine.share == (0, 1)
+        clock.set(due)  # 2 s before its next sync
+        assert await staying.engine.tick() == 100
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    assert sorted(job_ids_sent(brokers[0])) == job_ids
+    assert theirs, "the stopped scheduler had a share"
+    assert brokers[1].sent == []
 
 
 async def test_a_scheduler_helps_with_another_s_jobs_from_the_end_its_owner_reaches_last(
