@@ -56,9 +56,9 @@ class SchedulerConfig(BaseModel):
     takes them, their claims written beforehand. A change to such a job (an edit, a pause,
     a deletion) made after its fire was claimed still stops or changes that fire if this
     scheduler hears of it before the fire's time: at once in this process, by notification
-    on PostgreSQL, by reading the jobs' newest ``updated_at`` just before sending
-    elsewhere; a deletion made by another process is not heard on SQLite and MySQL, and that
-    fire is sent. Jobs firing more often than this are claimed when due. ``0`` (the
+    on PostgreSQL, and everywhere by reading the jobs' newest ``updated_at`` just before
+    sending; a deletion made by another process is not heard on SQLite and MySQL (nor on
+    PostgreSQL while its listener is down or deaf), and that fire is sent. Jobs firing more often than this are claimed when due. ``0`` (the
     default): fires are claimed when due. Must be shorter than the look-ahead window."""
     dispatch_timeout_seconds: float = Field(default=10.0, gt=0)
     """Longest wait for one ``kiq``; a send that takes longer counts as failed."""

@@ -11,8 +11,11 @@ never been claimed. What is heard:
 - a change made in this process (the app tells the engine at once): :meth:`EarlyFires.cancel`;
 - on PostgreSQL, another process's change (a notification): every waiting batch claimed
   before it is checked against the jobs' rows before it is sent;
-- elsewhere, the jobs' newest ``updated_at``, read before each batch is claimed and again
-  before it is sent: when it moved, the batch is checked against the jobs' rows.
+- everywhere, the jobs' newest ``updated_at``, read before each batch is claimed (at most
+  half a second before) and again before it is sent: when it moved, the batch is checked
+  against the jobs' rows. On PostgreSQL too: a listener can be deaf without knowing it (a
+  pooler in transaction mode takes ``LISTEN`` and delivers nothing), and edits and pauses
+  move ``updated_at``; deletions do not, and only a notification tells of them.
 
 A job with a fire waiting is not claimed ahead again until that fire is sent.
 """
@@ -233,15 +236,14 @@ class EarlyFires:
     # ------------------------------------------------------------------ with the store
 
     async def ready(
-        self, store: SchedulerStore, now: datetime, *, heard: int, listening: bool
+        self, store: SchedulerStore, now: datetime, *, heard: int
     ) -> tuple[list[ClaimedFires], set[str], Any]:
         """Undo the claims of fires whose job changed in this process, then take the fires
         due at ``now`` and check them (see :meth:`checked`): those to send, as one batch
         (they were claimed in batches of the base size, nothing being due then, and each
         batch sent would wait for the last one's record); the jobs whose claim was undone,
-        to reload; and, where changes are not heard (``listening`` false: SQLite, MySQL,
-        or PostgreSQL's listener down), the newest ``updated_at`` read to check them
-        (``None`` if none was read)."""
+        to reload; and the newest ``updated_at`` read to check them (``None`` if none was
+        read)."""
         changed: set[str] = set()
         if self._cancelled:
             undo, _ = self.drop_cancelled()
@@ -264,11 +266,9 @@ class EarlyFires:
             return [], changed, None
         checked: list[EarlyBatch] = []
         try:
-            mark = None if listening else await store.last_change()  # once for all of them
+            mark = await store.last_change()  # once for all of them
             for batch in taken:
-                kept, undone = await self.checked(
-                    store, batch, heard=heard, mark=mark, listening=listening
-                )
+                kept, undone = await self.checked(store, batch, heard=heard, mark=mark)
                 changed |= undone
                 checked.append(kept)
         except BaseException:
@@ -283,14 +283,14 @@ class EarlyFires:
         return ([ClaimedFires.joined(ready)] if ready else []), changed, mark
 
     async def checked(
-        self, store: SchedulerStore, batch: EarlyBatch, *, heard: int, mark: Any, listening: bool
+        self, store: SchedulerStore, batch: EarlyBatch, *, heard: int, mark: Any
     ) -> tuple[EarlyBatch, set[str]]:
         """``batch`` less the fires whose job changed since it was claimed, and those
         jobs: changed in this process, or, if another process changed any job since (the
-        count of changes ``heard`` moved, or the newest ``updated_at``, ``mark``, read now
-        where nothing is heard), changed as its row now says. Their claims are undone."""
+        count of changes ``heard`` moved, or the newest ``updated_at``, ``mark``, read
+        now), changed as its row now says. Their claims are undone."""
         changed = self.cancelled_in(batch)
-        check = batch.heard != heard or (not listening and mark != batch.mark)
+        check = batch.heard != heard or mark != batch.mark
         if check:
             changed |= self.stale(batch, await store.load_jobs(batch.fires.job_ids))
         if not changed:

@@ -412,7 +412,12 @@ class SchedulerEngine:
         if self._unrecorded:
             await self._record()
         now = self._clock.now()
-        if not self._can_listen and (self._next_poll_at is None or now >= self._next_poll_at):
+        # Where nothing is heard, and wherever fires are claimed ahead (a listener can be
+        # deaf without knowing it: a pooler in transaction mode takes LISTEN and delivers
+        # nothing), the jobs' newest updated_at is read every half second.
+        if (not self._can_listen or self._ahead) and (
+            self._next_poll_at is None or now >= self._next_poll_at
+        ):
             await self._poll_changes(now)
         if self._loading is None and self._sharing.renew_due(now):
             await self._renew(now)  # first: what this pass claims is this scheduler's share
@@ -442,8 +447,8 @@ class SchedulerEngine:
             seconds=min(_CHANGE_POLL_SECONDS, self._config.sync_interval_seconds)
         )
         self._last_mark = await self._store.last_change()
-        if self._last_mark != self._change_mark:
-            self._changed_elsewhere = True
+        if not self._can_listen and self._last_mark != self._change_mark:
+            self._changed_elsewhere = True  # (a listener tells the engine of changes)
 
     def _begin_sync(self, now: datetime) -> None:
         """Start a sync in the background; :meth:`_sync_done` waits for it."""
@@ -918,10 +923,7 @@ class SchedulerEngine:
         now = self._clock.now()
         if not early.has_cancelled and (early.next_at is None or early.next_at > now):
             return []
-        listening = self._listener is not None and self._listener.alive
-        ready, changed, mark = await early.ready(
-            self._store, now, heard=self._changes_heard, listening=listening
-        )
+        ready, changed, mark = await early.ready(self._store, now, heard=self._changes_heard)
         if mark is not None:
             self._last_mark = mark
         self._reload.update(changed)

@@ -319,6 +319,52 @@ async def test_a_change_from_another_process_after_the_claim_is_heard_before_the
             assert await runs(session, "far") == []
 
 
+@pytest.mark.parametrize("change", ["edit", "pause"])
+async def test_a_listener_that_hears_nothing_still_lets_another_process_s_change_count(
+    backend: str,
+    change: str,
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """PostgreSQL, the scheduler's listener open but deaf (as behind a pooler in
+    transaction mode, which accepts ``LISTEN`` and never delivers; here ``UNLISTEN``
+    behind its back): another process's edit or pause after the claim still counts, by
+    the jobs' newest ``updated_at`` read before the fire is sent."""
+    if backend != "postgresql":
+        pytest.skip("only PostgreSQL listens")
+    running = SchedulerApp(broker=broker, session_factory=session_factory, config=REAL)
+    elsewhere = SchedulerApp(broker=broker, session_factory=session_factory, config=REAL)
+    fire = (datetime.now(UTC) + timedelta(seconds=4)).replace(microsecond=0)
+    due = OneOffSchedule(run_at=fire)
+    async with session_factory() as session:
+        await running.single(task="tests.record", args=[1]).upsert(
+            session, trigger=due, job_id="far"
+        )
+    async with running:
+        await wait_for_run(session_factory, "far", RunStatus.CLAIMED)
+        listener = running.engine._listener
+        assert listener is not None
+        assert listener.alive
+        raw = await listener._connection.get_raw_connection()
+        await raw.driver_connection.execute("UNLISTEN *")  # type: ignore[union-attr]
+        assert datetime.now(UTC) < fire
+        async with session_factory() as session:
+            if change == "edit":
+                await elsewhere.single(task="tests.record", args=[2]).upsert(
+                    session, trigger=due, job_id="far"
+                )
+            else:
+                await elsewhere.pause(session, "far")
+        await asyncio.sleep(max(0.0, (fire - datetime.now(UTC)).total_seconds()) + 1.0)
+        assert listener.alive, "deaf, not dead: nothing told the scheduler"
+    if change == "edit":
+        assert [message.args for message in broker.sent] == [[2]]
+    else:
+        assert broker.sent == []
+        async with session_factory() as session:
+            assert await runs(session, "far") == []
+
+
 def test_fires_claimed_ahead_leave_each_at_its_own_time() -> None:
     """A batch spans several fire times (phases spread over the second): each fire is
     taken when its time comes, not before, and not all with the batch's first."""
@@ -381,11 +427,11 @@ async def test_a_change_taken_back_during_an_outage_is_undone_at_the_next_pass()
     early.cancel("a")
     store = _FailingStore(failures=1)
     with pytest.raises(ConnectionError):
-        await early.ready(store, base, heard=0, listening=True)  # type: ignore[arg-type]
+        await early.ready(store, base, heard=0)  # type: ignore[arg-type]
     assert store.undone == []
     assert "a" in early  # its undo is owed
     assert early.next_at == base  # b still waits
-    ready, changed, _ = await early.ready(store, base, heard=0, listening=True)  # type: ignore[arg-type]
+    ready, changed, _ = await early.ready(store, base, heard=0)  # type: ignore[arg-type]
     assert store.undone == [(1, "a", base, base + timedelta(seconds=1))]
     assert changed == {"a"}  # to reload, now that its claim is undone
     assert [batch.job_ids for batch in ready] == [["b"]]
