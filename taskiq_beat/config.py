@@ -58,8 +58,9 @@ class SchedulerConfig(BaseModel):
     scheduler hears of it before the fire's time: at once in this process, by notification
     on PostgreSQL, and everywhere by reading the jobs' newest ``updated_at`` just before
     sending; a deletion made by another process is not heard on SQLite and MySQL (nor on
-    PostgreSQL while its listener is down or deaf), and that fire is sent. Jobs firing more often than this are claimed when due. ``0`` (the
-    default): fires are claimed when due. Must be shorter than the look-ahead window."""
+    PostgreSQL while its listener is down or deaf), and that fire is sent. Jobs firing more
+    often than this are claimed when due. ``0`` (the default): fires are claimed when due.
+    Must be shorter than the look-ahead window."""
     dispatch_timeout_seconds: float = Field(default=10.0, gt=0)
     """Longest wait for one ``kiq``; a send that takes longer counts as failed."""
     database_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -171,8 +171,13 @@ class SchedulerEngine:
 
     @property
     def next_due_at(self) -> datetime | None:
-        """The earliest fire time held, if any."""
-        return min(self._due.values(), default=None)
+        """The earliest fire time held, if any: of a job due, or of a fire claimed ahead
+        and waiting for its time."""
+        due = min(self._due.values(), default=None)
+        early = self._early.next_at
+        if due is None or (early is not None and early < due):
+            return early
+        return due
 
     @property
     def running(self) -> bool:

@@ -101,6 +101,7 @@ async def test_a_fire_is_claimed_ahead_and_sent_on_its_time(
     assert await runs(session, job.id) == [(RunStatus.CLAIMED, fire)]
     assert await next_run_at(session, job.id) == fire + timedelta(seconds=10)
     assert 0 < app.engine._idle_delay() <= 0.4  # it wakes by the fire's time
+    assert app.engine.next_due_at == fire  # as the health snapshot shows it
 
     clock.advance(0.3)
     assert await app.engine.tick() == 0  # still 0.1 s early
