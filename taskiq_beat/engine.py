@@ -74,6 +74,7 @@ _FIRST_LOAD = 16384
 # ``updated_at`` of the jobs is read this often: every change made through the API sets it,
 # so a new value means a change to load now rather than at the next sync.
 _CHANGE_POLL_SECONDS = 0.5
+_PROBE_WAIT = 2.0  # longest wait for the listener's test notification, once at its opening
 
 
 # The foreign heap is rebuilt without its stale entries once it holds more than this many
@@ -136,6 +137,7 @@ class SchedulerEngine:
         self._unrecorded: list[tuple[Sequence[Fire], list[SendOutcome], datetime]] = []
         self._listener: ChangeListener | None = None
         self._can_listen = True
+        self._listener_checked = False  # whether a listener heard its test (see _listen)
         self._listen_again_at: datetime | None = None
         self._changed_elsewhere = False
         self._change_mark: object = None  # the newest updated_at when the last sync began
@@ -320,6 +322,11 @@ class SchedulerEngine:
             self._changes_heard += 1  # and fires claimed ahead are checked against them
         try:
             listener = await self._store.listen(self._heard_change, self._heard_share_change)
+            # The first one opened: does it hear anything?
+            if listener is not None and not self._listener_checked:
+                if not await self._hears(listener):
+                    return
+                self._listener_checked = True
         except Exception as exc:
             pause = max(5 * self._config.sync_interval_seconds, 1.0)
             self._listen_again_at = now + timedelta(seconds=pause)
@@ -331,6 +338,29 @@ class SchedulerEngine:
             # Fires claimed ahead while nobody listened are checked against the rows.
             self._changes_heard += 1
         self._listener = listener
+
+    async def _hears(self, listener: ChangeListener) -> bool:
+        """Whether ``listener`` hears the scheduler's own test notification; if not (a
+        pooler in transaction mode), it is closed and other processes' changes are looked
+        for as on SQLite, by the jobs' newest ``updated_at``, from now on."""
+        within = min(_PROBE_WAIT, self._config.database_timeout_seconds)
+        try:
+            if await self._store.hears(listener, within=within):
+                return True
+        except BaseException:
+            await listener.close()
+            raise
+        await listener.close()
+        self._can_listen = False
+        self._changed_elsewhere = True
+        logger.warning(
+            "the listener for job changes did not hear this scheduler's own test notification"
+            " within %g s (a connection pooler in transaction mode takes LISTEN and delivers"
+            " nothing): other processes' changes are looked for every %g s instead",
+            within,
+            min(_CHANGE_POLL_SECONDS, self._config.sync_interval_seconds),
+        )
+        return False
 
     def _heard_change(self) -> None:
         self._changed_elsewhere = True

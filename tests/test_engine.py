@@ -41,7 +41,7 @@ from taskiq_beat import (
 from taskiq_beat import claiming as claiming_module
 from taskiq_beat import engine as engine_module
 from taskiq_beat.policy import FirePlan
-from taskiq_beat.store import Claims, SchedulerStore
+from taskiq_beat.store import ChangeListener, Claims, SchedulerStore
 from taskiq_beat.store.dialects import postgresql as store_module
 from taskiq_beat.store.dialects.postgresql import _PostgresBatchSql
 from tests.utils import FakeClock, RecordingBroker
@@ -1299,16 +1299,55 @@ async def test_changes_from_another_process_wake_the_scheduler_at_once(
     assert first_latency < 2
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "mariadb"])  # no LISTEN: updated_at is polled
+async def deafen_listeners(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listeners open as behind a pooler in transaction mode: ``LISTEN`` taken, nothing
+    delivered (here: ``UNLISTEN`` on the listener's connection right after)."""
+    start = ChangeListener.start
+
+    async def deaf(listener: ChangeListener) -> None:
+        await start(listener)
+        raw = await listener._connection.get_raw_connection()
+        await raw.driver_connection.execute("UNLISTEN *")  # type: ignore[union-attr]
+
+    monkeypatch.setattr(ChangeListener, "start", deaf)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_another_scheduler_s_test_notification_is_not_a_change(
+    backend: str, broker: RecordingBroker, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    """A scheduler that starts checks that its listener hears its own test notification;
+    the others hear it too, and take it for no change of any job."""
+    hour = SchedulerConfig(sync_interval_seconds=3600, idle_sleep_seconds=3600)
+    first = SchedulerApp(broker=broker, session_factory=session_factory, config=hour)
+    second = SchedulerApp(broker=broker, session_factory=session_factory, config=hour)
+    async with first:
+        heard = first.engine._changes_heard
+        async with second:
+            await asyncio.sleep(0.3)
+            assert second.engine._listener is not None
+            assert second.engine._listener.alive
+        await asyncio.sleep(0.3)
+        assert first.engine._changes_heard == heard
+
+
+# No LISTEN, or one that hears nothing (PostgreSQL behind a pooler in transaction mode):
+# updated_at is polled.
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb", "postgresql"])
 async def test_changes_from_another_process_reach_a_polling_scheduler_within_a_poll(
     backend: str,
     broker: RecordingBroker,
     session_factory: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     hour = SchedulerConfig(sync_interval_seconds=3600, idle_sleep_seconds=3600)
     running = SchedulerApp(broker=broker, session_factory=session_factory, config=hour)
     elsewhere = SchedulerApp(broker=broker, session_factory=session_factory, config=hour)
     loop = asyncio.get_running_loop()
+    if backend == "postgresql":
+        await deafen_listeners(monkeypatch)
+    caplog.set_level(logging.WARNING, logger="taskiq_beat.engine")
     async with running:
         for sent in (1, 2):
             async with session_factory() as session:
@@ -1319,6 +1358,12 @@ async def test_changes_from_another_process_reach_a_polling_scheduler_within_a_p
             await broker.wait_sent(sent, timeout=5)
             # An hour-long sync interval: only the poll (every 0.5 s) can have seen it.
             assert loop.time() - created < 1
+    deaf = [r.getMessage() for r in caplog.records if "test notification" in r.getMessage()]
+    if backend == "postgresql":
+        assert len(deaf) == 1, deaf
+        assert "a connection pooler in transaction mode" in deaf[0]
+    else:
+        assert deaf == []
 
 
 async def edit_one_of_two_and_run(

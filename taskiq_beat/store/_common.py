@@ -219,6 +219,9 @@ SHARE_CHANGED = "schedulers:"
 """How the payload of an announcement on :data:`CHANGES_CHANNEL` that a scheduler joined or
 left begins, followed by that scheduler's id (see :mod:`taskiq_beat.store.instances`): no job
 changed, the share of each did."""
+PROBE = "probe:"
+"""How the payload of a scheduler's test notification on :data:`CHANGES_CHANNEL` begins
+(see ``SchedulerStore.hears``): no job changed."""
 
 
 async def _announce_change(session: AsyncSession) -> None:
@@ -246,6 +249,7 @@ class ChangeListener:
         self._on_change = on_change
         self._on_share_change = on_share_change
         self.alive = True
+        self._probes: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
         raw = await self._connection.get_raw_connection()
@@ -260,7 +264,20 @@ class ChangeListener:
             if self._on_share_change is not None:
                 self._on_share_change(payload[len(SHARE_CHANGED) :])
             return
+        if isinstance(payload, str) and payload.startswith(PROBE):
+            waiter = self._probes.get(payload)  # another scheduler's: nothing to do
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
         self._on_change()
+
+    def expect(self, payload: str) -> asyncio.Future[None]:
+        """A future done when a notification with ``payload`` is heard."""
+        waiter = self._probes[payload] = asyncio.get_running_loop().create_future()
+        return waiter
+
+    def unexpect(self, payload: str) -> None:
+        self._probes.pop(payload, None)
 
     def _lost(self, *_: Any) -> None:
         self.alive = False

@@ -3,6 +3,8 @@ compare-and-set, claim retries, record what was sent."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import (
@@ -15,6 +17,8 @@ from taskiq_beat.enums import RunStatus
 from taskiq_beat.models import is_mysql
 from taskiq_beat.store._base import StoreCore, _time_limited
 from taskiq_beat.store._common import (
+    CHANGES_CHANNEL,
+    PROBE,
     ChangeListener,
     _dialect,
     _dialect_name,
@@ -64,6 +68,28 @@ class ClaimOperations(StoreCore):
             await listener.close()
             raise
         return listener
+
+    async def hears(self, listener: ChangeListener, *, within: float) -> bool:
+        """Whether ``listener`` hears this scheduler's own test notification within
+        ``within`` seconds of its commit. A listener can be open and deaf: a connection
+        pooler in transaction mode (PgBouncer's) takes ``LISTEN`` on some server connection
+        and never delivers what it hears."""
+        payload = f"{PROBE}{uuid.uuid4().hex}"
+        heard = listener.expect(payload)
+        try:
+            await self._notify(payload)  # a failure here is the database's, not deafness
+            try:
+                await asyncio.wait_for(heard, within)
+            except asyncio.TimeoutError:
+                return False
+        finally:
+            listener.unexpect(payload)
+        return True
+
+    @_time_limited
+    async def _notify(self, payload: str) -> None:
+        async with self._transaction() as executor:
+            await executor.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, payload)))
 
     @_time_limited
     async def load_due(
