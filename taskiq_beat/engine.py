@@ -517,8 +517,7 @@ class SchedulerEngine:
             if not self._can_listen:  # before the read: a change after it is polled for
                 self._change_mark = self._last_mark = await self._store.last_change()
             # Sharing (not on SQLite): this scheduler's jobs, and those of the others it may
-            # soon help with (overdue by half of _steal_after: held when the time comes, a
-            # sync interval later at most), not every job due.
+            # soon help with (see _others_before), not every job due.
             if self._sharing.renew_due(now):  # start(), or a tool's sync()
                 await self._renew(now)
             if self._sharing.alone:
@@ -528,7 +527,7 @@ class SchedulerEngine:
                     horizon,
                     limit=limit,
                     share=self._sharing.share,
-                    others_before=now - self._steal_after / 2,
+                    others_before=self._others_before(now, first=limit is not None),
                 )
             self._horizon = horizon
             added = self._merge(records, skip=self._touched)
@@ -549,6 +548,19 @@ class SchedulerEngine:
         self.stats.last_sync_at = self._clock.now()
         self._next_sync_at = self.stats.last_sync_at + timedelta(seconds=interval)
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
+
+    def _others_before(self, now: datetime, *, first: bool) -> datetime | None:
+        """Which of the other schedulers' jobs a load brings beside this one's share: those
+        overdue by half of ``_steal_after`` (held when the time comes to help with them, a
+        sync interval later at most); none at the first load, nor while this scheduler is
+        behind on its own jobs. It helps only with nothing of its own due, so until then
+        reading and parsing the others' backlog would be spent for nothing: with a backlog
+        due at once, each of K schedulers read the whole of it at every sync, and lost the
+        claims of the others' jobs it tried to help with to their owners."""
+        overdue = now - self._steal_after / 2
+        if first or (self._heap and self._heap[0][0] <= overdue):
+            return None
+        return overdue
 
     def _forget_gone(
         self, records: list[JobRecord], horizon: datetime, touched: Collection[str]

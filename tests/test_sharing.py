@@ -447,6 +447,47 @@ async def test_the_jobs_of_a_scheduler_that_stops_are_sent_on_time_by_the_other(
     assert brokers[1].sent == []
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # loads read only a share
+async def test_a_scheduler_behind_on_its_own_jobs_does_not_load_the_others_backlog(
+    backend: str,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Two schedulers, a backlog due at once. While one is behind on its own share, its
+    syncs read only that share (it helps only with nothing of its own due, so reading the
+    other's overdue jobs would be spent for nothing); once its own are sent, the next sync
+    brings the other's (which never ran), and it sends them, once."""
+    (helper, idle), brokers = await several_apps(2, session_factory, clock)
+    due = clock.now() + timedelta(seconds=1)
+    job_ids = [f"job-{index:03}" for index in range(200)]
+    await helper.upsert_many(
+        session,
+        [
+            helper.single(task="tests.record").definition(
+                trigger=OneOffSchedule(run_at=due), job_id=job_id
+            )
+            for job_id in job_ids
+        ],
+    )
+    try:
+        await idle.engine.sync()
+        await helper.engine.sync()  # both registered; the helper holds its own share
+        mine = share_of(helper, job_ids)
+        assert helper.engine.share[1] == 2
+        clock.advance(3)  # the backlog overdue by 2 s; the idle scheduler never runs again
+        await helper.engine.sync()
+        assert helper.engine.loaded_jobs == len(mine)  # behind: its own only
+        assert await helper.engine.tick() == len(mine)
+        clock.advance(1)  # the next sync: nothing of its own due, so the others' come
+        assert await helper.engine.tick() == len(job_ids) - len(mine)
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    assert sorted(job_ids_sent(brokers[0])) == job_ids
+    assert brokers[1].sent == []
+
+
 async def test_a_scheduler_helps_with_another_s_jobs_from_the_end_its_owner_reaches_last(
     session: AsyncSession,
     clock: FakeClock,
