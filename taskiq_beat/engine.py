@@ -74,6 +74,9 @@ _FIRST_LOAD = 16384
 # ``updated_at`` of the jobs is read this often: every change made through the API sets it,
 # so a new value means a change to load now rather than at the next sync.
 _CHANGE_POLL_SECONDS = 0.5
+# Batches of the others' overdue jobs (dispatch_batch_size each) a sync reads while this
+# scheduler is behind on its own (see _others_to_load).
+_OTHERS_WHEN_BEHIND = 2
 _PROBE_WAIT = 2.0  # longest wait for the listener's test notification, once at its opening
 
 
@@ -347,6 +350,8 @@ class SchedulerEngine:
         try:
             if await self._store.hears(listener, within=within):
                 return True
+            if not listener.alive:  # its connection dropped meanwhile: not deaf, gone
+                raise ConnectionError("the listening connection was lost while tested")
         except BaseException:
             await listener.close()
             raise
@@ -520,18 +525,21 @@ class SchedulerEngine:
             # soon help with (see _others_before), not every job due.
             if self._sharing.renew_due(now):  # start(), or a tool's sync()
                 await self._renew(now)
+            share = self._sharing.share
             if self._sharing.alone:
                 records = await self._store.load_due(horizon, limit=limit)
             else:
+                others_before, others_limit = self._others_to_load(now, first=limit is not None)
                 records = await self._store.load_due(
                     horizon,
                     limit=limit,
                     share=self._sharing.share,
-                    others_before=self._others_before(now, first=limit is not None),
+                    others_before=others_before,
+                    others_limit=others_limit,
                 )
             self._horizon = horizon
             added = self._merge(records, skip=self._touched)
-            if limit is None:
+            if limit is None and self._sharing.share == share:  # (else: another load soon)
                 self._forget_gone(records, horizon, self._touched or ())
         finally:
             self._touched = None
@@ -547,20 +555,27 @@ class SchedulerEngine:
         interval = max(self._config.sync_interval_seconds, _SYNC_SPACING * took)
         self.stats.last_sync_at = self._clock.now()
         self._next_sync_at = self.stats.last_sync_at + timedelta(seconds=interval)
+        if self._sharing.share != share:  # renewed while this load ran: read the new share
+            self._next_sync_at = self.stats.last_sync_at
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
 
-    def _others_before(self, now: datetime, *, first: bool) -> datetime | None:
+    def _others_to_load(self, now: datetime, *, first: bool) -> tuple[datetime, int | None]:
         """Which of the other schedulers' jobs a load brings beside this one's share: those
         overdue by half of ``_steal_after`` (held when the time comes to help with them, a
-        sync interval later at most); none at the first load, nor while this scheduler is
-        behind on its own jobs. It helps only with nothing of its own due, so until then
-        reading and parsing the others' backlog would be spent for nothing: with a backlog
-        due at once, each of K schedulers read the whole of it at every sync, and lost the
-        claims of the others' jobs it tried to help with to their owners."""
+        sync interval later at most); only the earliest ``_OTHERS_WHEN_BEHIND`` batches of
+        them at the first load and while this scheduler is behind on its own jobs. It helps
+        only with nothing of its own due, so reading and parsing the whole of the others'
+        backlog would be spent for nothing until then: with a backlog due at once, each of
+        K schedulers read all of it at every sync, and lost the claims of the others' jobs
+        it tried to help with to their owners. A dead scheduler's jobs still go at that
+        many a sync at least."""
         overdue = now - self._steal_after / 2
-        if first or (self._heap and self._heap[0][0] <= overdue):
-            return None
-        return overdue
+        heap, due = self._heap, self._due
+        while heap and due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # stale: its job moved or is gone
+        if first or (heap and heap[0][0] <= overdue):
+            return overdue, _OTHERS_WHEN_BEHIND * self._config.dispatch_batch_size
+        return overdue, None
 
     def _forget_gone(
         self, records: list[JobRecord], horizon: datetime, touched: Collection[str]

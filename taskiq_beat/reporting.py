@@ -29,15 +29,20 @@ class FailedSends:
     """What a broker that refuses sends looks like in the log: the first few failed
     batches a line each, then one line every ``every`` seconds while it lasts, and one
     when a batch goes through again. (A broker outage fails every batch and every resend
-    of them, several a second: a line each would bury the rest of the log.)"""
+    of them, several a second: a line each would bury the rest of the log.) A broker that
+    fails now and then is held to the same pace: a failure within ``every`` of the last
+    line waits for the next summary, and only a failure that was logged is followed by the
+    line saying sends work again."""
 
     def __init__(self, logger: logging.Logger, *, lines: int = 3, every: float = 5.0) -> None:
         self._logger = logger
-        self._lines = lines
+        self._lines = max(1, lines)
         self._every = every
         self._batches = 0  # failed batches since a batch last went through
         self._fires = 0
         self._since: datetime | None = None
+        self._budget = 0  # lines of their own left to this run of failures
+        self._logged = False  # whether this run of failures was logged
         self._quiet_batches = 0  # failed since the last line, not logged one by one
         self._quiet_fires = 0
         self._line_at: datetime | None = None
@@ -51,12 +56,22 @@ class FailedSends:
         now: datetime,
     ) -> None:
         """``count`` fires of a batch failed (``fire``, the first, with ``error``)."""
+        line_at = self._line_at
+        if not self._batches:  # a run of failures begins
+            self._since = now
+            self._logged = False
+            # Lines of its own only where no line came within ``every`` and no failure
+            # waits for a summary.
+            quiet = line_at is not None and (
+                (now - line_at).total_seconds() < self._every or self._quiet_batches > 0
+            )
+            self._budget = 0 if quiet else self._lines
         self._batches += 1
         self._fires += count
-        if self._since is None:
-            self._since = now
-        if self._batches <= self._lines:
+        if self._budget:
+            self._budget -= 1
             self._line_at = now
+            self._logged = True
             self._logger.warning(
                 "dispatch of %d fires failed (job %s scheduled for %s: %s); retrying at %s",
                 count,
@@ -68,37 +83,38 @@ class FailedSends:
             return
         self._quiet_batches += 1
         self._quiet_fires += count
-        assert self._line_at is not None
-        if (now - self._line_at).total_seconds() < self._every:
+        assert line_at is not None  # a run without lines of its own follows a line
+        if (now - line_at).total_seconds() < self._every:
             return
         self._logger.warning(
-            "dispatch still failing: %d fires in %d batches since the last line, "
-            "%d batches since %s (last: job %s scheduled for %s: %s); retrying at %s",
+            "dispatch still failing: %d fires in %d batches since the last line"
+            " (the latest: job %s scheduled for %s: %s); retrying at %s",
             self._quiet_fires,
             self._quiet_batches,
-            self._batches,
-            self._since,
             fire.job_id,
             fire.scheduled_for,
             error,
             retry_at,
         )
         self._line_at = now
+        self._logged = True
         self._quiet_batches = self._quiet_fires = 0
 
     def sent(self, now: datetime) -> None:
-        """A batch went through: if sends had been failing, say they work again."""
+        """A batch went through: if failures had been logged, say sends work again."""
         if not self._batches:
             return
         assert self._since is not None
-        self._logger.info(
-            "dispatch working again after %d failed batches (%d fires) in %.1f s",
-            self._batches,
-            self._fires,
-            (now - self._since).total_seconds(),
-        )
-        self._batches = self._fires = self._quiet_batches = self._quiet_fires = 0
-        self._since = self._line_at = None
+        if self._logged:
+            self._logger.info(
+                "dispatch working again after %d failed batches (%d fires) in %.1f s",
+                self._batches,
+                self._fires,
+                (now - self._since).total_seconds(),
+            )
+        self._batches = self._fires = 0
+        self._since = None
+        self._logged = False
 
 
 class ReportedBatch(NamedTuple):

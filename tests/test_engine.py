@@ -41,6 +41,7 @@ from taskiq_beat import (
 from taskiq_beat import claiming as claiming_module
 from taskiq_beat import engine as engine_module
 from taskiq_beat.policy import FirePlan
+from taskiq_beat.reporting import FailedSends
 from taskiq_beat.store import ChangeListener, Claims, SchedulerStore
 from taskiq_beat.store.dialects import postgresql as store_module
 from taskiq_beat.store.dialects.postgresql import _PostgresBatchSql
@@ -416,14 +417,43 @@ async def test_a_broker_down_for_long_is_logged_in_a_few_lines_then_one_every_5_
     times = [r.created for r in rest]
     assert all(r.exc_info is None for r in down)
     logged = 3 * 3 + sum(int(r.getMessage().split()[3]) for r in rest)
-    batches = int(rest[-1].getMessage().split(", ")[1].split()[0])
     assert logged <= failed
-    assert batches >= len(rest) + 3
     [back] = [r for r in caplog.records if "working again" in r.getMessage()]
     assert back.levelno == logging.INFO
     assert f"({failed} fires)" in back.getMessage()
     assert times == sorted(times)
     assert len(broker.sent) >= 3, "the fires due were sent once the broker was back"
+
+
+def test_a_broker_that_fails_now_and_then_is_logged_at_the_same_pace() -> None:
+    """Every other batch fails for a minute (four a second): a line for the first failure,
+    then one every 5 s at most summing up the rest, and a line saying sends work again only
+    after a failure that was logged, not one per failure and one per recovery."""
+    logger = logging.getLogger("tests.failed_sends")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        failed_sends = FailedSends(logger)
+        start = datetime(2026, 1, 5, 12, tzinfo=timezone.utc)
+        fire = SimpleNamespace(job_id="job", scheduled_for=start)
+        for step in range(240):
+            now = start + timedelta(seconds=step / 4)
+            if step % 2:
+                failed_sends.sent(now)
+            else:
+                failed_sends.failed(5, fire, "refused", now, now)  # type: ignore[arg-type]
+    finally:
+        logger.removeHandler(handler)
+    warnings = [r for r in records if r.levelno == logging.WARNING]
+    back = [r for r in records if r.levelno == logging.INFO]
+    assert warnings[0].getMessage().startswith("dispatch of 5 fires failed (job job")
+    assert 11 <= len(warnings) <= 13, [r.getMessage() for r in warnings]  # 60 s / 5 s + 1
+    assert len(back) == len(warnings)
+    summed = sum(int(r.getMessage().split()[3]) for r in warnings[1:])
+    assert 5 + summed >= 5 * (120 - 10)  # every failure counted, the last 5 s aside
 
 
 async def test_task_unknown_at_dispatch_disables_the_job_once(
@@ -1261,6 +1291,18 @@ async def test_a_stopped_scheduler_sends_again_when_started_again(
     assert all(run.attempt == 1 for run in runs)
 
 
+async def kill_listeners(db_engine: AsyncEngine) -> None:
+    """Terminate the PostgreSQL backends of this database's listening connections."""
+    async with db_engine.connect() as connection:
+        await connection.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+                " AND datname = current_database()"
+            )
+        )
+
+
 @pytest.mark.parametrize("backend", ["postgresql"])  # LISTEN/NOTIFY is PostgreSQL's
 async def test_changes_from_another_process_wake_the_scheduler_at_once(
     backend: str,
@@ -1282,14 +1324,7 @@ async def test_changes_from_another_process_wake_the_scheduler_at_once(
         first_latency = loop.time() - created
 
         # The listening connection dies (a failover, an idle timeout): the engine listens again.
-        async with db_engine.connect() as connection:
-            await connection.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
-                    " AND datname = current_database()"
-                )
-            )
+        await kill_listeners(db_engine)
         async with session_factory() as session:
             await elsewhere.single(task="tests.record").schedule(
                 session, trigger=OneOffSchedule(run_at=datetime.now(UTC))
@@ -1329,6 +1364,36 @@ async def test_another_scheduler_s_test_notification_is_not_a_change(
             assert second.engine._listener.alive
         await asyncio.sleep(0.3)
         assert first.engine._changes_heard == heard
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_listener_lost_while_tested_is_opened_again_not_given_up(
+    backend: str,
+    broker: RecordingBroker,
+    session_factory: async_sessionmaker[AsyncSession],
+    db_engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The listening connection dies while its test notification is awaited: that is a
+    listener lost (opened again later), not a deaf one (given up for polling)."""
+    hour = SchedulerConfig(sync_interval_seconds=3600, idle_sleep_seconds=3600)
+    app = SchedulerApp(broker=broker, session_factory=session_factory, config=hour)
+
+    async def kill_the_listener(payload: str) -> None:  # instead of notifying
+        await kill_listeners(db_engine)
+
+    monkeypatch.setattr(app.engine._store, "_notify", kill_the_listener)
+    caplog.set_level(logging.WARNING, logger="taskiq_beat.engine")
+    await app.start()
+    try:
+        assert app.engine._can_listen, "not given up for polling"
+        assert app.engine._listener is None
+    finally:
+        await app.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("cannot listen for job changes" in line and "lost" in line for line in said), said
+    assert not any("test notification" in line for line in said), said
 
 
 # No LISTEN, or one that hears nothing (PostgreSQL behind a pooler in transaction mode):

@@ -99,30 +99,42 @@ class ClaimOperations(StoreCore):
         limit: int | None = None,
         share: tuple[int, int] | None = None,
         others_before: datetime | None = None,
+        others_limit: int | None = None,
     ) -> list[JobRecord]:
         """Enabled jobs whose ``next_run_at`` is at or before ``horizon`` (uses the due index).
 
         With ``limit``, only the ``limit`` due first (read in the index's order, so no more
         rows than that are read whatever the number due). With ``share`` (this scheduler's
         slot, and the number of schedulers), on PostgreSQL, MySQL and MariaDB only the jobs
-        of that slot, and the others' due at or before ``others_before``; on SQLite every
-        job (the engine sorts them out)."""
+        of that slot, and the others' due at or before ``others_before`` (with
+        ``others_limit``, only that many of them, the earliest due); on SQLite every job
+        (the engine sorts them out)."""
         statement = _select_records().where(
             _job.c.is_enabled.is_(True),
             _job.c.next_run_at.is_not(None),
             _job.c.next_run_at <= horizon,
         )
+        others: sa.Select[Any] | None = None
         if share is not None and share[1] > 1 and self._engine is not None:
             index, count = share
             slot = sql_of_dialect(self._engine.dialect.name).slot_of_job(_job.c.id, count)
             if slot is not None:
                 mine = slot == index
-                if others_before is not None:
+                if others_before is not None and others_limit is None:
                     mine = sa.or_(mine, _job.c.next_run_at <= others_before)
+                elif others_before is not None:
+                    others = (
+                        statement.where(slot != index, _job.c.next_run_at <= others_before)
+                        .order_by(_job.c.next_run_at)
+                        .limit(others_limit)
+                    )
                 statement = statement.where(mine)
         if limit is not None:
             statement = statement.order_by(_job.c.next_run_at).limit(limit)
-        return await self._fetch(statement)
+        records = await self._fetch(statement)
+        if others is not None:
+            records += await self._fetch(others)
+        return records
 
     @_time_limited
     async def last_change(self) -> Any:
