@@ -12,6 +12,7 @@ import logging
 import re
 import sqlite3
 import types
+import uuid
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
@@ -953,6 +954,9 @@ async def test_a_sync_under_way_does_not_bring_back_a_job_claimed_meanwhile(
     before a claim committed is older than what the engine knows of that job: merged, it
     would put the one-off job back in the heap, to be claimed again (and lost)."""
     await due_one_offs(app, session, clock.now(), 3)
+    # A load takes no time here: the next sync is not spaced out by a slow first one (it
+    # would not be due below, and the claim would wait for its read for ever).
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: 0.0))
     await app.engine.sync()
     clock.advance(1.5)  # the next sync is due
     store = app.engine._store
@@ -963,11 +967,11 @@ async def test_a_sync_under_way_does_not_bring_back_a_job_claimed_meanwhile(
     async def stale_load_due(horizon: datetime, **options: Any) -> Any:
         records = await load_due(horizon, **options)
         read.set()
-        await claims_done.wait()
+        await asyncio.wait_for(claims_done.wait(), 10)
         return records
 
     async def claim_after_the_read(claims: Claims, **options: Any) -> Any:
-        await read.wait()
+        await asyncio.wait_for(read.wait(), 10)
         claimed.extend(claims.job_ids)
         try:
             return await claim(claims, **options)
@@ -1193,14 +1197,19 @@ async def test_a_periodic_job_fires_again_and_again_from_the_object_loaded_once(
     of 10k jobs every second would otherwise promote 10k objects a second to the collector's
     oldest generation, and each time it grew by a quarter, a full collection (~90 ms with
     100k jobs loaded) would stall the loop."""
-    for index in range(3):
+    ids = {f"held-once-{uuid.uuid4().hex}" for _ in range(3)}  # this test's alone
+    for index, job_id in enumerate(sorted(ids)):
         await app.single(task="tests.record", args=[index]).schedule(
-            session, trigger=every(1), job_id=f"job-{index}"
+            session, trigger=every(1), job_id=job_id
         )
     await app.engine.sync()
 
     def snapshots() -> list[object]:
-        return [o for o in gc.get_objects() if isinstance(o, claiming_module.JobSnapshot)]
+        return [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, claiming_module.JobSnapshot) and o.id in ids
+        ]
 
     clock.advance(1)
     assert await app.engine.tick() == 3
