@@ -29,7 +29,7 @@ from taskiq_beat.sharing import slot_of
 from taskiq_beat.store import SchedulerStore
 from taskiq_beat.store._base import StatementTimeout
 from taskiq_beat.store.dialects import sql_of_dialect
-from tests.test_engine import every
+from tests.test_engine import due_one_offs, every
 from tests.utils import FakeClock, RecordingBroker
 
 # A claim that waited on another transaction's lock would hang the test: bound every wait.
@@ -424,15 +424,7 @@ async def test_the_jobs_of_a_scheduler_that_stops_are_sent_on_time_by_the_other(
     (staying, leaving), brokers = await several_apps(2, session_factory, clock, sync_interval=5)
     due = clock.now() + timedelta(seconds=3)
     job_ids = [f"job-{index:03}" for index in range(100)]
-    await staying.upsert_many(
-        session,
-        [
-            staying.single(task="tests.record").definition(
-                trigger=OneOffSchedule(run_at=due), job_id=job_id
-            )
-            for job_id in job_ids
-        ],
-    )
+    await due_one_offs(staying, session, due, 100)
     try:
         await leaving.engine.sync()
         await staying.engine.sync()  # registered second: sees both, holds its own share
@@ -466,15 +458,7 @@ async def test_a_scheduler_behind_on_its_own_jobs_loads_little_of_the_others_bac
     (helper, idle), brokers = await several_apps(2, session_factory, clock, batch_size=10)
     due = clock.now() + timedelta(seconds=1)
     job_ids = [f"job-{index:03}" for index in range(200)]
-    await helper.upsert_many(
-        session,
-        [
-            helper.single(task="tests.record").definition(
-                trigger=OneOffSchedule(run_at=due), job_id=job_id
-            )
-            for job_id in job_ids
-        ],
-    )
+    await due_one_offs(helper, session, due, 200)
     try:
         await idle.engine.sync()
         await helper.engine.sync()  # both registered; the helper holds its own share
