@@ -62,6 +62,7 @@ from bench_support.common import (  # noqa: E402
     mariadb_url,
     postgres_answers,
     postgres_url,
+    server_cpu_seconds,
     sqlite_url,
 )
 
@@ -345,6 +346,7 @@ def run_one(
             measure_args += ["--profile", path]
         row["load_before"] = os.getloadavg()[0]
         before = _cpu_times()
+        server_before = server_cpu_seconds(db)
         if schedulers is None:
             result, error = _run_child(python, measure_args, timeout)
         else:
@@ -357,6 +359,9 @@ def run_one(
                 cpu_quota=plan.cpu_quota,
             )
         row["stolen"] = _stolen_share(before, _cpu_times())
+        server_after = server_cpu_seconds(db)
+        if server_before is not None and server_after is not None:
+            row["server_cpu_s"] = server_after - server_before
     if result is None:
         row["error"] = f"measure failed: {error}"
         return row
@@ -485,7 +490,8 @@ def describe(row: dict[str, Any]) -> str:
     """The main result of a row, in words."""
     scenario = row["scenario"]
     if scenario == "ceiling":
-        return f"{_n(row['rate'])} kiq/s (plain `task.kiq()`: {_n(row['plain_rate'])}/s)"
+        each = f"{1e6 / row['rate']:.0f} µs each; " if row["rate"] else ""
+        return f"{_n(row['rate'])} kiq/s ({each}plain `task.kiq()`: {_n(row['plain_rate'])}/s)"
     if scenario == "ceiling-exec":
         return f"{_n(row['rate'])} kiq+execute/s"
     if scenario in ("burst", "execute"):
@@ -498,6 +504,7 @@ def describe(row: dict[str, Any]) -> str:
         if row.get("rows") is not None:
             text += f", {_n(row['rows'])} run rows"
         text += f", {row['elapsed_s']:.2f} s; start() {row['start_s']:.2f} s)"
+        text += _cpu_per_fire(row)
         if row.get("partial"):
             text += f" PARTIAL: stopped after --max-wait of {_n(row['fires'])} fires"
         return text
@@ -534,6 +541,20 @@ def describe(row: dict[str, Any]) -> str:
             f"{row['seen']} / {row['sent']} changes seen; sync interval {row['sync_interval_s']} s"
         )
     return "?"
+
+
+def _cpu_per_fire(row: dict[str, Any]) -> str:
+    """CPU a fire: the scheduler processes' (from ``start()`` until every row was there)
+    and the database server's (the whole measuring phase), where measured."""
+    fires = row.get("fires") or 0
+    cpu = row.get("cpu_s")
+    if not fires or cpu is None:
+        return ""
+    scheduler = sum(cpu) if isinstance(cpu, list) else cpu
+    text = f"; CPU a fire: scheduler {1e6 * scheduler / fires:,.0f} µs"
+    if row.get("server_cpu_s") is not None:
+        text += f", database server {1e6 * row['server_cpu_s'] / fires:,.0f} µs"
+    return text
 
 
 def verdict(row: dict[str, Any]) -> str:

@@ -190,6 +190,7 @@ async def burst(
     if several:
         await sleep_until(opts.start_at)
     began = time.time()
+    cpu_began = time.process_time()
     await app.start()
     started = time.time()
     budget = opts.max_wait - (started - began)
@@ -203,6 +204,7 @@ async def burst(
         complete = await goal.wait(opts.jobs, wait)
         # Every send is followed by its run row: wait for the last ones to be committed.
         rows, last_row = await wait_rows(engine, sent, goal.count, 30 if complete else 2)
+    cpu = time.process_time() - cpu_began
     await close(app, broker, engine)
     if complete or not by_sends_when_partial:
         counted, end = rows, max(last_row, goal.last or began)
@@ -218,6 +220,7 @@ async def burst(
         "rows": rows,
         "elapsed_s": elapsed,
         "start_s": started - began,
+        "cpu_s": cpu,
         "partial": not complete,
         "dist": percentiles(times),
         "dist_what": "send time after start() [s]" if times else "",

@@ -262,6 +262,43 @@ def mariadb_url(name: str) -> str:
     return f"mysql+asyncmy://{MYSQL_USER}@{MYSQL_HOST}:{MYSQL_PORT}/{name}"
 
 
+_SERVER_PROCESSES = {"postgres": ("postgres",), "mariadb": ("mariadbd", "mysqld")}
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def server_cpu_seconds(db: str) -> float | None:
+    """The CPU time the database server on this machine has used so far (user and system,
+    its ended children's included), or ``None`` where it does not run here (SQLite, a
+    server on another host, no ``/proc``).
+
+    Read from ``/proc``: PostgreSQL's backends, which end with their connections, leave
+    their time to the postmaster's children's counters; MariaDB is one process."""
+    names = _SERVER_PROCESSES.get(db)
+    host = PG_HOST if db == "postgres" else MYSQL_HOST
+    if names is None or host not in _LOCAL_HOSTS:
+        return None
+    ticks = 0
+    found = False
+    try:
+        pids = [pid for pid in os.listdir("/proc") if pid.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue  # ended meanwhile
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        if name not in names:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after the name
+        ticks += sum(int(field) for field in fields[11:15])
+        found = True
+    return ticks / os.sysconf("SC_CLK_TCK") if found else None
+
+
 async def _mysql_admin(statement: str) -> None:
     import asyncmy
 

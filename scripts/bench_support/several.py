@@ -114,6 +114,7 @@ def _merge_burst(
         "rows": rows,
         "elapsed_s": elapsed,
         "start_s": max(result["start_s"] for result in results),
+        "cpu_s": [result["cpu_s"] for result in results],
         "partial": any(result["partial"] for result in results),
         "dist": percentiles(times),
         "dist_what": "send time after start() [s]",
@@ -150,4 +151,8 @@ def _merge_interval(
 def describe(row: dict[str, Any]) -> str:
     """Sends per process and duplicates, for the row's notes."""
     shares = " / ".join(f"{count:,}" for count in row["per_process"])
-    return f"sends per scheduler {shares}; sent twice: {row['duplicates']:,}"
+    text = f"sends per scheduler {shares}; sent twice: {row['duplicates']:,}"
+    if "cpu_s" in row:  # burst: each process's CPU from start() until every row was there
+        cpu = " / ".join(f"{seconds:.2f}" for seconds in row["cpu_s"])
+        text += f"; CPU per scheduler {cpu} s"
+    return text
