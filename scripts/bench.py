@@ -170,7 +170,11 @@ def child_main(argv: Sequence[str]) -> None:
     if args.log_level:
         import logging
 
-        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+        logging.basicConfig(  # the process id: several schedulers log to one terminal
+            level=args.log_level.upper(),
+            stream=sys.stderr,
+            format="%(relativeCreated)6.0f %(process)d %(levelname)s %(name)s: %(message)s",
+        )
     opts = Options(
         scenario=args.scenario,
         system=args.system,

@@ -681,15 +681,16 @@ class SchedulerEngine:
 
     async def _renew(self, now: datetime) -> None:
         """Renew this scheduler's place among the live ones; a change of its share sorts
-        the jobs held anew between its heap and the others'. A share that grew (another
-        scheduler stopped or went silent) is loaded at once: where a sync reads only this
-        scheduler's share, the jobs that joined it are not held yet."""
-        before = self._sharing.count
+        the jobs held anew between its heap and the others', and is loaded at once: where
+        a sync reads only this scheduler's share (and little of the others'), the jobs that
+        joined it are not held yet. A share changes in its jobs, not only in its size,
+        whenever the number of schedulers does (a job's slot is its hash modulo that
+        number): one of two that becomes one of three takes about half of its new jobs from
+        the other's former share."""
         if await self._sharing.renew(self._store, now):
             self._heap, self._foreign = [], []  # rebuilt without stale entries
             self._push([(when, job_id) for job_id, when in self._due.items()])
-            if self._sharing.count < before:
-                self._next_sync_at = now
+            self._next_sync_at = now
 
     def _held_until(self) -> datetime | None:
         """The latest fire time of a job the heap holds: the end of the last sync's window,

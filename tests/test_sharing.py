@@ -445,6 +445,42 @@ async def test_the_jobs_of_a_scheduler_that_stops_are_sent_on_time_by_the_other(
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # loads read only a share
+async def test_a_scheduler_whose_share_changes_loads_the_jobs_new_to_it_at_once(
+    backend: str,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """One of two schedulers syncing every 5 s holds its half of the jobs; a third starts.
+    At its next renewal the first takes a third, about half of it jobs of the other's former
+    half, which it never read: it loads them at once, not at its next sync, and sends its
+    whole new share on time, once."""
+    (first, second, third), brokers = await several_apps(3, session_factory, clock, sync_interval=5)
+    due = clock.now() + timedelta(seconds=3)
+    job_ids = [f"job-{index:03}" for index in range(300)]
+    await due_one_offs(first, session, due, 300)
+    try:
+        await second.engine.sync()
+        await first.engine.sync()  # registered second: holds its own half, nothing more
+        assert first.engine.share[1] == 2
+        old_share = share_of(first, job_ids)
+        assert first.engine.loaded_jobs == len(old_share)
+        await third.engine.sync()  # a third scheduler starts
+        clock.advance(1)
+        assert await first.engine.tick() == 0  # renewed: one of three now
+        assert first.engine.share[1] == 3
+        new_share = share_of(first, job_ids)
+        assert len(new_share - old_share) > 30, "jobs the first one never read"
+        clock.set(due)  # 1 s before its next sync
+        sent = await first.engine.tick()
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    assert sorted(job_ids_sent(brokers[0])) == sorted(new_share)
+    assert sent == len(new_share)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # loads read only a share
 async def test_a_scheduler_behind_on_its_own_jobs_loads_little_of_the_others_backlog(
     backend: str,
     session: AsyncSession,
