@@ -131,11 +131,16 @@ def _merge_interval(
 
     first = results[0]["window"][0]
     end = results[0]["window"][1]
+    steady: list[float] = []
     seen, lateness = fires_in_window(
-        ((job, scheduled, at) for mine in sends for at, job, scheduled in mine), first, end
+        ((job, scheduled, at) for mine in sends for at, job, scheduled in mine),
+        first,
+        end,
+        steady,
     )
     due = results[0]["due"]
     return {
+        "dist_steady": percentiles(steady),
         "done": len(seen),
         "due": due,
         "pct": 100 * len(seen) / due if due else 0.0,
