@@ -364,7 +364,8 @@ def run_one(
             )
         row["stolen"] = _stolen_share(before, _cpu_times())
         server_after = server_cpu_seconds(db)
-        if server_before is not None and server_after is not None:
+        # (With --inline-setup the measuring process writes the jobs too: not counted.)
+        if server_before is not None and server_after is not None and not plan.inline_setup:
             row["server_cpu_s"] = server_after - server_before
     if result is None:
         row["error"] = f"measure failed: {error}"

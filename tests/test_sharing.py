@@ -452,7 +452,7 @@ async def test_a_scheduler_whose_share_changes_loads_the_jobs_new_to_it_at_once(
     session_factory: async_sessionmaker[AsyncSession],
 ) -> None:
     """One of two schedulers syncing every 5 s holds its half of the jobs; a third starts.
-    At its next renewal the first takes a third, about half of it jobs of the other's former
+    At its next renewal the first takes a third, about half of its jobs of the other's former
     half, which it never read: it loads them at once, not at its next sync, and sends its
     whole new share on time, once."""
     (first, second, third), brokers = await several_apps(3, session_factory, clock, sync_interval=5)
@@ -471,7 +471,8 @@ async def test_a_scheduler_whose_share_changes_loads_the_jobs_new_to_it_at_once(
         assert first.engine.share[1] == 3
         new_share = share_of(first, job_ids)
         assert len(new_share - old_share) > 30, "jobs the first one never read"
-        clock.set(due)  # 1 s before its next sync
+        assert first.engine.loaded_jobs == len(new_share)  # read in the renewal's pass
+        clock.set(due)  # before the sync that would have come 5 s after the first one
         sent = await first.engine.tick()
     finally:
         for b in brokers:

@@ -272,7 +272,9 @@ def server_cpu_seconds(db: str) -> float | None:
     server on another host, no ``/proc``).
 
     Read from ``/proc``: PostgreSQL's backends, which end with their connections, leave
-    their time to the postmaster's children's counters; MariaDB is one process."""
+    their time to the postmaster's children's counters; MariaDB is one process. Every
+    process of that name on this machine counts: another cluster, or another client's
+    queries meanwhile, would be counted too (run the benchmarks on a quiet machine)."""
     names = _SERVER_PROCESSES.get(db)
     host = PG_HOST if db == "postgres" else MYSQL_HOST
     if names is None or host not in _LOCAL_HOSTS:
