@@ -329,6 +329,93 @@ async def test_live_schedulers_each_claim_only_their_share(
     assert max(by_job.values()) == 1
 
 
+async def test_schedulers_starting_at_the_same_moment_all_register(
+    backend: str,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Ten schedulers register on an empty registry at the same moment, five times over:
+    each gets its row, none fails. (On MariaDB an update that finds no row locks the gap
+    where the row would go, and inserts into that gap from several such transactions
+    deadlocked: one scheduler's ``start()`` failed with error 1213.)"""
+    stores = [SchedulerStore(session_factory) for _ in range(10)]
+    now = clock.now()
+    for round_ in range(5):
+        ids = [f"scheduler-{round_}-{index}" for index in range(10)]
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    store.renew_instance(
+                        instance_id, now=now, silent_since=now - timedelta(seconds=30), joining=True
+                    )
+                    for store, instance_id in zip(stores, ids, strict=True)
+                )
+            ),
+            _BOUND * 4,
+        )
+        assert all(instance_id in live for instance_id, live in zip(ids, results, strict=True))
+        for store, instance_id in zip(stores, ids, strict=True):
+            await store.remove_instance(instance_id)
+    async with session_factory() as session:
+        assert (await session.execute(sa.select(SchedulerInstance.id))).all() == []
+
+
+class _PostgresError(Exception):
+    """A driver's exception with PostgreSQL's SQLSTATE, as asyncpg's carry it."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("error", "runs"),
+    [
+        (sa.exc.OperationalError("INSERT", {}, Exception(1213, "Deadlock found")), 2),
+        (sa.exc.DBAPIError("INSERT", {}, _PostgresError("40P01", "deadlock detected")), 2),
+        (sa.exc.OperationalError("INSERT", {}, Exception(1205, "Lock wait timeout")), 1),
+        (sa.exc.OperationalError("INSERT", {}, ConnectionRefusedError(111, "refused")), 1),
+    ],
+    ids=[
+        "deadlock_runs_again",
+        "postgres_deadlock_runs_again",
+        "lock_wait_raises",
+        "refused_raises",
+    ],
+)
+async def test_a_renewal_that_deadlocks_runs_again_and_other_errors_are_raised(
+    error: sa.exc.DBAPIError,
+    runs: int,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deadlock (the server ended the transaction and asks for it again) runs the renewal
+    again; a lock wait that timed out, or a database that refuses, is raised as it came
+    (the engine reports it and tries at its next pass)."""
+    store = SchedulerStore(session_factory)
+    now = clock.now()
+    calls: list[bool] = []
+    renew = store._renew_instance
+
+    async def failing_once(*args: Any) -> list[str]:
+        calls.append(True)
+        if len(calls) == 1:
+            raise error
+        return await renew(*args)
+
+    monkeypatch.setattr(store, "_renew_instance", failing_once)
+    if runs == 1:
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            await store.renew_instance("me", now=now, silent_since=now, joining=True)
+        assert raised.value is error
+    else:
+        live = await store.renew_instance("me", now=now, silent_since=now, joining=True)
+        assert live == ["me"]
+    assert len(calls) == runs
+    assert SchedulerStore.deadlocked(error) is (runs == 2)
+
+
 async def test_a_silent_scheduler_s_share_is_taken_over(
     session: AsyncSession,
     clock: FakeClock,

@@ -32,6 +32,10 @@ _CONTENTION_SQLSTATES = frozenset({"55P03", "57014", "40P01", "40001"})
 # MySQL's and MariaDB's error numbers of the same kind: lock wait timeout, deadlock,
 # NOWAIT lock not available, query interrupted (max_statement_time / KILL QUERY).
 _CONTENTION_MYSQL_ERRORS = frozenset({1205, 1213, 3572, 1317, 1969, 3024})
+# Of those, the ones that ended the transaction at once, which may simply run again:
+# deadlock_detected, serialization_failure; MySQL's deadlock.
+_RERUN_SQLSTATES = frozenset({"40P01", "40001"})
+_RERUN_MYSQL_ERRORS = frozenset({1213})
 
 
 class StatementTimeout(TimeoutError):
@@ -162,6 +166,16 @@ class StoreCore:
             ):
                 return f"{type(exc.orig).__name__}: {exc.orig}".strip()
         return None
+
+    @staticmethod
+    def deadlocked(exc: BaseException) -> bool:
+        """Whether ``exc`` is a deadlock or serialization failure: the server ended the
+        transaction at once, and running it again is what it asks for."""
+        if not isinstance(exc, sa.exc.DBAPIError) or exc.connection_invalidated:
+            return False
+        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        number = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+        return code in _RERUN_SQLSTATES or (type(number) is int and number in _RERUN_MYSQL_ERRORS)
 
     @staticmethod
     def unavailable(exc: BaseException) -> str | None:

@@ -9,6 +9,7 @@ others share anew at once instead of at their next renewal.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import cast
 
@@ -21,9 +22,14 @@ from taskiq_beat.store._common import (
     SHARE_CHANGED,
     _dialect_name,
     _Executor,
+    _upsert,
 )
 
 __all__ = ["InstanceOperations"]
+
+logger = logging.getLogger("taskiq_beat.sharing")  # the registry is the sharing's
+
+_RENEWAL_RUNS = 3
 
 _instance = cast("sa.Table", SchedulerInstance.__table__)
 
@@ -45,17 +51,55 @@ class InstanceOperations(StoreCore):
         schedulers seen at or after ``silent_since``, this one included, sorted. ``joining``
         announces it to the others. Rows of schedulers silent since before then are deleted,
         and that is announced too (they died, or lost their database; one that comes back
-        registers again)."""
+        registers again).
+
+        A deadlock with another scheduler's renewal (MySQL and MariaDB lock the gaps
+        between rows) runs the transaction again, up to ``_RENEWAL_RUNS`` times in all."""
+        runs = 1
+        while True:
+            try:
+                return await self._renew_instance(instance_id, now, silent_since, joining)
+            except sa.exc.DBAPIError as exc:
+                if runs == _RENEWAL_RUNS or not self.deadlocked(exc):
+                    raise
+            logger.debug("the renewal of this scheduler's row deadlocked; running it again")
+            runs += 1
+
+    async def _renew_instance(
+        self, instance_id: str, now: datetime, silent_since: datetime, joining: bool
+    ) -> list[str]:
         async with self._transaction() as executor:
-            # An update, then an insert where there was no row: the same on every database
-            # (no other process writes this scheduler's row).
-            renewed = await executor.execute(
-                sa.update(_instance).where(_instance.c.id == instance_id).values(last_seen_at=now)
-            )
-            if not getattr(renewed, "rowcount", 0):
+            if joining:
+                # One insert (or the update of a row this id left behind). Not an update
+                # first: on MySQL and MariaDB an update that finds no row locks the gap where
+                # the row would go, and schedulers starting together, each then inserting
+                # into that gap, deadlocked.
                 await executor.execute(
-                    sa.insert(_instance).values(id=instance_id, started_at=now, last_seen_at=now)
+                    _upsert(
+                        _dialect_name(executor),
+                        _instance,
+                        lambda new: {
+                            "started_at": new.started_at,
+                            "last_seen_at": new.last_seen_at,
+                        },
+                        {"id": instance_id, "started_at": now, "last_seen_at": now},
+                    )
                 )
+            else:
+                # The row is there (no other process writes it): an update of it alone. It
+                # may have been deleted meanwhile, this scheduler taken for silent: then an
+                # insert.
+                renewed = await executor.execute(
+                    sa.update(_instance)
+                    .where(_instance.c.id == instance_id)
+                    .values(last_seen_at=now)
+                )
+                if not getattr(renewed, "rowcount", 0):
+                    await executor.execute(
+                        sa.insert(_instance).values(
+                            id=instance_id, started_at=now, last_seen_at=now
+                        )
+                    )
             rows = await executor.execute(
                 sa.select(_instance.c.id, _instance.c.last_seen_at).order_by(_instance.c.id)
             )
