@@ -38,6 +38,19 @@ _RERUN_SQLSTATES = frozenset({"40P01", "40001"})
 _RERUN_MYSQL_ERRORS = frozenset({1213})
 
 
+def _server_error_in(
+    exc: BaseException, sqlstates: frozenset[str], mysql_errors: frozenset[int]
+) -> bool:
+    """Whether ``exc`` is a server's answer (the connection still good) with one of these
+    PostgreSQL SQLSTATEs or MySQL error numbers (a number, no SQLSTATE, on MySQL drivers'
+    exceptions)."""
+    if not isinstance(exc, sa.exc.DBAPIError) or exc.connection_invalidated:
+        return False
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    number = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+    return code in sqlstates or (type(number) is int and number in mysql_errors)
+
+
 class StatementTimeout(TimeoutError):
     """An engine operation that did not finish within the store's timeout: a statement that
     runs long (or waits on a lock), or a server that does not answer; which of the two is
@@ -158,24 +171,16 @@ class StoreCore:
         succeed, and it is not evidence that the database is down. ``None`` for anything else."""
         if isinstance(exc, StatementTimeout):
             return str(exc)
-        if isinstance(exc, sa.exc.DBAPIError) and not exc.connection_invalidated:
-            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-            number = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
-            if code in _CONTENTION_SQLSTATES or (
-                type(number) is int and number in _CONTENTION_MYSQL_ERRORS
-            ):
-                return f"{type(exc.orig).__name__}: {exc.orig}".strip()
+        if _server_error_in(exc, _CONTENTION_SQLSTATES, _CONTENTION_MYSQL_ERRORS):
+            assert isinstance(exc, sa.exc.DBAPIError)
+            return f"{type(exc.orig).__name__}: {exc.orig}".strip()
         return None
 
     @staticmethod
     def deadlocked(exc: BaseException) -> bool:
         """Whether ``exc`` is a deadlock or serialization failure: the server ended the
         transaction at once, and running it again is what it asks for."""
-        if not isinstance(exc, sa.exc.DBAPIError) or exc.connection_invalidated:
-            return False
-        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-        number = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
-        return code in _RERUN_SQLSTATES or (type(number) is int and number in _RERUN_MYSQL_ERRORS)
+        return _server_error_in(exc, _RERUN_SQLSTATES, _RERUN_MYSQL_ERRORS)
 
     @staticmethod
     def unavailable(exc: BaseException) -> str | None:
