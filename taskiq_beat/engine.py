@@ -533,7 +533,7 @@ class SchedulerEngine:
                 records = await self._store.load_due(
                     horizon,
                     limit=limit,
-                    share=self._sharing.share,
+                    share=share,
                     others_before=others_before,
                     others_limit=others_limit,
                 )
