@@ -161,6 +161,8 @@ def _child_parser() -> argparse.ArgumentParser:
     parser.add_argument("--send-cost-us", type=float, default=0.0)
     parser.add_argument("--start-at", type=float, default=0.0)
     parser.add_argument("--sends-path", default="")
+    parser.add_argument("--done-path", default="")
+    parser.add_argument("--polls", action="store_true")
     return parser
 
 
@@ -195,6 +197,8 @@ def child_main(argv: Sequence[str]) -> None:
         send_cost=args.send_cost_us / 1e6,
         start_at=args.start_at,
         sends_path=args.sends_path,
+        done_path=args.done_path,
+        polls=args.polls,
     )
     if args.system == "ours":
         from bench_support import ours as module

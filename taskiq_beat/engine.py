@@ -126,8 +126,15 @@ class SchedulerEngine:
         self._sharing = Sharing(self.owner, lease_seconds=config.claim_lease_seconds)
         self._foreign: list[HeapEntry] = []
         self._steal_after = timedelta(seconds=config.sync_interval_seconds)
+        # A batch of the others' jobs lost to their owners (alive, and at them meanwhile):
+        # no more help until the next sync has read what is left of theirs.
+        self._help_paused = False
         self._horizon: datetime | None = None
         self._next_sync_at: datetime | None = None
+        # The share whose whole window the heap holds (that of the last load of the whole
+        # window), None while it holds only its start. When the share changes, only the
+        # jobs new to it are read (see _load_gained), not the whole window again.
+        self._loaded_share: tuple[int, int] | None = None
         # The sync under way (it runs while the pass sends what is due already), and the
         # jobs the engine has touched since it began: its rows of them may predate the
         # engine's own news (a claim, a change in this process), so they are not merged.
@@ -297,12 +304,14 @@ class SchedulerEngine:
         early = self._early.next_at
         if early is not None:
             deadlines.append(early)
-        if self._foreign:
+        if self._foreign and not self._help_paused:
             deadlines.append(self._foreign[0][0] + self._steal_after)
         if self._sharing.next_renew_at is not None:
             deadlines.append(self._sharing.next_renew_at)
         if self._next_sync_at is not None and self._loading is None:
             deadlines.append(self._next_sync_at)
+        if self._loading is None and self._share_gained() is not None:
+            deadlines.append(now)
         if self._next_poll_at is not None:
             deadlines.append(self._next_poll_at)
         if self._next_retry_at is not None:
@@ -461,10 +470,14 @@ class SchedulerEngine:
             await self._poll_changes(now)
         if self._loading is None and self._sharing.renew_due(now):
             await self._renew(now)  # first: what this pass claims is this scheduler's share
-        if self._loading is None and (
-            self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at
-        ):
-            self._begin_sync(now)
+        if self._loading is None:
+            if self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at:
+                self._begin_sync(now)
+            elif (gained_from := self._share_gained()) is not None:
+                self._touched = set()
+                self._loading = asyncio.create_task(
+                    self._load_gained(gained_from), name="taskiq-beat-sync"
+                )
         sent = 0
         if self._next_retry_at is not None and now >= self._next_retry_at:
             sent += await self._send_retries()
@@ -474,10 +487,10 @@ class SchedulerEngine:
         return sent
 
     async def sync(self) -> None:
-        """Load the jobs due within the look-ahead window into the heap (or wait for the
-        sync under way)."""
-        if self._loading is None:
-            self._begin_sync(self._clock.now())
+        """Load the jobs due within the look-ahead window into the heap (after the load
+        under way, if any)."""
+        await self._sync_done()
+        self._begin_sync(self._clock.now())
         await self._sync_done()
 
     async def _poll_changes(self, now: datetime) -> None:
@@ -545,6 +558,7 @@ class SchedulerEngine:
             self._touched = None
         if limit is not None and len(records) == limit:
             self._next_sync_at = None  # the rest of the window: at the first pass
+            self._loaded_share = None
             logger.debug("loaded the first %d due jobs", limit)
             return
         # Counted from the end of the load: a long one (100k jobs at start) is not followed
@@ -555,9 +569,31 @@ class SchedulerEngine:
         interval = max(self._config.sync_interval_seconds, _SYNC_SPACING * took)
         self.stats.last_sync_at = self._clock.now()
         self._next_sync_at = self.stats.last_sync_at + timedelta(seconds=interval)
-        if self._sharing.share != share:  # renewed while this load ran: read the new share
-            self._next_sync_at = self.stats.last_sync_at
+        self._loaded_share = share  # (renewed while this load ran: see _share_gained)
+        self._help_paused = False
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
+
+    def _share_gained(self) -> tuple[int, int] | None:
+        """The share whose whole window the heap holds, if this scheduler's share changed
+        since (the jobs new to it are then to be loaded)."""
+        loaded = self._loaded_share
+        return loaded if loaded is not None and loaded != self._sharing.share else None
+
+    async def _load_gained(self, before: tuple[int, int]) -> None:
+        """Load the jobs that joined this scheduler's share since the heap held the whole
+        window of the share ``before``: those of the new share that were not of that one,
+        due by the end of that window (a scheduler that was alone holds them all). The
+        next sync reads the whole window at its time, as it would have."""
+        share = self._sharing.share
+        records: list[JobRecord] = []
+        try:
+            if before[1] > 1 and self._horizon is not None:
+                records = await self._store.load_due(self._horizon, share=share, gained_from=before)
+                self._merge(records, skip=self._touched)
+        finally:
+            self._touched = None
+        self._loaded_share = share
+        logger.debug("loaded %d due jobs new to this scheduler's share", len(records))
 
     def _others_to_load(self, now: datetime, *, first: bool) -> tuple[datetime, int | None]:
         """Which of the other schedulers' jobs a load brings beside this one's share: those
@@ -573,7 +609,7 @@ class SchedulerEngine:
         heap, due = self._heap, self._due
         while heap and due.get(heap[0][2]) != heap[0][0]:
             heapq.heappop(heap)  # stale: its job moved or is gone
-        if first or (heap and heap[0][0] <= overdue):
+        if first or self._help_paused or (heap and heap[0][0] <= overdue):
             return overdue, _OTHERS_WHEN_BEHIND * self._config.dispatch_batch_size
         return overdue, None
 
@@ -597,6 +633,7 @@ class SchedulerEngine:
         if gone:
             logger.debug("%d jobs held are no longer due here (taken or changed)", len(gone))
         self._compact_foreign()
+        self._sharing.keep_keys(self._due)
 
     def _compact_foreign(self) -> None:
         """Rebuild the heap of other schedulers' jobs without its stale entries once they
@@ -687,10 +724,21 @@ class SchedulerEngine:
         whenever the number of schedulers does (a job's slot is its hash modulo that
         number): one of two that becomes one of three takes about half of its new jobs from
         the other's former share."""
-        if await self._sharing.renew(self._store, now):
-            self._heap, self._foreign = [], []  # rebuilt without stale entries
-            self._push([(when, job_id) for job_id, when in self._due.items()])
-            self._next_sync_at = now
+        if not await self._sharing.renew(self._store, now):
+            return
+        # The jobs held that are not this scheduler's go, those that left its share with
+        # those of the others it held: their owners hold them (and the next sync brings
+        # what is left overdue of theirs, as every sync does).
+        due, owns = self._due, self._sharing.owns
+        gone = [job_id for job_id in due if not owns(job_id)]
+        for job_id in gone:
+            del due[job_id]
+            del self._jobs[job_id]
+        self._heap, self._foreign = [], []  # rebuilt without stale entries
+        self._push([(when, job_id) for job_id, when in due.items()])
+        self._sharing.keep_keys(due)
+        if self._loaded_share is None:
+            self._next_sync_at = now  # the whole window, of the new share
 
     def _held_until(self) -> datetime | None:
         """The latest fire time of a job the heap holds: the end of the last sync's window,
@@ -717,7 +765,7 @@ class SchedulerEngine:
         heap = self._heap
         limit = self._batch_size
         self._take(heap, now, limit, batch, times, early_until=now + self._ahead)
-        if len(batch) < limit and self._foreign:
+        if len(batch) < limit and self._foreign and not self._help_paused:
             # Nothing more of its own is due: help with the others' jobs that their
             # scheduler left overdue (it died, or is behind), a batch of the base size at
             # most (an owner that is only behind claims some of them meanwhile: small
@@ -841,6 +889,7 @@ class SchedulerEngine:
         if self._loading is None and (
             (self._next_sync_at is not None and now >= self._next_sync_at)
             or self._sharing.renew_due(now)
+            or self._share_gained() is not None
         ):
             return
         if self._early.has_cancelled:
@@ -927,7 +976,13 @@ class SchedulerEngine:
                 len(lost),
                 missed - len(lost),
             )
-        if 2 * missed > len(batch) and self._loading is None:
+        if 2 * missed > len(batch) and not self._sharing.owns(batch[-1].id):
+            # Most of a batch of help (its last jobs are another's) lost to their owner,
+            # alive and at them: no more help until the next sync, which reads only a
+            # little of what is left of theirs (see _others_to_load). It went on through
+            # every job of theirs held, 256 lost claims at a time.
+            self._help_paused = True
+        elif 2 * missed > len(batch) and self._loading is None:
             # Most of the batch was someone else's: another scheduler works on the same
             # backlog. Sync now (the pass ends with the batches under way): the load drops
             # what the others took meanwhile (see _forget_gone) instead of claiming it here.

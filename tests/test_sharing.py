@@ -531,34 +531,59 @@ async def test_the_jobs_of_a_scheduler_that_stops_are_sent_on_time_by_the_other(
     assert brokers[1].sent == []
 
 
+def recorded_loads(scheduler: SchedulerApp, monkeypatch: pytest.MonkeyPatch) -> list[set[str]]:
+    """The ids each of ``scheduler``'s loads of due jobs returns, from now on."""
+    store = scheduler.engine._store
+    load_due = store.load_due
+    loads: list[set[str]] = []
+
+    async def recording_load_due(horizon: Any, **options: Any) -> Any:
+        records = await load_due(horizon, **options)
+        loads.append({record.id for record in records})
+        return records
+
+    monkeypatch.setattr(store, "load_due", recording_load_due)
+    return loads
+
+
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # loads read only a share
+@pytest.mark.parametrize("before", [1, 2])
 async def test_a_scheduler_whose_share_changes_loads_the_jobs_new_to_it_at_once(
     backend: str,
+    before: int,
     session: AsyncSession,
     clock: FakeClock,
     session_factory: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One of two schedulers syncing every 5 s holds its half of the jobs; a third starts.
-    At its next renewal the first takes a third, about half of its jobs of the other's former
-    half, which it never read: it loads them at once, not at its next sync, and sends its
-    whole new share on time, once."""
-    (first, second, third), brokers = await several_apps(3, session_factory, clock, sync_interval=5)
+    """A scheduler syncing every 5 s holds its share of the jobs (all of them alone, or its
+    half of two); one more starts. At its next renewal it takes a smaller share: one of two
+    that becomes one of three has about half of its new jobs from the other's former half,
+    which it never read. It loads them at once, not at its next sync, and only them (those
+    of its old share still in its new one are held already, those that left it are let
+    go; alone, it held every job), and sends its whole new share on time, once."""
+    apps, brokers = await several_apps(before + 1, session_factory, clock, sync_interval=5)
+    first, joining = apps[0], apps[-1]
     due = clock.now() + timedelta(seconds=3)
     job_ids = [f"job-{index:03}" for index in range(300)]
     await due_one_offs(first, session, due, 300)
     try:
-        await second.engine.sync()
-        await first.engine.sync()  # registered second: holds its own half, nothing more
-        assert first.engine.share[1] == 2
+        for app in apps[1:-1]:
+            await app.engine.sync()
+        await first.engine.sync()  # holds its own share, nothing more
+        assert first.engine.share[1] == before
         old_share = share_of(first, job_ids)
         assert first.engine.loaded_jobs == len(old_share)
-        await third.engine.sync()  # a third scheduler starts
+        await joining.engine.sync()  # one more scheduler starts
         clock.advance(1)
-        assert await first.engine.tick() == 0  # renewed: one of three now
-        assert first.engine.share[1] == 3
+        loads = recorded_loads(first, monkeypatch)
+        assert await first.engine.tick() == 0  # renewed: its share is smaller
+        assert first.engine.share[1] == before + 1
         new_share = share_of(first, job_ids)
-        assert len(new_share - old_share) > 30, "jobs the first one never read"
-        assert first.engine.loaded_jobs == len(new_share)  # read in the renewal's pass
+        assert len(new_share - old_share) > 30 or before == 1, "jobs it never read"
+        # read in the renewal's pass, and only them; nothing at all if it held every job
+        assert loads == ([new_share - old_share] if before > 1 else [])
+        assert first.engine.loaded_jobs == len(new_share)
         clock.set(due)  # before the sync that would have come 5 s after the first one
         sent = await first.engine.tick()
     finally:
@@ -600,6 +625,61 @@ async def test_a_scheduler_behind_on_its_own_jobs_loads_little_of_the_others_bac
             await b.shutdown()
     assert sorted(job_ids_sent(brokers[0])) == job_ids
     assert brokers[1].sent == []
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # loads read only a share
+async def test_a_helper_that_loses_a_batch_to_the_owner_waits_for_its_next_sync(
+    backend: str,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scheduler done with its own share holds the other's overdue jobs to help with; the
+    other, alive, sends them meanwhile. The helper's first claims of them are lost to it,
+    and it claims no more of them while its next sync reads the database (it went on
+    through every one it held, a batch at a time, each lost): that sync finds none left."""
+    (helper, owner), brokers = await several_apps(2, session_factory, clock, batch_size=10)
+    due = clock.now() + timedelta(seconds=1)
+    job_ids = [f"job-{index:03}" for index in range(200)]
+    await due_one_offs(helper, session, due, 200)
+    try:
+        await owner.engine.sync()
+        await helper.engine.sync()
+        clock.advance(1)
+        await owner.engine.sync()  # both registered, each holding its share
+        theirs = share_of(owner, job_ids)
+        clock.advance(3)  # the backlog overdue by 3 s
+        while await helper.engine.tick():  # its own share (and a little of the other's)
+            pass
+        await helper.engine.sync()  # nothing of its own left: it holds the other's
+        held = helper.engine.loaded_jobs
+        assert held > 50
+        assert await owner.engine.tick() == held  # the owner at work on them meanwhile
+        store = helper.engine._store
+        claim, load_due = store.claim, store.load_due
+        claimed: list[int] = []
+
+        async def counting_claim(claims: Any, **options: Any) -> Any:
+            claimed.append(len(claims))
+            return await claim(claims, **options)
+
+        async def slow_load_due(horizon: Any, **options: Any) -> Any:
+            await asyncio.sleep(0.2)  # claims go on while a sync reads
+            return await load_due(horizon, **options)
+
+        monkeypatch.setattr(store, "claim", counting_claim)
+        monkeypatch.setattr(store, "load_due", slow_load_due)
+        for _ in range(3):
+            assert await helper.engine.tick() == 0
+            clock.advance(1)
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    assert sum(claimed) <= 2 * 10, (claimed, held)  # the claims in flight when the first was lost
+    assert helper.engine.loaded_jobs == 0
+    assert sorted(job_ids_sent(brokers[0]) + job_ids_sent(brokers[1])) == job_ids
+    assert set(job_ids_sent(brokers[1])) <= theirs
 
 
 async def test_a_scheduler_helps_with_another_s_jobs_from_the_end_its_owner_reaches_last(

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -170,6 +172,33 @@ async def wait_rows(
         await asyncio.sleep(every)
 
 
+def write_done(path: str, rows: int, last_row: float) -> None:
+    """Tell the other schedulers of a ``burst`` that the first one's count is done."""
+    with open(path + ".tmp", "w", encoding="utf-8") as done:
+        json.dump([rows, last_row], done)
+    Path(path + ".tmp").replace(path)
+
+
+def read_done(path: str) -> tuple[int, float] | None:
+    """The count written by :func:`write_done`, if written yet."""
+    try:
+        with open(path, encoding="utf-8") as done:
+            rows, last_row = json.load(done)
+    except FileNotFoundError:
+        return None
+    return int(rows), float(last_row)
+
+
+async def wait_done(path: str, timeout: float) -> tuple[int, float]:
+    """The count written by :func:`write_done` (0 rows, now, if none within ``timeout``)."""
+    deadline = time.time() + timeout
+    while (done := read_done(path)) is None:
+        if time.time() > deadline:
+            return 0, time.time()
+        await asyncio.sleep(0.01)
+    return done
+
+
 async def burst(
     opts: Options, open_app: OpenApp, sent: sa.Select[Any], *, by_sends_when_partial: bool = False
 ) -> dict[str, Any]:
@@ -195,9 +224,13 @@ async def burst(
     started = time.time()
     budget = opts.max_wait - (started - began)
     if several:
-        # Every process waits for all the rows, K counts of the run table at a time: a
-        # slower poll, or they would cost the database more the more schedulers there are.
-        rows, last_row = await wait_rows(engine, sent, opts.jobs, budget, every=0.25)
+        # Every process waits for all the rows; one counts them, the others wait for its
+        # word (the end is the latest row's time, not when the count sees it).
+        if opts.polls:
+            rows, last_row = await wait_rows(engine, sent, opts.jobs, budget, every=0.25)
+            write_done(opts.done_path, rows, last_row)
+        else:
+            rows, last_row = await wait_done(opts.done_path, budget + 10)
         complete = rows >= opts.jobs
     else:
         wait = max(1.0, budget) if by_sends_when_partial else budget

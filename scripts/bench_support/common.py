@@ -55,6 +55,11 @@ class Options:
     """With several schedulers: the wall-clock time at which each calls ``start()``."""
     sends_path: str = ""
     """With several schedulers: where this one writes its sends, for the parent to merge."""
+    done_path: str = ""
+    """With several schedulers (``burst``): where the first one writes the count and time of
+    the run rows once every fire has one; the others wait for that file, not the database."""
+    polls: bool = False
+    """With several schedulers (``burst``): whether this one is the first (it polls)."""
 
 
 def job_id(index: int) -> str:

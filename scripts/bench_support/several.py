@@ -4,10 +4,12 @@ scenario on one database, started together; their sends merged into one result.
 Each process is the scenario's usual measuring process (``bench.py _run SCENARIO --phase
 measure``) with ``--start-at`` (the wall-clock time at which all of them call ``start()``)
 and ``--sends-path`` (where it writes its sends once stopped). ``burst``: each waits until
-the run table holds every fire, whoever sent it. The parent (this module) merges: fires/s
-over the whole run, send times or lateness over every send, sends per process, and fires
-sent more than once (by one process or by two). Standard library only (runs in the
-parent, which does not import taskiq).
+the run table holds every fire, whoever sent it: the first polls the table (``--polls``)
+and writes its count to ``--done-path``, the others wait for that file (K processes polling
+the table would cost the database more the more of them there are). The parent (this
+module) merges: fires/s over the whole run, send times or lateness over every send, sends
+per process, and fires sent more than once (by one process or by two). Standard library
+only (runs in the parent, which does not import taskiq).
 """
 
 from __future__ import annotations
@@ -43,14 +45,16 @@ def measure(
     quota = CpuQuota(cpu_quota) if cpu_quota else None
     with tempfile.TemporaryDirectory(prefix="taskiq_beat_bench_sends_") as folder:
         paths = [os.path.join(folder, f"{index}.jsonl") for index in range(schedulers)]
+        done = ["--done-path", os.path.join(folder, "done.json")]
         children = [
             subprocess.Popen(
-                [*command, "--start-at", repr(start_at), "--sends-path", path],
+                [*command, "--start-at", repr(start_at), "--sends-path", path, *done]
+                + (["--polls"] if index == 0 else []),
                 stdout=subprocess.PIPE,
                 text=True,
                 cwd=cwd,
             )
-            for path in paths
+            for index, path in enumerate(paths)
         ]
         if quota is not None:
             for child in children:

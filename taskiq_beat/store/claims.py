@@ -100,6 +100,7 @@ class ClaimOperations(StoreCore):
         share: tuple[int, int] | None = None,
         others_before: datetime | None = None,
         others_limit: int | None = None,
+        gained_from: tuple[int, int] | None = None,
     ) -> list[JobRecord]:
         """Enabled jobs whose ``next_run_at`` is at or before ``horizon`` (uses the due index).
 
@@ -108,16 +109,18 @@ class ClaimOperations(StoreCore):
         slot, and the number of schedulers), on PostgreSQL, MySQL and MariaDB only the jobs
         of that slot, and the others' due at or before ``others_before`` (with
         ``others_limit``, only that many of them, the earliest due); on SQLite every job
-        (the engine sorts them out)."""
+        (the engine sorts them out). With ``gained_from`` (the share before, of more than
+        one scheduler), only the jobs of ``share`` that were not of that one."""
         statement = _select_records().where(
             _job.c.is_enabled.is_(True),
             _job.c.next_run_at.is_not(None),
             _job.c.next_run_at <= horizon,
         )
         others: sa.Select[Any] | None = None
-        if share is not None and share[1] > 1 and self._engine is not None:
+        dialect = sql_of_dialect(self._engine.dialect.name) if self._engine is not None else None
+        if dialect is not None and share is not None and share[1] > 1:
             index, count = share
-            slot = sql_of_dialect(self._engine.dialect.name).slot_of_job(_job.c.id, count)
+            slot = dialect.slot_of_job(_job.c.id, count)
             if slot is not None:
                 mine = slot == index
                 if others_before is not None and others_limit is None:
@@ -129,6 +132,10 @@ class ClaimOperations(StoreCore):
                         .limit(others_limit)
                     )
                 statement = statement.where(mine)
+        if dialect is not None and gained_from is not None and gained_from[1] > 1:
+            before = dialect.slot_of_job(_job.c.id, gained_from[1])
+            if before is not None:
+                statement = statement.where(before != gained_from[0])
         if limit is not None:
             statement = statement.order_by(_job.c.next_run_at).limit(limit)
         records = await self._fetch(statement)
