@@ -201,7 +201,13 @@ class SchedulerEngine:
             return
         self._stopping = False
         self._dispatcher.resume()
+        # Join the registry before opening the listener, and renew once it is open (at the
+        # load): schedulers started together then see each other at their first load more
+        # often than not, instead of the first to join reading every job as its own. (One
+        # that joined after the first renewal and before the listener is seen at the second.)
+        await self._renew(self._clock.now())
         await self._listen()
+        self._sharing.news = True
         await self._load_window(self._clock.now(), limit=_FIRST_LOAD)
         self._task = asyncio.create_task(self._run(), name="taskiq-beat-engine")
 

@@ -360,6 +360,47 @@ async def test_schedulers_starting_at_the_same_moment_all_register(
         assert (await session.execute(sa.select(SchedulerInstance.id))).all() == []
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])  # the only listener
+async def test_a_scheduler_joins_before_its_listener_opens_and_sees_who_joined_meanwhile(
+    backend: str,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``start()`` registers the scheduler before it opens its listener, so that others
+    starting at the same moment see it at their first load. One that joins while that
+    listener opens announces itself to nobody listening yet: the starting scheduler reads
+    the registry again before its first load, and loads only its half."""
+    (first, second), brokers = await several_apps(2, session_factory, clock)
+    due = clock.now() + timedelta(seconds=1)
+    job_ids = [f"job-{index:03}" for index in range(100)]
+    await due_one_offs(first, session, due, 100)
+    store = first.engine._store
+    listen = store.listen
+    registered: list[int] = []
+
+    async def listen_as_another_joins(*args: Any) -> Any:
+        async with session_factory() as reading:
+            registered.append(len((await reading.execute(sa.select(SchedulerInstance))).all()))
+        await second.engine.sync()  # joins now
+        return await listen(*args)
+
+    monkeypatch.setattr(store, "listen", listen_as_another_joins)
+    try:
+        await first.engine.start()
+        share = first.engine.share
+        loaded = first.engine.loaded_jobs
+        await first.engine.stop()
+        await second.engine.stop()
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    assert registered == [1]  # the first scheduler's own row, before its listener
+    assert share[1] == 2
+    assert loaded == sum(slot_of(job_id, 2) == share[0] for job_id in job_ids)
+
+
 class _PostgresError(Exception):
     """A driver's exception with PostgreSQL's SQLSTATE, as asyncpg's carry it."""
 
