@@ -204,7 +204,9 @@ class SchedulerEngine:
         # Join the registry before opening the listener, and renew once it is open (at the
         # load): schedulers started together then see each other at their first load more
         # often than not, instead of the first to join reading every job as its own. (One
-        # that joined after the first renewal and before the listener is seen at the second.)
+        # that joined after the first renewal and before the listener is seen at the second.
+        # Meanwhile the others let go of this one's share: a fire of it due while the
+        # listener opens, milliseconds mostly, waits for this first load.)
         await self._renew(self._clock.now())
         await self._listen()
         self._sharing.news = True
@@ -537,6 +539,7 @@ class SchedulerEngine:
         ``limit`` of them (the rest then wait for the next pass's sync)."""
         began = time.perf_counter()
         horizon = now + timedelta(seconds=self._config.lookahead)
+        help_paused = self._help_paused  # (a pause from now on waits for the next load)
         try:
             if not self._can_listen:  # before the read: a change after it is polled for
                 self._change_mark = self._last_mark = await self._store.last_change()
@@ -562,7 +565,8 @@ class SchedulerEngine:
                 self._forget_gone(records, horizon, self._touched or ())
         finally:
             self._touched = None
-        if limit is not None and len(records) == limit:
+        # (>=: sharing, the others' overdue jobs come beside the first `limit` of its own)
+        if limit is not None and len(records) >= limit:
             self._next_sync_at = None  # the rest of the window: at the first pass
             self._loaded_share = None
             logger.debug("loaded the first %d due jobs", limit)
@@ -576,7 +580,8 @@ class SchedulerEngine:
         self.stats.last_sync_at = self._clock.now()
         self._next_sync_at = self.stats.last_sync_at + timedelta(seconds=interval)
         self._loaded_share = share  # (renewed while this load ran: see _share_gained)
-        self._help_paused = False
+        if help_paused:
+            self._help_paused = False
         logger.debug("synced %d due jobs (%d new) up to %s", len(records), added, horizon)
 
     def _share_gained(self) -> tuple[int, int] | None:
@@ -598,7 +603,8 @@ class SchedulerEngine:
                 self._merge(records, skip=self._touched)
         finally:
             self._touched = None
-        self._loaded_share = share
+        if self._loaded_share == before:  # (else: changed again meanwhile, see _renew)
+            self._loaded_share = share
         logger.debug("loaded %d due jobs new to this scheduler's share", len(records))
 
     def _others_to_load(self, now: datetime, *, first: bool) -> tuple[datetime, int | None]:
@@ -730,8 +736,15 @@ class SchedulerEngine:
         whenever the number of schedulers does (a job's slot is its hash modulo that
         number): one of two that becomes one of three takes about half of its new jobs from
         the other's former share."""
+        before = self._sharing.share
         if not await self._sharing.renew(self._store, now):
             return
+        if self._loaded_share != before:
+            # A second change before the jobs new to the first were loaded (or while they
+            # are): the heap no longer holds the window of the share last loaded whole
+            # (the first change let go of the jobs that left it), so only a whole load of
+            # the window is sure to bring every job of this one.
+            self._loaded_share = None
         # The jobs held that are not this scheduler's go, those that left its share with
         # those of the others it held: their owners hold them (and the next sync brings
         # what is left overdue of theirs, as every sync does).

@@ -635,6 +635,73 @@ async def test_a_scheduler_whose_share_changes_loads_the_jobs_new_to_it_at_once(
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # loads read only a share
+async def test_two_changes_of_share_before_a_load_leave_no_job_of_the_last_unread(
+    backend: str,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """One of two schedulers holds its half; a third starts and stops at once, and the
+    first renews twice before it loads the jobs new to its share: it took a third and let
+    go of the rest of its half, then got its half back. It reads its whole window again
+    (its share is the one it last loaded whole, but it no longer holds all of it), and
+    sends its whole half on time, once."""
+    apps, brokers = await several_apps(3, session_factory, clock, sync_interval=5)
+    first, second, third = apps
+    due = clock.now() + timedelta(seconds=3)
+    job_ids = [f"job-{index:03}" for index in range(300)]
+    await due_one_offs(first, session, due, 300)
+    try:
+        await second.engine.sync()
+        await first.engine.sync()  # holds its half
+        half = share_of(first, job_ids)
+        await third.engine.sync()
+        await first.engine._renew(clock.now())  # one of three: lets go of part of its half
+        assert first.engine.loaded_jobs < len(half)
+        await third.engine.stop()
+        await first.engine._renew(clock.now())  # one of two again, before any load
+        assert share_of(first, job_ids) == half
+        clock.advance(1)
+        assert await first.engine.tick() == 0
+        assert first.engine.loaded_jobs == len(half)
+        clock.set(due)
+        sent = await first.engine.tick()
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    assert sorted(job_ids_sent(brokers[0])) == sorted(half)
+    assert sent == len(half)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # loads read only a share
+async def test_a_first_load_cut_short_is_not_taken_for_the_whole_window(
+    backend: str,
+    session: AsyncSession,
+    clock: FakeClock,
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """The first load reads the first ``limit`` jobs of the scheduler's share, and beside
+    them the earliest of the others' overdue jobs: more rows than ``limit`` in all. It is
+    still cut short: the first pass reads the rest of the share and sends all of it."""
+    (first, second), brokers = await several_apps(2, session_factory, clock, batch_size=5)
+    due = clock.now() - timedelta(seconds=5)  # overdue: the others' come with the first load
+    job_ids = [f"job-{index:03}" for index in range(100)]
+    await due_one_offs(first, session, due, 100)
+    try:
+        await second.engine.sync()
+        await first.engine._renew(clock.now())
+        await first.engine._load_window(clock.now(), limit=10)  # as start() does, shorter
+        mine = share_of(first, job_ids)
+        assert first.engine.loaded_jobs > 10  # its first 10, and some of the other's
+        sent = await first.engine.tick()
+    finally:
+        for b in brokers:
+            await b.shutdown()
+    assert set(job_ids_sent(brokers[0])) >= mine
+    assert sent >= len(mine)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])  # loads read only a share
 async def test_a_scheduler_behind_on_its_own_jobs_loads_little_of_the_others_backlog(
     backend: str,
     session: AsyncSession,
