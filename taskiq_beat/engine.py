@@ -16,7 +16,7 @@ import heapq
 import logging
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -482,10 +482,7 @@ class SchedulerEngine:
             if self._changed_elsewhere or self._next_sync_at is None or now >= self._next_sync_at:
                 self._begin_sync(now)
             elif (gained_from := self._share_gained()) is not None:
-                self._touched = set()
-                self._loading = asyncio.create_task(
-                    self._load_gained(gained_from), name="taskiq-beat-sync"
-                )
+                self._begin_load(self._load_gained(gained_from))
         sent = 0
         if self._next_retry_at is not None and now >= self._next_retry_at:
             sent += await self._send_retries()
@@ -515,8 +512,12 @@ class SchedulerEngine:
         """Start a sync in the background; :meth:`_sync_done` waits for it."""
         self._changed_elsewhere = False  # a change heard from now on needs the next sync
         self._next_retry_at = now  # look for fires left to resend at every sync
+        self._begin_load(self._load_window(now))
+
+    def _begin_load(self, load: Coroutine[Any, Any, None]) -> None:
+        """Run ``load`` in the background, noting the jobs touched meanwhile."""
         self._touched = set()
-        self._loading = asyncio.create_task(self._load_window(now), name="taskiq-beat-sync")
+        self._loading = asyncio.create_task(load, name="taskiq-beat-sync")
 
     async def _cancel_sync(self) -> None:
         loading, self._loading = self._loading, None
